@@ -1,0 +1,145 @@
+"""The robot's on-disk spool: episodes wait here until the object store has them.
+
+  <spool>/<episode_id>/meta.json       written when the episode starts
+  <spool>/<episode_id>/chunk-NNNNN.pb  StepChunk bytes, appended while recording
+  <spool>/<episode_id>/end.json        written when it ends: the episode is sealed
+  <spool>/<episode_id>/progress.json   the uploader's progress (chunks stored, manifest, announced)
+
+Everything is written atomically (temp file + rename), so a kill -9 leaves either the old or
+the new file. The spool is bounded by `max_bytes`. When a chunk would not fit, the policy is
+explicit: "drop-new" (default) abandons the episode being recorded and keeps everything already
+waiting; "drop-oldest" deletes the oldest sealed, not yet uploaded episodes to make room. Either
+way it is logged and counted (`dropped_episodes`), and the robot keeps running.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("drop-new", "drop-oldest")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+class SpoolFull(Exception):
+    pass
+
+
+class Spool:
+    def __init__(self, root: str | os.PathLike, max_bytes: int = 2 * 1024 ** 3, on_full: str = "drop-new"):
+        if on_full not in POLICIES:
+            raise ValueError(f"spool on_full must be one of {POLICIES}, not {on_full!r}")
+        if max_bytes <= 0:
+            raise ValueError("spool max_bytes must be positive")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_bytes, self.on_full = max_bytes, on_full
+        self._lock = threading.Lock()
+        self.dropped_episodes = 0
+        self.sealed_event = threading.Event()  # set whenever an episode is sealed (wakes the uploader)
+        self.bytes = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+
+    # -- recording side ---------------------------------------------------------------------
+    def begin(self, episode_id: str, meta: dict) -> Path:
+        d = self.root / episode_id
+        d.mkdir(parents=True, exist_ok=False)
+        data = json.dumps(meta).encode()
+        write_atomic(d / "meta.json", data)
+        with self._lock:
+            self.bytes += len(data)
+        return d
+
+    def write_chunk(self, episode_id: str, index: int, data: bytes) -> None:
+        """Raises SpoolFull when the chunk cannot be stored under the configured policy."""
+        with self._lock:
+            if self.bytes + len(data) > self.max_bytes:
+                if self.on_full == "drop-oldest":
+                    self._evict_oldest_locked(len(data), keep=episode_id)
+                if self.bytes + len(data) > self.max_bytes:
+                    raise SpoolFull(f"spool {self.root} full ({self.bytes} of {self.max_bytes} bytes)")
+            self.bytes += len(data)
+        write_atomic(self.root / episode_id / f"chunk-{index:05d}.pb", data)
+
+    def seal(self, episode_id: str, end: dict) -> None:
+        data = json.dumps(end).encode()
+        write_atomic(self.root / episode_id / "end.json", data)
+        with self._lock:
+            self.bytes += len(data)
+        self.sealed_event.set()
+
+    def drop(self, episode_id: str, why: str) -> None:
+        self.remove(episode_id)
+        with self._lock:
+            self.dropped_episodes += 1
+        log.warning("spool: dropped episode %s (%s)", episode_id, why)
+
+    def _evict_oldest_locked(self, need: int, keep: str) -> None:
+        for d in self._sealed_dirs():
+            if self.bytes + need <= self.max_bytes:
+                return
+            if d.name == keep:
+                continue
+            size = _dir_size(d)
+            shutil.rmtree(d, ignore_errors=True)
+            self.bytes -= size
+            self.dropped_episodes += 1
+            log.warning("spool full: dropped oldest waiting episode %s (%d bytes) to keep recording", d.name, size)
+
+    # -- uploading side ---------------------------------------------------------------------
+    def _sealed_dirs(self) -> list[Path]:
+        dirs = [d for d in self.root.iterdir() if d.is_dir() and (d / "end.json").exists()]
+        return sorted(dirs, key=lambda d: (d / "end.json").stat().st_mtime_ns)
+
+    def sealed(self) -> list[str]:
+        """Episode ids waiting for upload, oldest first."""
+        return [d.name for d in self._sealed_dirs()]
+
+    def unsealed(self) -> list[str]:
+        return sorted(d.name for d in self.root.iterdir() if d.is_dir() and not (d / "end.json").exists())
+
+    def path(self, episode_id: str) -> Path:
+        return self.root / episode_id
+
+    def remove(self, episode_id: str) -> None:
+        d = self.root / episode_id
+        size = _dir_size(d)
+        shutil.rmtree(d, ignore_errors=True)
+        with self._lock:
+            self.bytes = max(0, self.bytes - size)
+
+    def backlog(self) -> dict:
+        return {"episodes": len(self.sealed()), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                "dropped_episodes": self.dropped_episodes}
+
+
+def _dir_size(d: Path) -> int:
+    try:
+        return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,108 @@
+"""A synthetic robot: records episodes of random bytes through the real actor pipeline
+(recorder -> spool -> uploader -> store -> Redis). Used by `fleetloop bench ingest` and the
+fault tests (run as a process: `python -m fleetloop.actor.synthetic ...`, so it can be killed)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import redis
+
+from fleetloop.actor.recorder import EpisodeRecorder
+from fleetloop.actor.spool import Spool
+from fleetloop.actor.uploader import Uploader, recover_unsealed
+from fleetloop.buffer.store import open_store
+from fleetloop.proto.v1 import episode_pb2 as pb
+
+
+def synthetic_steps(rng: np.random.Generator, episode_bytes: int, steps: int = 50, state_dim: int = 39,
+                    action_dim: int = 4):
+    """Steps whose raw images add up to about episode_bytes (incompressible noise)."""
+    per_step = max(1, episode_bytes // steps)
+    side = int(np.sqrt(per_step / 3))
+    extra = per_step - side * side * 3
+    for t in range(steps):
+        img = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+        data = img.tobytes() + (rng.bytes(extra) if extra > 0 else b"")
+        yield pb.Step(images=[pb.Image(camera="front", encoding="raw", height=side, width=side, channels=3,
+                                       data=data[: side * side * 3])],
+                      state=rng.standard_normal(state_dim).astype(np.float32).tolist(),
+                      action=rng.uniform(-1, 1, action_dim).astype(np.float32).tolist(),
+                      intervention=10 <= t < 15)
+
+
+class SyntheticActor:
+    def __init__(self, robot_id: str, store_uri: str, redis_url: str, spool_dir: str,
+                 spool_max_bytes: int = 4 * 1024 ** 3, chunk_bytes: int = 1 << 20):
+        self.robot_id = robot_id
+        self.spool = Spool(spool_dir, max_bytes=spool_max_bytes)
+        recover_unsealed(self.spool)
+        self.recorder = EpisodeRecorder(self.spool, robot_id, chunk_steps=1000, chunk_bytes=chunk_bytes)
+        self.client = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=2)
+        self.uploader = Uploader(self.spool, open_store(store_uri), self.client)
+        self.stop = threading.Event()
+        self.thread = self.uploader.start_thread(self.stop)
+
+    def record(self, episodes: int, episode_bytes: int, seed: int = 0, task_id: str = "synthetic-v0",
+               on_end=None) -> list[str]:
+        rng = np.random.default_rng(seed)
+        ids = []
+        for _ in range(episodes):
+            self.recorder.start(task_id, "do the synthetic thing", "v000000")
+            for step in synthetic_steps(rng, episode_bytes):
+                self.recorder.add_step(step)
+            episode_id, _n = self.recorder.end(pb.OUTCOME_SUCCESS, pb.LABEL_SOURCE_ROBOT, "synthetic")
+            ids.append(episode_id)
+            if on_end:
+                self.recorder.flush()  # report only what is durable in the spool
+                on_end(episode_id)
+        return ids
+
+    def wait_drained(self, timeout: float = 120.0) -> bool:
+        self.recorder.flush()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.spool.sealed() and not self.spool.unsealed():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--robot-id", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--redis", required=True)
+    p.add_argument("--spool", required=True)
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--episode-kb", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ids-file", help="append each ended episode id here (one per line)")
+    p.add_argument("--drain-only", action="store_true", help="only upload what the spool holds, then exit")
+    a = p.parse_args(argv)
+    actor = SyntheticActor(a.robot_id, a.store, a.redis, a.spool)
+    if not a.drain_only:
+        def note(eid):
+            if a.ids_file:
+                with open(a.ids_file, "a") as f:
+                    f.write(eid + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+        actor.record(a.episodes, a.episode_kb * 1024, seed=a.seed, on_end=note)
+    ok = actor.wait_drained()
+    actor.close()
+    print(json.dumps({"uploaded": actor.uploader.uploaded, "drained": ok}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

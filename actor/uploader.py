@@ -1,0 +1,141 @@
+"""The uploader: spool -> object store -> Redis stream, in the background, never losing an episode.
+
+Per sealed episode: put every chunk (skipping those progress.json says are stored), put the
+manifest (the commit point), XADD the event, then delete the spool copy. Each step is
+idempotent, so a kill -9 anywhere means redoing at most one step after restart; a duplicate
+event is absorbed by the consumer's dedupe. Store or Redis outages are retried with
+exponential backoff while the robot keeps recording into the spool.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import redis
+
+from fleetloop.actor.spool import Spool, read_json, write_atomic
+from fleetloop.buffer.codec import chunk_key, content_sha256, decode_chunk, manifest_key, manifest_to_bytes, sha256_hex
+from fleetloop.buffer.queue import EpisodeAnnouncer
+from fleetloop.buffer.store import ObjectStore, StoreError
+from fleetloop.proto.v1 import SCHEMA_VERSION
+from fleetloop.proto.v1 import episode_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def recover_unsealed(spool: Spool) -> list[str]:
+    """After a crash, seal episodes that were still recording: what reached the disk is kept,
+    marked incomplete (outcome unknown)."""
+    recovered = []
+    for episode_id in spool.unsealed():
+        d = spool.path(episode_id)
+        if read_json(d / "meta.json") is None:
+            spool.remove(episode_id)  # died before the episode really began
+            continue
+        chunk_steps, flags = [], []
+        for f in sorted(d.glob("chunk-*.pb")):
+            chunk = decode_chunk(f.read_bytes(), str(f))
+            chunk_steps.append(len(chunk.steps))
+            flags.extend(s.intervention for s in chunk.steps)
+        segments, start = [], None
+        for i, flag in enumerate(flags + [False]):
+            if flag and start is None:
+                start = i
+            elif not flag and start is not None:
+                segments.append({"start_step": start, "end_step": i, "operator": "", "reason": ""})
+                start = None
+        spool.seal(episode_id, {"outcome": pb.OUTCOME_UNKNOWN, "outcome_source": 0, "labelled_by": "",
+                                "incomplete": True, "ended_ns": time.time_ns(), "num_steps": len(flags),
+                                "chunk_steps": chunk_steps, "interventions": segments})
+        recovered.append(episode_id)
+        log.warning("recovered episode %s from the spool (%d steps, marked incomplete)", episode_id, len(flags))
+    return recovered
+
+
+def build_manifest(meta: dict, end: dict) -> pb.EpisodeManifest:
+    m = pb.EpisodeManifest(
+        schema_version=SCHEMA_VERSION, episode_id=meta["episode_id"], robot_id=meta["robot_id"],
+        task_id=meta["task_id"], instruction=meta["instruction"], policy_version=meta["policy_version"],
+        kind=meta["kind"], outcome=end["outcome"], outcome_source=end["outcome_source"],
+        outcome_labelled_by=end["labelled_by"], started_ns=meta["started_ns"], ended_ns=end["ended_ns"],
+        num_steps=end["num_steps"], incomplete=end["incomplete"])
+    for s in end["interventions"]:
+        m.interventions.add(**s)
+    return m
+
+
+class Uploader:
+    def __init__(self, spool: Spool, store: ObjectStore, client: redis.Redis,
+                 max_backoff_s: float = 5.0, on_uploaded=None):
+        self.spool, self.store = spool, store
+        self.announcer = EpisodeAnnouncer(client)
+        self.max_backoff_s = max_backoff_s
+        self.on_uploaded = on_uploaded  # callback(episode_id, manifest) for metrics/tests
+        self.uploaded = 0
+        self.failures = 0
+        self.last_error: str | None = None
+
+    def upload_one(self, episode_id: str) -> None:
+        d = self.spool.path(episode_id)
+        meta, end = read_json(d / "meta.json"), read_json(d / "end.json")
+        if meta is None or end is None:
+            raise RuntimeError(f"spool entry {episode_id} lacks meta.json/end.json")
+        progress = read_json(d / "progress.json") or {"chunks": {}, "committed": False}
+        manifest = build_manifest(meta, end)
+        for i, n_steps in enumerate(end["chunk_steps"]):
+            path = d / f"chunk-{i:05d}.pb"
+            key = chunk_key(meta["robot_id"], episode_id, i)
+            done = progress["chunks"].get(str(i))
+            if done is None:
+                data = path.read_bytes()
+                self.store.put(key, data)
+                done = {"sha256": sha256_hex(data), "size": len(data)}
+                progress["chunks"][str(i)] = done
+                write_atomic(d / "progress.json", json.dumps(progress).encode())
+            manifest.chunks.add(key=key, num_steps=n_steps, size_bytes=done["size"], sha256=done["sha256"])
+        manifest.content_sha256 = content_sha256([c.sha256 for c in manifest.chunks])
+        mkey = manifest_key(meta["robot_id"], episode_id)
+        if not progress["committed"]:
+            self.store.put(mkey, manifest_to_bytes(manifest))  # the commit point
+            progress["committed"] = True
+            write_atomic(d / "progress.json", json.dumps(progress).encode())
+        self.announcer.announce(pb.EpisodeEvent(
+            episode_id=episode_id, manifest_key=mkey, robot_id=meta["robot_id"], task_id=meta["task_id"],
+            ended_ns=end["ended_ns"], schema_version=SCHEMA_VERSION))
+        self.spool.remove(episode_id)
+        self.uploaded += 1
+        if self.on_uploaded:
+            self.on_uploaded(episode_id, manifest)
+
+    def drain_once(self) -> int:
+        """Upload everything sealed now; returns the number uploaded. Raises on outage."""
+        n = 0
+        for episode_id in self.spool.sealed():
+            self.upload_one(episode_id)
+            n += 1
+        return n
+
+    def run(self, stop: threading.Event) -> None:
+        """Call recover_unsealed(spool) once before recording starts, then run this."""
+        backoff = 0.05
+        while not stop.is_set():
+            self.spool.sealed_event.clear()
+            try:
+                self.drain_once()
+                backoff = 0.05
+                self.last_error = None
+            except (StoreError, redis.RedisError, OSError) as e:
+                self.failures += 1
+                self.last_error = str(e)
+                log.warning("upload failed (%s); retrying in %.2fs; the robot keeps recording", e, backoff)
+                stop.wait(backoff)
+                backoff = min(self.max_backoff_s, backoff * 2)
+                continue
+            self.spool.sealed_event.wait(0.5)
+
+    def start_thread(self, stop: threading.Event) -> threading.Thread:
+        t = threading.Thread(target=self.run, args=(stop,), name="uploader", daemon=True)
+        t.start()
+        return t

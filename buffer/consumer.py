@@ -1,0 +1,130 @@
+"""The data consumer: Redis stream -> verified episode -> frame index, exactly once.
+
+For each event: skip if the episode is already indexed (a redelivery), else fetch and verify
+the whole episode (buffer.codec.read_episode), index it, and only then XACK. An episode that
+can never be ingested goes to the dead-letter stream with its reason; a transient store error
+leaves the message pending and it is retried with backoff (never dropped).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import redis
+
+from fleetloop.buffer.codec import EpisodeRejected, Limits, read_episode
+from fleetloop.buffer.index import EpisodeEntry, FrameIndex, entry_from_loaded
+from fleetloop.buffer.queue import Delivery, EpisodeQueueConsumer, fields_to_event
+from fleetloop.buffer.store import ObjectStore, StoreError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ConsumerStats:
+    indexed: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    transient_errors: int = 0
+    freshness_s: deque = field(default_factory=lambda: deque(maxlen=10_000))  # episode end -> indexed
+    dead_reasons: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        f = sorted(self.freshness_s)
+        pct = (lambda q: f[min(len(f) - 1, int(q * len(f)))] if f else None)
+        return {"indexed": self.indexed, "duplicates": self.duplicates, "dead_lettered": self.dead_lettered,
+                "transient_errors": self.transient_errors, "dead_reasons": dict(self.dead_reasons),
+                "freshness_p50_s": pct(0.5), "freshness_p99_s": pct(0.99)}
+
+
+class DataConsumer:
+    def __init__(self, store: ObjectStore, client: redis.Redis, index: FrameIndex,
+                 limits: Limits = Limits(), consumer_name: str | None = None,
+                 on_indexed: Callable[[EpisodeEntry], None] | None = None, claim_idle_ms: int = 30_000):
+        self.store, self.index, self.limits = store, index, limits
+        self.queue = EpisodeQueueConsumer(client, consumer=consumer_name, claim_idle_ms=claim_idle_ms)
+        self.on_indexed = on_indexed
+        self.stats = ConsumerStats()
+        self._retry: list[tuple[float, int, Delivery]] = []  # (due, attempt, delivery)
+
+    def handle(self, d: Delivery, attempt: int = 0) -> None:
+        try:
+            event = fields_to_event(d.fields)
+        except ValueError as e:
+            self._dead(d, "bad-event", str(e))
+            return
+        if event.episode_id in self.index:
+            self.stats.duplicates += 1
+            self.queue.ack(d.msg_id)
+            return
+        try:
+            loaded = read_episode(self.store, event.manifest_key, self.limits)
+            if loaded.manifest.episode_id != event.episode_id:
+                raise EpisodeRejected("inconsistent", f"event names {event.episode_id}, manifest "
+                                                      f"{loaded.manifest.episode_id}")
+        except EpisodeRejected as e:
+            self._dead(d, e.reason, e.detail)
+            return
+        except (StoreError, OSError) as e:
+            # Transient: keep the message pending and try again later; never drop it.
+            self.stats.transient_errors += 1
+            delay = min(5.0, 0.1 * 2 ** attempt)
+            self._retry.append((time.monotonic() + delay, attempt + 1, d))
+            log.warning("store error on %s (attempt %d, retry in %.1fs): %s", event.episode_id, attempt + 1, delay, e)
+            return
+        entry = entry_from_loaded(loaded)
+        if self.index.add(entry):
+            self.stats.indexed += 1
+            if event.ended_ns:
+                self.stats.freshness_s.append(max(0.0, (time.time_ns() - event.ended_ns) / 1e9))
+            if self.on_indexed:
+                self.on_indexed(entry)
+        else:
+            self.stats.duplicates += 1
+        self.queue.ack(d.msg_id)
+
+    def _dead(self, d: Delivery, reason: str, detail: str) -> None:
+        self.stats.dead_lettered += 1
+        self.stats.dead_reasons[reason] = self.stats.dead_reasons.get(reason, 0) + 1
+        self.queue.dead_letter(d, reason, detail)
+
+    def poll_once(self, block_ms: int = 100, count: int = 32) -> int:
+        """Process what is due for retry and one batch of deliveries; returns how many."""
+        now = time.monotonic()
+        due = [r for r in self._retry if r[0] <= now]
+        self._retry = [r for r in self._retry if r[0] > now]
+        for _due, attempt, d in due:
+            self.handle(d, attempt)
+        pending_ids = {r[2].msg_id for r in self._retry}
+        batch = [d for d in self.queue.poll(count=count, block_ms=0 if self._retry else block_ms)
+                 if d.msg_id not in pending_ids]
+        for d in batch:
+            self.handle(d)
+        if not batch and not due and self._retry:
+            time.sleep(min(0.05, max(0.0, min(r[0] for r in self._retry) - time.monotonic())))
+        return len(batch) + len(due)
+
+    def run(self, stop: threading.Event, block_ms: int = 100) -> None:
+        """Loop until `stop` is set, surviving Redis restarts (reconnect with backoff)."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                self.poll_once(block_ms=block_ms)
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                log.warning("redis unavailable (%s); retrying in %.1fs", e, backoff)
+                stop.wait(backoff)
+                backoff = min(5.0, backoff * 2)
+                try:
+                    self.queue.ensure_group()
+                except redis.RedisError:
+                    pass
+
+    def start_thread(self, stop: threading.Event) -> threading.Thread:
+        t = threading.Thread(target=self.run, args=(stop,), name="data-consumer", daemon=True)
+        t.start()
+        return t

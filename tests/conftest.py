@@ -1,0 +1,40 @@
+"""Shared fixtures: real servers on free loopback ports, one of each per test session."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import redis
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+from fleetloop.config import S3Settings  # noqa: E402
+from fleetloop.services import MotoS3Server, RedisServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with MotoS3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_settings(s3_server):
+    env = s3_server.env()
+    return S3Settings(endpoint_url=env["FLEETLOOP_S3_ENDPOINT"], access_key="test", secret_key="test")
