@@ -118,7 +118,8 @@ class EpisodeQueueConsumer:
         if out:
             return out
         try:
-            res = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count, block=block_ms)
+            res = self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"}, count=count,
+                                         block=block_ms if block_ms > 0 else None)  # BLOCK 0 = forever
         except redis.ResponseError as e:
             if "NOGROUP" in str(e):  # Redis restarted without persistence: recreate and go on
                 self.ensure_group()

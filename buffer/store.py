@@ -130,8 +130,9 @@ class S3Store:
                 code = e.response.get("Error", {}).get("Code", "")
                 if code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                     raise StoreError(f"cannot create bucket {self.bucket}: {e}") from e
-        except Exception as e:  # endpoint down
-            raise StoreError(f"S3 endpoint unreachable: {e}") from e
+        except Exception as e:  # endpoint down: start anyway, puts retry until it is back
+            import logging
+            logging.getLogger(__name__).warning("S3 endpoint unreachable at start (%s); will retry on use", e)
 
     def _key(self, key: str) -> str:
         _check_key(key)
