@@ -12,7 +12,9 @@ import time
 import uuid
 
 from fleetloop.actor.spool import Spool, SpoolFull
-from fleetloop.buffer.codec import encode_chunk
+from google.protobuf import json_format
+
+from fleetloop.buffer.codec import chunk_ref, encode_chunk
 from fleetloop.proto.v1 import episode_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -146,7 +148,11 @@ class EpisodeRecorder:
                     self.spool.begin(ep.episode_id, payload)
                 elif kind == "chunk":
                     index, steps = payload
-                    self.spool.write_chunk(ep.episode_id, index, encode_chunk(ep.episode_id, index, steps))
+                    enc = encode_chunk(ep.episode_id, index, steps)
+                    # Digests are computed here, once, off the control loop; the uploader reuses them.
+                    ref = chunk_ref(self.robot_id, ep.episode_id, index, len(steps), enc)
+                    self.spool.write_chunk(ep.episode_id, index, enc.to_object(),
+                                           json_format.MessageToJson(ref).encode())
                 elif kind == "seal":
                     self.spool.seal(ep.episode_id, payload)
             except SpoolFull as e:

@@ -1,7 +1,8 @@
 """The robot's on-disk spool: episodes wait here until the object store has them.
 
   <spool>/<episode_id>/meta.json       written when the episode starts
-  <spool>/<episode_id>/chunk-NNNNN.pb  StepChunk bytes, appended while recording
+  <spool>/<episode_id>/chunk-NNNNN.flc chunk objects (buffer/codec.py), appended while recording
+  <spool>/<episode_id>/chunk-NNNNN.ref its ChunkRef (sizes, digests) as JSON, written after it
   <spool>/<episode_id>/end.json        written when it ends: the episode is sealed
   <spool>/<episode_id>/progress.json   the uploader's progress (chunks stored, manifest, announced)
 
@@ -75,16 +76,18 @@ class Spool:
             self.bytes += len(data)
         return d
 
-    def write_chunk(self, episode_id: str, index: int, data: bytes) -> None:
+    def write_chunk(self, episode_id: str, index: int, data: bytes, ref: bytes) -> None:
         """Raises SpoolFull when the chunk cannot be stored under the configured policy."""
+        need = len(data) + len(ref)
         with self._lock:
-            if self.bytes + len(data) > self.max_bytes:
+            if self.bytes + need > self.max_bytes:
                 if self.on_full == "drop-oldest":
-                    self._evict_oldest_locked(len(data), keep=episode_id)
-                if self.bytes + len(data) > self.max_bytes:
+                    self._evict_oldest_locked(need, keep=episode_id)
+                if self.bytes + need > self.max_bytes:
                     raise SpoolFull(f"spool {self.root} full ({self.bytes} of {self.max_bytes} bytes)")
-            self.bytes += len(data)
-        write_atomic(self.root / episode_id / f"chunk-{index:05d}.pb", data)
+            self.bytes += need
+        write_atomic(self.root / episode_id / f"chunk-{index:05d}.flc", data)
+        write_atomic(self.root / episode_id / f"chunk-{index:05d}.ref", ref)
 
     def seal(self, episode_id: str, end: dict) -> None:
         data = json.dumps(end).encode()
@@ -113,8 +116,13 @@ class Spool:
 
     # -- uploading side ---------------------------------------------------------------------
     def _sealed_dirs(self) -> list[Path]:
-        dirs = [d for d in self.root.iterdir() if d.is_dir() and (d / "end.json").exists()]
-        return sorted(dirs, key=lambda d: (d / "end.json").stat().st_mtime_ns)
+        sealed = []
+        for d in self.root.iterdir():
+            try:  # the uploader may delete a directory while we look
+                sealed.append(((d / "end.json").stat().st_mtime_ns, d))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+        return [d for _t, d in sorted(sealed)]
 
     def sealed(self) -> list[str]:
         """Episode ids waiting for upload, oldest first."""

@@ -21,16 +21,19 @@ from fleetloop.proto.v1 import episode_pb2 as pb
 
 
 def synthetic_steps(rng: np.random.Generator, episode_bytes: int, steps: int = 50, state_dim: int = 39,
-                    action_dim: int = 4):
-    """Steps whose raw images add up to about episode_bytes (incompressible noise)."""
-    per_step = max(1, episode_bytes // steps)
+                    action_dim: int = 4, noise: bytes | None = None):
+    """Steps whose raw 'camera images' add up to about episode_bytes. Pixels are slices of a
+    block of random bytes (`noise`, made once per robot: a camera costs the pipeline nothing
+    to produce), so every episode's bytes differ but generating them is not what we measure."""
+    per_step = max(3, episode_bytes // steps)
     side = int(np.sqrt(per_step / 3))
-    extra = per_step - side * side * 3
+    n = side * side * 3
+    if noise is None or len(noise) < n + 4096:
+        noise = rng.bytes(n + 4096)
     for t in range(steps):
-        img = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-        data = img.tobytes() + (rng.bytes(extra) if extra > 0 else b"")
+        offset = int(rng.integers(0, len(noise) - n))
         yield pb.Step(images=[pb.Image(camera="front", encoding="raw", height=side, width=side, channels=3,
-                                       data=data[: side * side * 3])],
+                                       data=noise[offset:offset + n])],
                       state=rng.standard_normal(state_dim).astype(np.float32).tolist(),
                       action=rng.uniform(-1, 1, action_dim).astype(np.float32).tolist(),
                       intervention=10 <= t < 15)
@@ -51,10 +54,11 @@ class SyntheticActor:
     def record(self, episodes: int, episode_bytes: int, seed: int = 0, task_id: str = "synthetic-v0",
                on_end=None) -> list[str]:
         rng = np.random.default_rng(seed)
+        noise = rng.bytes(episode_bytes // 50 + 8192)
         ids = []
         for _ in range(episodes):
             self.recorder.start(task_id, "do the synthetic thing", "v000000")
-            for step in synthetic_steps(rng, episode_bytes):
+            for step in synthetic_steps(rng, episode_bytes, noise=noise):
                 self.recorder.add_step(step)
             episode_id, _n = self.recorder.end(pb.OUTCOME_SUCCESS, pb.LABEL_SOURCE_ROBOT, "synthetic")
             ids.append(episode_id)

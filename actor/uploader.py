@@ -1,7 +1,7 @@
 """The uploader: spool -> object store -> Redis stream, in the background, never losing an episode.
 
-Per sealed episode: put every chunk (skipping those progress.json says are stored), put the
-manifest (the commit point), XADD the event, then delete the spool copy. Each step is
+Per sealed episode: put every chunk, put the manifest (the commit point; progress.json
+remembers it), XADD the event, then delete the spool copy. Each step is
 idempotent, so a kill -9 anywhere means redoing at most one step after restart; a duplicate
 event is absorbed by the consumer's dedupe. Store or Redis outages are retried with
 exponential backoff while the robot keeps recording into the spool.
@@ -14,9 +14,11 @@ import threading
 import time
 
 import redis
+from google.protobuf import json_format
 
 from fleetloop.actor.spool import Spool, read_json, write_atomic
-from fleetloop.buffer.codec import chunk_key, content_sha256, decode_chunk, manifest_key, manifest_to_bytes, sha256_hex
+from fleetloop.buffer.codec import (EncodedChunk, chunk_ref, decode_chunk, finish_manifest, manifest_key,
+                                   manifest_to_bytes)
 from fleetloop.buffer.queue import EpisodeAnnouncer
 from fleetloop.buffer.store import ObjectStore, StoreError
 from fleetloop.proto.v1 import SCHEMA_VERSION
@@ -35,8 +37,8 @@ def recover_unsealed(spool: Spool) -> list[str]:
             spool.remove(episode_id)  # died before the episode really began
             continue
         chunk_steps, flags = [], []
-        for f in sorted(d.glob("chunk-*.pb")):
-            chunk = decode_chunk(f.read_bytes(), str(f))
+        for f in sorted(d.glob("chunk-*.flc")):
+            chunk = decode_chunk(EncodedChunk.from_object(f.read_bytes(), str(f)).steps, str(f))
             chunk_steps.append(len(chunk.steps))
             flags.extend(s.intervention for s in chunk.steps)
         segments, start = [], None
@@ -82,28 +84,28 @@ class Uploader:
         meta, end = read_json(d / "meta.json"), read_json(d / "end.json")
         if meta is None or end is None:
             raise RuntimeError(f"spool entry {episode_id} lacks meta.json/end.json")
-        progress = read_json(d / "progress.json") or {"chunks": {}, "committed": False}
+        progress = read_json(d / "progress.json") or {"committed": False}
         manifest = build_manifest(meta, end)
+        robot = meta["robot_id"]
         for i, n_steps in enumerate(end["chunk_steps"]):
-            path = d / f"chunk-{i:05d}.pb"
-            key = chunk_key(meta["robot_id"], episode_id, i)
-            done = progress["chunks"].get(str(i))
-            if done is None:
-                data = path.read_bytes()
-                self.store.put(key, data)
-                done = {"sha256": sha256_hex(data), "size": len(data)}
-                progress["chunks"][str(i)] = done
-                write_atomic(d / "progress.json", json.dumps(progress).encode())
-            manifest.chunks.add(key=key, num_steps=n_steps, size_bytes=done["size"], sha256=done["sha256"])
-        manifest.content_sha256 = content_sha256([c.sha256 for c in manifest.chunks])
+            ref_path = d / f"chunk-{i:05d}.ref"
+            if ref_path.exists():
+                ref = json_format.Parse(ref_path.read_text(), pb.ChunkRef())
+            else:  # the daemon died between writing the chunk and its ref
+                ref = chunk_ref(robot, episode_id, i, n_steps, EncodedChunk.from_object((d / f"chunk-{i:05d}.flc").read_bytes()))
+            if not progress["committed"]:  # re-putting a chunk after a crash is harmless
+                self.store.put(ref.key, (d / f"chunk-{i:05d}.flc").read_bytes())
+            manifest.chunks.append(ref)
+        finish_manifest(manifest)
         mkey = manifest_key(meta["robot_id"], episode_id)
+        manifest_bytes = manifest_to_bytes(manifest)
         if not progress["committed"]:
-            self.store.put(mkey, manifest_to_bytes(manifest))  # the commit point
+            self.store.put(mkey, manifest_bytes)  # the commit point
             progress["committed"] = True
             write_atomic(d / "progress.json", json.dumps(progress).encode())
         self.announcer.announce(pb.EpisodeEvent(
             episode_id=episode_id, manifest_key=mkey, robot_id=meta["robot_id"], task_id=meta["task_id"],
-            ended_ns=end["ended_ns"], schema_version=SCHEMA_VERSION))
+            ended_ns=end["ended_ns"], schema_version=SCHEMA_VERSION, manifest_json=manifest_bytes.decode()))
         self.spool.remove(episode_id)
         self.uploaded += 1
         if self.on_uploaded:

@@ -11,12 +11,13 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
 import redis
 
-from fleetloop.buffer.codec import EpisodeRejected, Limits, read_episode
+from fleetloop.buffer.codec import EpisodeRejected, Limits, manifest_from_bytes, read_episode
 from fleetloop.buffer.index import EpisodeEntry, FrameIndex, entry_from_loaded
 from fleetloop.buffer.queue import Delivery, EpisodeQueueConsumer, fields_to_event
 from fleetloop.buffer.store import ObjectStore, StoreError
@@ -44,48 +45,73 @@ class ConsumerStats:
 class DataConsumer:
     def __init__(self, store: ObjectStore, client: redis.Redis, index: FrameIndex,
                  limits: Limits = Limits(), consumer_name: str | None = None,
-                 on_indexed: Callable[[EpisodeEntry], None] | None = None, claim_idle_ms: int = 30_000):
+                 on_indexed: Callable[[EpisodeEntry], None] | None = None, claim_idle_ms: int = 30_000,
+                 fetch_workers: int = 8):
         self.store, self.index, self.limits = store, index, limits
         self.queue = EpisodeQueueConsumer(client, consumer=consumer_name, claim_idle_ms=claim_idle_ms)
         self.on_indexed = on_indexed
         self.stats = ConsumerStats()
         self._retry: list[tuple[float, int, Delivery]] = []  # (due, attempt, delivery)
+        self._pool = ThreadPoolExecutor(max_workers=fetch_workers, thread_name_prefix="episode-fetch")
 
-    def handle(self, d: Delivery, attempt: int = 0) -> None:
+    def _load(self, d: Delivery):
+        """Fetch and verify one delivery (runs in the I/O pool). Returns what _finish needs."""
         try:
             event = fields_to_event(d.fields)
         except ValueError as e:
-            self._dead(d, "bad-event", str(e))
-            return
+            return "dead", ("bad-event", str(e)), None
         if event.episode_id in self.index:
-            self.stats.duplicates += 1
-            self.queue.ack(d.msg_id)
-            return
+            return "duplicate", None, event
         try:
-            loaded = read_episode(self.store, event.manifest_key, self.limits)
+            manifest = None
+            if event.manifest_json:  # the event carries a copy of the committed manifest
+                manifest = manifest_from_bytes(event.manifest_json.encode(), event.manifest_key)
+            loaded = read_episode(self.store, event.manifest_key, self.limits, manifest=manifest)
             if loaded.manifest.episode_id != event.episode_id:
                 raise EpisodeRejected("inconsistent", f"event names {event.episode_id}, manifest "
                                                       f"{loaded.manifest.episode_id}")
+            return "ok", loaded, event
         except EpisodeRejected as e:
-            self._dead(d, e.reason, e.detail)
-            return
+            return "dead", (e.reason, e.detail), event
         except (StoreError, OSError) as e:
+            return "retry", e, event
+
+    def _finish(self, d: Delivery, attempt: int, outcome: str, value, event) -> None:
+        if outcome == "dead":
+            self._dead(d, *value)
+        elif outcome == "duplicate":
+            self.stats.duplicates += 1
+            self.queue.ack(d.msg_id)
+        elif outcome == "retry":
             # Transient: keep the message pending and try again later; never drop it.
             self.stats.transient_errors += 1
             delay = min(5.0, 0.1 * 2 ** attempt)
             self._retry.append((time.monotonic() + delay, attempt + 1, d))
-            log.warning("store error on %s (attempt %d, retry in %.1fs): %s", event.episode_id, attempt + 1, delay, e)
-            return
-        entry = entry_from_loaded(loaded)
-        if self.index.add(entry):
-            self.stats.indexed += 1
-            if event.ended_ns:
-                self.stats.freshness_s.append(max(0.0, (time.time_ns() - event.ended_ns) / 1e9))
-            if self.on_indexed:
-                self.on_indexed(entry)
+            log.warning("store error on %s (attempt %d, retry in %.1fs): %s", event.episode_id, attempt + 1, delay, value)
         else:
-            self.stats.duplicates += 1
-        self.queue.ack(d.msg_id)
+            entry = entry_from_loaded(value)
+            if self.index.add(entry):
+                self.stats.indexed += 1
+                if event.ended_ns:
+                    self.stats.freshness_s.append(max(0.0, (time.time_ns() - event.ended_ns) / 1e9))
+                if self.on_indexed:
+                    self.on_indexed(entry)
+            else:
+                self.stats.duplicates += 1
+            self.queue.ack(d.msg_id)
+
+    def handle_batch(self, batch: list[tuple[Delivery, int]]) -> None:
+        """Fetch a batch concurrently (object-store latency dominates), then index and ack in
+        order, one at a time."""
+        if len(batch) == 1:
+            results = [self._load(batch[0][0])]
+        else:
+            results = list(self._pool.map(lambda item: self._load(item[0]), batch))
+        for (d, attempt), (outcome, value, event) in zip(batch, results):
+            self._finish(d, attempt, outcome, value, event)
+
+    def handle(self, d: Delivery, attempt: int = 0) -> None:
+        self.handle_batch([(d, attempt)])
 
     def _dead(self, d: Delivery, reason: str, detail: str) -> None:
         self.stats.dead_lettered += 1
@@ -97,13 +123,13 @@ class DataConsumer:
         now = time.monotonic()
         due = [r for r in self._retry if r[0] <= now]
         self._retry = [r for r in self._retry if r[0] > now]
-        for _due, attempt, d in due:
-            self.handle(d, attempt)
+        if due:
+            self.handle_batch([(d, attempt) for _due, attempt, d in due])
         pending_ids = {r[2].msg_id for r in self._retry}
         batch = [d for d in self.queue.poll(count=count, block_ms=0 if self._retry else block_ms)
                  if d.msg_id not in pending_ids]
-        for d in batch:
-            self.handle(d)
+        if batch:
+            self.handle_batch([(d, 0) for d in batch])
         if not batch and not due and self._retry:
             time.sleep(min(0.05, max(0.0, min(r[0] for r in self._retry) - time.monotonic())))
         return len(batch) + len(due)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fleetloop.buffer.codec import LoadedEpisode, decode_chunk, decode_image, outcome_name
+from fleetloop.buffer.codec import LoadedEpisode, decode_image, fetch_images, outcome_name
 from fleetloop.buffer.store import ObjectStore
 from fleetloop.proto.v1 import episode_pb2 as pb
 
@@ -36,8 +36,8 @@ class EpisodeEntry:
     states: np.ndarray          # [T, S] float32
     actions: np.ndarray         # [T, A] float32
     intervention: np.ndarray    # [T] bool
-    chunk_keys: list[str]
-    chunk_starts: np.ndarray    # [num_chunks]
+    chunks: list                # pb.ChunkRef per chunk (image objects are fetched lazily)
+    chunk_starts: np.ndarray    # [num_chunks] first step of each chunk
     ended_ns: int
     indexed_at: float = field(default_factory=time.time)
 
@@ -65,7 +65,7 @@ def entry_from_loaded(ep: LoadedEpisode) -> EpisodeEntry:
         instruction=m.instruction, policy_version=m.policy_version, source=source,
         outcome=outcome_name(m.outcome), outcome_source=pb.LabelSource.Name(m.outcome_source),
         incomplete=m.incomplete, states=ep.states, actions=ep.actions, intervention=ep.intervention,
-        chunk_keys=[c.key for c in m.chunks], chunk_starts=ep.chunk_starts, ended_ns=m.ended_ns)
+        chunks=list(m.chunks), chunk_starts=ep.chunk_starts, ended_ns=m.ended_ns)
 
 
 class FrameIndex:
@@ -128,37 +128,40 @@ class FrameIndex:
 
 
 class PayloadCache:
-    """Lazily fetched, decoded step chunks, bounded by their encoded size (LRU)."""
+    """Lazily fetched camera images, bounded by encoded size (LRU). Each image chunk is verified
+    against its manifest digest on first read; a mismatch raises EpisodeRejected, so the
+    caller can quarantine that episode."""
 
     def __init__(self, store: ObjectStore, max_bytes: int = 256 * 1024 * 1024):
         self.store, self.max_bytes = store, max_bytes
         self._lock = threading.Lock()
-        self._chunks: OrderedDict[str, tuple[pb.StepChunk, int]] = OrderedDict()
+        self._chunks: OrderedDict[str, tuple[pb.ImageChunk, int]] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
 
-    def chunk(self, key: str) -> pb.StepChunk:
+    def image_chunk(self, ref: pb.ChunkRef) -> pb.ImageChunk:
+        key = ref.key
         with self._lock:
             hit = self._chunks.get(key)
             if hit is not None:
                 self._chunks.move_to_end(key)
                 self.hits += 1
                 return hit[0]
-        data = self.store.get(key)  # outside the lock: concurrent fetches of different chunks
-        chunk = decode_chunk(data, key)
+        chunk = fetch_images(self.store, ref)  # outside the lock: concurrent fetches
         with self._lock:
             self.misses += 1
             if key not in self._chunks:
-                self._chunks[key] = (chunk, len(data))
-                self.bytes += len(data)
+                self._chunks[key] = (chunk, ref.images_bytes)
+                self.bytes += ref.images_bytes
             while self.bytes > self.max_bytes and len(self._chunks) > 1:
                 _k, (_c, size) = self._chunks.popitem(last=False)
                 self.bytes -= size
         return chunk
 
-    def step(self, entry: EpisodeEntry, t: int) -> pb.Step:
-        i = int(np.searchsorted(entry.chunk_starts, t, side="right") - 1)
-        return self.chunk(entry.chunk_keys[i]).steps[t - int(entry.chunk_starts[i])]
-
     def images(self, entry: EpisodeEntry, t: int) -> dict[str, np.ndarray]:
-        return {img.camera: decode_image(img) for img in self.step(entry, t).images}
+        i = int(np.searchsorted(entry.chunk_starts, t, side="right") - 1)
+        ref = entry.chunks[i]
+        if not ref.images_bytes:
+            return {}
+        holder = self.image_chunk(ref).steps[t - int(entry.chunk_starts[i])]
+        return {img.camera: decode_image(img) for img in holder.images}

@@ -25,7 +25,10 @@ EVENT_FIELDS = ("episode_id", "manifest_key", "robot_id", "task_id", "ended_ns",
 
 
 def event_to_fields(ev: pb.EpisodeEvent) -> dict[str, str]:
-    return {f: str(getattr(ev, f)) for f in EVENT_FIELDS}
+    fields = {f: str(getattr(ev, f)) for f in EVENT_FIELDS}
+    if ev.manifest_json:
+        fields["manifest_json"] = ev.manifest_json
+    return fields
 
 
 def fields_to_event(fields: dict) -> pb.EpisodeEvent:
@@ -37,7 +40,8 @@ def fields_to_event(fields: dict) -> pb.EpisodeEvent:
         raise ValueError(f"event lacks {missing}")
     return pb.EpisodeEvent(episode_id=f["episode_id"], manifest_key=f["manifest_key"],
                            robot_id=f.get("robot_id", ""), task_id=f.get("task_id", ""),
-                           ended_ns=int(f.get("ended_ns") or 0), schema_version=int(f.get("schema_version") or 0))
+                           ended_ns=int(f.get("ended_ns") or 0), schema_version=int(f.get("schema_version") or 0),
+                           manifest_json=f.get("manifest_json", ""))
 
 
 class EpisodeAnnouncer:

@@ -30,6 +30,8 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
+    def size(self, key: str) -> int: ...
+    def get_range(self, key: str, start: int, length: int) -> tuple[bytes, int]: ...
     def list(self, prefix: str = "") -> Iterator[str]: ...
     def delete(self, key: str) -> None: ...
 
@@ -74,6 +76,22 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+
+    def get_range(self, key: str, start: int, length: int) -> tuple[bytes, int]:
+        """`length` bytes from `start` (fewer at the end), and the object's total size."""
+        try:
+            with open(self._path(key), "rb") as f:
+                total = os.fstat(f.fileno()).st_size
+                f.seek(start)
+                return f.read(length), total
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
 
     def list(self, prefix: str = "") -> Iterator[str]:
         base = self.root
@@ -167,6 +185,31 @@ class S3Store:
             return True
         except ObjectNotFound:
             return False
+
+    def size(self, key: str) -> int:
+        resp = self._call(self._client.head_object, Bucket=self.bucket, Key=self._key(key))
+        return int(resp["ContentLength"])
+
+    def get_range(self, key: str, start: int, length: int) -> tuple[bytes, int]:
+        """`length` bytes from `start` (fewer at the end), and the object's total size, in one
+        request (the total comes from Content-Range)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                           Range=f"bytes={start}-{start + length - 1}")
+            data = resp["Body"].read()
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFound(key) from None
+            if code == "InvalidRange":  # start past the end
+                return b"", self.size(key)
+            raise StoreError(f"S3 {code}: {e}") from e
+        except BotoCoreError as e:
+            raise StoreError(f"S3 request failed: {e}") from e
+        content_range = resp.get("ContentRange") or ""
+        total = int(content_range.rsplit("/", 1)[1]) if "/" in content_range else int(resp["ContentLength"])
+        return data, total
 
     def list(self, prefix: str = "") -> Iterator[str]:
         full = self._key(prefix) if prefix else (self.prefix + "/" if self.prefix else "")

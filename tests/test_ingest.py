@@ -9,7 +9,7 @@ from fleetloop.actor.recorder import EpisodeRecorder
 from fleetloop.actor.spool import Spool
 from fleetloop.actor.synthetic import SyntheticActor
 from fleetloop.actor.uploader import Uploader
-from fleetloop.buffer.codec import Limits, commit_episode, encode_chunk, manifest_key
+from fleetloop.buffer.codec import EncodedChunk, EpisodeRejected, Limits, commit_episode, encode_chunk, encode_image, manifest_key
 from fleetloop.buffer.consumer import DataConsumer
 from fleetloop.buffer.index import FrameIndex, PayloadCache
 from fleetloop.buffer.queue import EpisodeAnnouncer
@@ -78,10 +78,11 @@ def test_intervention_segments_in_manifest(tmp_path, redis_client):
 
 # ---- bad input: each gets a clear reason on the dead-letter stream, nothing else is lost ----
 
-def _good_episode(store, robot, eid, steps=12, action=None):
+def _good_episode(store, robot, eid, steps=12, action=None, images=False):
     m = pb.EpisodeManifest(episode_id=eid, robot_id=robot, task_id="t", instruction="i", policy_version="v1",
                            kind=pb.EPISODE_KIND_ROLLOUT, num_steps=steps)
-    chunk = [pb.Step(index=i, state=[0.0, 1.0], action=action if action is not None else [0.5, -0.5])
+    img = [encode_image(np.full((8, 8, 3), 7, np.uint8))] if images else []
+    chunk = [pb.Step(index=i, state=[0.0, 1.0], action=action if action is not None else [0.5, -0.5], images=img)
              for i in range(steps)]
     return commit_episode(store, m, [(encode_chunk(eid, 0, chunk[:6]), 6), (encode_chunk(eid, 1, chunk[6:]), steps - 6)])
 
@@ -93,10 +94,10 @@ def test_bad_inputs_dead_lettered_with_reason(tmp_path, redis_client):
     keys["good-1"] = _good_episode(store, "r", "good-1")
     # corrupt chunk: bytes replaced (checksum no longer matches)
     keys["corrupt"] = _good_episode(store, "r", "corrupt")
-    store.put("episodes/r/corrupt/chunk-00001.pb", b"\xff\xfe garbage")
+    store.put("episodes/r/corrupt/chunk-00001.flc", b"\xff\xfe garbage")
     # wrong checksum in the manifest
     keys["badsum"] = _good_episode(store, "r", "badsum")
-    raw = store.get(keys["badsum"]).replace(b'"sha256": "', b'"sha256": "0', 1)
+    raw = store.get(keys["badsum"]).replace(b'"steps_sha256": "', b'"steps_sha256": "0', 1)
     store.put(keys["badsum"], raw)
     # unknown schema version
     keys["schema"] = _good_episode(store, "r", "schema")
@@ -107,7 +108,10 @@ def test_bad_inputs_dead_lettered_with_reason(tmp_path, redis_client):
     keys["big"] = _good_episode(store, "r", "big", steps=300)
     # manifest pointing at a missing chunk
     keys["missing"] = _good_episode(store, "r", "missing")
-    store.delete("episodes/r/missing/chunk-00000.pb")
+    store.delete("episodes/r/missing/chunk-00000.flc")
+    # an image chunk cut short (size no longer matches the manifest)
+    keys["truncated"] = _good_episode(store, "r", "truncated", images=True)
+    store.put("episodes/r/truncated/chunk-00001.flc", store.get("episodes/r/truncated/chunk-00001.flc")[:-7])
     # a manifest that is not JSON at all
     store.put("episodes/r/notjson/manifest.json", b"\x00\x01 not json")
     keys["notjson"] = "episodes/r/notjson/manifest.json"
@@ -124,6 +128,7 @@ def test_bad_inputs_dead_lettered_with_reason(tmp_path, redis_client):
             for _id, f in redis_client.xrange(config.DEAD_LETTER_STREAM)}
     assert dead == {"corrupt": "checksum-mismatch", "badsum": "checksum-mismatch", "schema": "unknown-schema-version",
                     "nan": "non-finite", "big": "oversized", "missing": "missing-chunk", "notjson": "bad-manifest",
+                    "truncated": "checksum-mismatch",
                     "event": "bad-event"}
     details = [f[b"dead_detail"].decode() for _id, f in redis_client.xrange(config.DEAD_LETTER_STREAM)]
     assert all(len(d) > 10 for d in details)  # a human-readable reason, not just a code
@@ -135,7 +140,7 @@ def test_corrupt_chunk_bytes_that_still_match_manifest(tmp_path, redis_client):
     """A chunk whose sha matches but does not parse (writer bug) is 'corrupt-chunk'."""
     store = LocalStore(tmp_path / "store")
     m = pb.EpisodeManifest(episode_id="weird", robot_id="r", task_id="t", num_steps=1, kind=pb.EPISODE_KIND_ROLLOUT)
-    key = commit_episode(store, m, [(b"\x0a\xff\xff\xff", 1)])
+    key = commit_episode(store, m, [(EncodedChunk(b"\x0a\xff\xff\xff", b""), 1)])
     EpisodeAnnouncer(redis_client).announce(pb.EpisodeEvent(episode_id="weird", manifest_key=key))
     index = FrameIndex()
     consumer = DataConsumer(store, redis_client, index)
@@ -174,3 +179,21 @@ def test_spool_rejects_bad_config(tmp_path):
         Spool(tmp_path, on_full="explode")
     with pytest.raises(ValueError, match="max_bytes"):
         Spool(tmp_path, max_bytes=0)
+
+
+def test_image_chunk_bitflip_caught_on_first_read(tmp_path, redis_client):
+    """Images are verified lazily: same-size corruption is caught when first read, as a clear
+    EpisodeRejected the sampler can act on."""
+    store = LocalStore(tmp_path / "store")
+    key = _good_episode(store, "r", "flip", images=True)
+    raw = bytearray(store.get("episodes/r/flip/chunk-00000.flc"))
+    raw[-5] ^= 0xFF  # inside the image section
+    store.put("episodes/r/flip/chunk-00000.flc", bytes(raw))
+    EpisodeAnnouncer(redis_client).announce(pb.EpisodeEvent(episode_id="flip", manifest_key=key))
+    index = FrameIndex()
+    consumer = DataConsumer(store, redis_client, index)
+    drain(consumer, lambda: len(index) == 1)
+    cache = PayloadCache(store)
+    assert cache.images(index.get("flip"), 8)["front"].shape == (8, 8, 3)  # second chunk is intact
+    with pytest.raises(EpisodeRejected, match="checksum-mismatch"):
+        cache.images(index.get("flip"), 2)

@@ -1,0 +1,164 @@
+"""`fleetloop eval`: success rate of a policy on simulated tasks, with Wilson 95% intervals.
+
+    fleetloop eval --policy runs/ckpt --tasks reach-v3,push-v3 --episodes 50 [--json]
+    fleetloop eval --policy expert --tasks all --episodes 20
+
+The policy runs alone (no interventions), with the same chunk broker the robots use. Episode i
+of every task uses scene seed `--seed + i`; the default seed base (1,000,000) keeps evaluation
+scenes apart from `fleetloop collect`'s default training seeds (0, 1, ...), and every policy
+evaluated with the same flags sees exactly the same scenes -- a paired comparison.
+
+Besides success, it reports mean episode length and successes per hour at a 30 Hz control rate
+(failures that fail fast and successes that finish fast both count; SOP reports episodes/hour).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from fleetloop.actor.sim.env import FRONT_CAMERA, SimEnv
+from fleetloop.actor.sim.expert import ExpertPolicy
+from fleetloop.actor.sim.robot import SimRobot
+from fleetloop.actor.sim.tasks import parse_task_list
+from fleetloop.policy.interface import Policy
+from fleetloop.stats import wilson_interval
+
+EVAL_SEED = 1_000_000
+REPORT_HZ = 30.0
+
+
+@dataclass
+class TaskEval:
+    task: str
+    episodes: int
+    successes: int
+    success_rate: float
+    ci95: tuple[float, float]
+    mean_steps: float
+    successes_per_hour: float  # at REPORT_HZ control rate
+    steps: int
+    wall_s: float
+    env_steps_per_s: float     # simulation + policy throughput of this evaluation
+
+    @classmethod
+    def from_counts(cls, task: str, successes: int, episodes: int, steps: int, wall_s: float) -> "TaskEval":
+        hours = steps / REPORT_HZ / 3600.0
+        return cls(task=task, episodes=episodes, successes=successes,
+                   success_rate=successes / episodes if episodes else 0.0,
+                   ci95=wilson_interval(successes, episodes), mean_steps=steps / episodes if episodes else 0.0,
+                   successes_per_hour=successes / hours if hours else 0.0, steps=steps, wall_s=wall_s,
+                   env_steps_per_s=steps / wall_s if wall_s > 0 else 0.0)
+
+
+def policy_image_needs(policy: Policy) -> tuple[bool, int, list[str]]:
+    """(images?, image size, cameras) a policy wants. fleetloop's VLA says so in its config;
+    the scripted expert reads state only; anything else is assumed to want the default camera."""
+    if isinstance(policy, ExpertPolicy):
+        return False, 64, [FRONT_CAMERA]
+    cfg = getattr(policy, "config", None)
+    if cfg is not None and hasattr(cfg, "use_images"):
+        return bool(cfg.use_images), int(getattr(cfg, "image_size", 64)), list(getattr(cfg, "cameras", [FRONT_CAMERA]))
+    return True, 64, [FRONT_CAMERA]
+
+
+def evaluate(policy: Policy, tasks: list[str], episodes: int, *, seed: int = EVAL_SEED,
+             images: Optional[bool] = None, image_size: Optional[int] = None, cameras: Optional[list[str]] = None,
+             max_steps: Optional[int] = None, execute_steps: Optional[int] = None,
+             indicator: Optional[bool] = None, progress=None) -> list[TaskEval]:
+    """Run `episodes` autonomous episodes per task; images/size/cameras default to what the
+    policy needs. `progress(task, episode_index, success)`, if given, is called per episode."""
+    if episodes < 1:
+        raise ValueError("episodes must be >= 1")
+    want_images, want_size, want_cameras = policy_image_needs(policy)
+    images = want_images if images is None else images
+    results = []
+    for task in tasks:
+        with SimEnv(task, images=images, image_size=image_size or want_size, camera=cameras or want_cameras,
+                    max_steps=max_steps) as env:
+            robot = SimRobot(env, policy, execute_steps=execute_steps, indicator=indicator)
+            successes = steps = 0
+            started = time.monotonic()
+            for i in range(episodes):
+                result = robot.run_episode(seed + i)
+                successes += int(result.success)
+                steps += result.num_steps
+                if progress is not None:
+                    progress(task, i, result.success)
+            results.append(TaskEval.from_counts(task, successes, episodes, steps, time.monotonic() - started))
+    return results
+
+
+def overall(results: list[TaskEval]) -> TaskEval:
+    """All tasks pooled (each task weighted by its episodes)."""
+    return TaskEval.from_counts("overall", sum(r.successes for r in results), sum(r.episodes for r in results),
+                                sum(r.steps for r in results), sum(r.wall_s for r in results))
+
+
+def format_table(results: list[TaskEval]) -> str:
+    rows = [f"{'task':26s} {'success':>7s}  {'95% CI':^12s} {'n':>5s} {'steps':>6s} {'succ/h@30Hz':>11s}"]
+    for r in results + ([overall(results)] if len(results) > 1 else []):
+        rows.append(f"{r.task:26s} {r.success_rate:7.2f}  [{r.ci95[0]:.2f}, {r.ci95[1]:.2f}] {r.episodes:5d} "
+                    f"{r.mean_steps:6.1f} {r.successes_per_hour:11.0f}")
+    return "\n".join(rows)
+
+
+def _rounded(doc: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, tuple) else v)
+            for k, v in doc.items()}
+
+
+def load_policy(spec: str, beta: Optional[float] = None) -> Policy:
+    """'expert' -> the scripted expert; otherwise a checkpoint directory (model.safetensors +
+    config.json) loaded through fleetloop's policy runtime."""
+    if spec == "expert":
+        return ExpertPolicy()
+    from pathlib import Path
+
+    if not Path(spec).is_dir():
+        raise FileNotFoundError(f"--policy {spec!r}: not 'expert' and not a checkpoint directory")
+    from fleetloop.policy.runtime import VLAPolicy
+
+    kwargs = {} if beta is None else {"beta": beta}
+    return VLAPolicy.from_checkpoint(spec, **kwargs)
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", required=True, help="checkpoint directory, or 'expert'")
+    parser.add_argument("--tasks", default="fast",
+                        help="comma-separated task names ('fast' = the quick-to-learn set, 'all' = every task)")
+    parser.add_argument("--episodes", type=int, default=20, help="episodes per task")
+    parser.add_argument("--seed", type=int, default=EVAL_SEED, help="first scene seed; episode i uses seed+i")
+    parser.add_argument("--images", action=argparse.BooleanOptionalAction, default=None,
+                        help="render camera images (default: whatever the policy needs)")
+    parser.add_argument("--max-steps", type=int, default=None, help="episode length (default: per task)")
+    parser.add_argument("--execute-steps", type=int, default=None,
+                        help="actions executed per chunk before re-planning (default: whole chunk)")
+    parser.add_argument("--indicator", choices=("none", "positive", "negative"), default="none",
+                        help="RECAP improvement indicator passed to the policy (positive at deployment)")
+    parser.add_argument("--beta", type=float, default=None, help="classifier-free guidance weight (VLA only)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    tasks = parse_task_list(args.tasks)
+    policy = load_policy(args.policy, args.beta)
+    indicator = {"none": None, "positive": True, "negative": False}[args.indicator]
+    started = time.monotonic()
+    results = evaluate(policy, tasks, args.episodes, seed=args.seed, images=args.images,
+                       max_steps=args.max_steps, execute_steps=args.execute_steps, indicator=indicator)
+    if args.json:
+        doc = {"policy": args.policy, "policy_version": str(policy.version), "episodes_per_task": args.episodes,
+               "seed": args.seed, "indicator": args.indicator, "wall_s": round(time.monotonic() - started, 2),
+               "tasks": [_rounded(asdict(r)) for r in results], "overall": _rounded(asdict(overall(results)))}
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        print(f"policy {args.policy} (version {policy.version!r}), {args.episodes} episodes per task")
+        print(format_table(results))
+    return 0
