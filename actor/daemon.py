@@ -1,0 +1,402 @@
+"""The actor daemon: the one fleetloop process on a robot.
+
+  robot control stack --gRPC RobotLink--> RobotLinkService --> EpisodeRecorder --> Spool
+                                                      |                              |
+                               PolicySlot (weights, swap at episode start)      Uploader --> store + Redis
+  dashboard --Redis control channel--> ControlListener (takeover / release / pause / resume)
+  Heartbeat --> Redis hash fleetloop:robot:<id> (what the dashboard shows)
+
+The robot side stays thin: the daemon serves action chunks from whichever policy the slot
+holds and records what the robot reports. Every call is answered without waiting on the
+network; a robot that goes silent mid-episode gets its episode closed as incomplete by the
+watchdog instead of leaving it open forever.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import grpc
+import numpy as np
+import redis
+
+from fleetloop import config
+from fleetloop.actor.recorder import EpisodeRecorder
+from fleetloop.actor.spool import Spool
+from fleetloop.actor.uploader import Uploader, recover_unsealed
+from fleetloop.buffer.codec import check_id, decode_image
+from fleetloop.buffer.store import ObjectStore
+from fleetloop.policy.interface import Observation, Policy
+from fleetloop.proto.v1 import episode_pb2 as pb
+from fleetloop.proto.v1 import policy_pb2
+from fleetloop.proto.v1 import robot_link_pb2 as rl
+from fleetloop.proto.v1 import robot_link_pb2_grpc as rl_grpc
+from google.protobuf import json_format
+
+log = logging.getLogger(__name__)
+
+
+class FixedPolicySource:
+    """A policy source that never changes (tests, offline robots). The real one is
+    fleetloop.actor.weights.PolicySlot; both offer begin_episode() -> (policy, version)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def begin_episode(self):
+        return self.policy, str(self.policy.version)
+
+    def status(self) -> dict:
+        return {"current_version": str(self.policy.version), "pending_version": None}
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+@dataclass
+class OpenEpisode:
+    episode_id: str
+    task_id: str
+    instruction: str
+    policy: Policy
+    policy_version: str
+    last_call: float = field(default_factory=time.monotonic)
+    intervening: bool = False
+
+
+@dataclass
+class RobotCounters:
+    episodes: int = 0
+    successes: int = 0
+    failures: int = 0
+    incomplete: int = 0
+    intervention_episodes: int = 0
+    steps: int = 0
+    intervention_steps: int = 0
+
+
+def observation_from_proto(obs: rl.Observation) -> Observation:
+    images = {img.camera or f"cam{i}": decode_image(img) for i, img in enumerate(obs.images)}
+    return Observation(images=images, state=np.asarray(obs.state, dtype=np.float32))
+
+
+def _finite(values) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+class RobotLinkService(rl_grpc.RobotLinkServicer):
+    """The gRPC face of the daemon. Errors are gRPC status codes with a message that says what
+    was wrong: INVALID_ARGUMENT for bad input, FAILED_PRECONDITION for calls out of order,
+    NOT_FOUND for an unknown episode, RESOURCE_EXHAUSTED when the spool dropped the episode."""
+
+    def __init__(self, daemon: "ActorDaemon"):
+        self.d = daemon
+
+    def _episode(self, episode_id: str, context) -> OpenEpisode:
+        ep = self.d.open_episode
+        if ep is None or ep.episode_id != episode_id:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"episode {episode_id!r} is not open on this robot")
+        ep.last_call = time.monotonic()
+        return ep
+
+    def StartEpisode(self, request, context):
+        if request.robot_id and request.robot_id != self.d.robot_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"this daemon serves robot {self.d.robot_id!r}, not {request.robot_id!r}")
+        if not request.task_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id is required")
+        try:
+            check_id("task id", request.task_id)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        with self.d.lock:
+            if self.d.open_episode is not None:  # the robot restarted without ending: keep what we had
+                self.d.close_open_episode(incomplete=True, why="a new episode started before EndEpisode")
+            policy, version = self.d.policy_source.begin_episode()  # the only place weights swap
+            kind = request.kind or pb.EPISODE_KIND_ROLLOUT
+            episode_id = self.d.recorder.start(request.task_id, request.instruction, version, kind=kind)
+            self.d.open_episode = OpenEpisode(episode_id, request.task_id, request.instruction, policy, version)
+        return rl.StartEpisodeResponse(episode_id=episode_id, policy_version=version)
+
+    def Act(self, request, context):
+        ep = self._episode(request.episode_id, context)
+        if not _finite(request.observation.state):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "observation.state contains NaN or inf")
+        try:
+            obs = observation_from_proto(request.observation)
+        except (ValueError, OSError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad observation image: {e}")
+        try:
+            chunk = np.asarray(ep.policy.act(obs, ep.instruction, self.d.indicator), dtype=np.float32)
+        except ValueError as e:  # e.g. wrong state dimension for this policy
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy rejected the observation: {e}")
+        return rl.ActResponse(horizon=chunk.shape[0], action_dim=chunk.shape[1], actions=chunk.ravel().tolist(),
+                              policy_version=ep.policy_version, takeover_requested=self.d.takeover_requested,
+                              paused=self.d.paused)
+
+    def ReportStep(self, request, context):
+        ep = self._episode(request.episode_id, context)
+        if not request.action:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "action is required")
+        if not (_finite(request.action) and _finite(request.observation.state)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "action or state contains NaN or inf")
+        step = pb.Step(images=request.observation.images, state=request.observation.state, action=request.action,
+                       policy_chunk=request.policy_chunk, intervention=request.intervention or ep.intervening,
+                       reward=request.reward)
+        with self.d.lock:
+            self.d.recorder.add_step(step)
+            n = self.d.recorder.num_steps
+        self.d.counters.steps += 1
+        self.d.counters.intervention_steps += int(step.intervention)
+        return rl.ReportStepResponse(steps_recorded=n, takeover_requested=self.d.takeover_requested,
+                                     paused=self.d.paused)
+
+    def BeginIntervention(self, request, context):
+        ep = self._episode(request.episode_id, context)
+        ep.intervening = True
+        with self.d.lock:
+            self.d.recorder.annotate_intervention(request.operator or "unknown", request.reason or "unspecified")
+        return rl.InterventionResponse(intervening=True)
+
+    def EndIntervention(self, request, context):
+        ep = self._episode(request.episode_id, context)
+        ep.intervening = False
+        self.d.takeover_requested = False  # the human handed back: the request is served
+        return rl.InterventionResponse(intervening=False)
+
+    def EndEpisode(self, request, context):
+        self._episode(request.episode_id, context)
+        with self.d.lock:
+            episode_id, n, spooled = self.d.close_open_episode(
+                outcome=request.outcome, source=request.outcome_source or pb.LABEL_SOURCE_ROBOT,
+                labelled_by=request.labelled_by)
+        return rl.EndEpisodeResponse(episode_id=episode_id, num_steps=n, spooled=spooled)
+
+    def Status(self, request, context):
+        src = self.d.policy_source.status()
+        backlog = self.d.spool.backlog()
+        return rl.StatusResponse(robot_id=self.d.robot_id, policy_version=src.get("current_version") or "",
+                                 pending_version=src.get("pending_version") or "", spool_episodes=backlog["episodes"],
+                                 spool_bytes=backlog["bytes"], takeover_requested=self.d.takeover_requested,
+                                 paused=self.d.paused)
+
+
+class ActorDaemon:
+    def __init__(self, robot_id: str, store: ObjectStore, redis_client: redis.Redis, spool: Spool,
+                 policy_source, grpc_address: str = "127.0.0.1:50051", episode_idle_timeout_s: float = 30.0,
+                 heartbeat_interval_s: float = 2.0, indicator: Optional[bool] = None, chunk_steps: int = 256,
+                 chunk_bytes: int = 4 << 20):
+        self.robot_id = check_id("robot id", robot_id)
+        self.store, self.redis, self.spool = store, redis_client, spool
+        self.policy_source = policy_source
+        self.indicator = indicator  # RECAP: condition on "advantage positive" at deployment
+        self.episode_idle_timeout_s = episode_idle_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        recover_unsealed(spool)  # before any recording: close what a crash left open
+        self.recorder = EpisodeRecorder(spool, robot_id, chunk_steps=chunk_steps, chunk_bytes=chunk_bytes)
+        self.uploader = Uploader(spool, store, redis_client)
+        self.lock = threading.RLock()
+        self.open_episode: Optional[OpenEpisode] = None
+        self.takeover_requested = False
+        self.paused = False
+        self.counters = RobotCounters()
+        self.last_command: dict = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._grpc_address = grpc_address
+        self.server: Optional[grpc.Server] = None
+        self.port: Optional[int] = None
+
+    # -- episode bookkeeping ---------------------------------------------------------------
+    def close_open_episode(self, outcome: int = pb.OUTCOME_UNKNOWN, source: int = pb.LABEL_SOURCE_UNSPECIFIED,
+                           labelled_by: str = "", incomplete: bool = False, why: str = "") -> tuple[str, int, bool]:
+        ep = self.open_episode
+        self.open_episode = None
+        if incomplete:
+            log.warning("episode %s closed incomplete: %s", ep.episode_id, why)
+        episode_id, n = self.recorder.end(outcome, source, labelled_by, incomplete=incomplete)
+        self.recorder.flush(timeout=5.0)
+        spooled = not self.recorder.was_dropped(episode_id)
+        c = self.counters
+        c.episodes += 1
+        c.successes += outcome == pb.OUTCOME_SUCCESS
+        c.failures += outcome == pb.OUTCOME_FAILURE
+        c.incomplete += incomplete
+        self.takeover_requested = False
+        return episode_id, n, spooled
+
+    # -- control channel ---------------------------------------------------------------------
+    def apply_command(self, cmd: policy_pb2.ControlCommand) -> str:
+        a = cmd.action
+        if a == policy_pb2.CONTROL_ACTION_TAKEOVER:
+            self.takeover_requested = True
+        elif a == policy_pb2.CONTROL_ACTION_RELEASE:
+            self.takeover_requested = False
+        elif a == policy_pb2.CONTROL_ACTION_PAUSE:
+            self.paused = True
+        elif a == policy_pb2.CONTROL_ACTION_RESUME:
+            self.paused = False
+        else:
+            return f"ignored: {policy_pb2.ControlAction.Name(a)} is handled by the policy registry"
+        self.last_command = {"command_id": cmd.command_id, "action": policy_pb2.ControlAction.Name(a),
+                             "operator": cmd.operator, "applied_ns": time.time_ns()}
+        log.info("control: %s by %s", policy_pb2.ControlAction.Name(a), cmd.operator)
+        return "applied"
+
+    def _control_loop(self) -> None:
+        channel = config.CONTROL_CHANNEL_PREFIX + self.robot_id
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(channel)
+                backoff = 0.2
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg is None:
+                        continue
+                    try:
+                        cmd = json_format.Parse(msg["data"], policy_pb2.ControlCommand())
+                    except (json_format.ParseError, TypeError, ValueError) as e:
+                        log.warning("ignoring malformed control message on %s: %s", channel, e)
+                        continue
+                    result = self.apply_command(cmd)
+                    self.redis.xadd(config.CONTROL_CHANNEL_PREFIX + "acks",
+                                    {"robot_id": self.robot_id, "command_id": cmd.command_id, "result": result},
+                                    maxlen=10_000, approximate=True)
+                    self.heartbeat()
+            except redis.RedisError as e:
+                log.warning("control channel unavailable (%s); retrying", e)
+                self._stop.wait(backoff)
+                backoff = min(5.0, backoff * 2)
+
+    # -- heartbeat and watchdog --------------------------------------------------------------
+    def status(self) -> dict:
+        src = self.policy_source.status()
+        ep = self.open_episode
+        c = self.counters
+        return {
+            "robot_id": self.robot_id, "last_seen_ns": time.time_ns(),
+            "episode_id": ep.episode_id if ep else "", "task_id": ep.task_id if ep else "",
+            "policy_version": (ep.policy_version if ep else src.get("current_version")) or "",
+            "pending_version": src.get("pending_version") or "",
+            "takeover_requested": self.takeover_requested, "paused": self.paused,
+            "spool": self.spool.backlog(), "uploads_failed": self.uploader.failures,
+            "upload_error": self.uploader.last_error or "", "counters": c.__dict__,
+            "swap": {k: v for k, v in src.items() if k not in ("current_version", "pending_version")},
+            "last_command": self.last_command,
+        }
+
+    def heartbeat(self) -> None:
+        key = config.HEARTBEAT_PREFIX + self.robot_id
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping={"status": json.dumps(self.status(), default=str)})
+        pipe.sadd(config.HEARTBEAT_PREFIX + "all", self.robot_id)
+        pipe.execute()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval_s):
+            try:
+                self.heartbeat()
+            except redis.RedisError:
+                pass  # the dashboard shows us offline; recording goes on
+            with self.lock:  # watchdog: a robot that went silent mid-episode
+                ep = self.open_episode
+                if ep and time.monotonic() - ep.last_call > self.episode_idle_timeout_s:
+                    self.close_open_episode(incomplete=True, why=f"no call from the robot for "
+                                                                 f"{self.episode_idle_timeout_s:.0f}s")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> "ActorDaemon":
+        self.policy_source.start()
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._control_loop, "control")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._threads.append(self.uploader.start_thread(self._stop))
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="robot-link"),
+                                  options=[("grpc.max_receive_message_length", 32 << 20)])
+        rl_grpc.add_RobotLinkServicer_to_server(RobotLinkService(self), self.server)
+        self.port = self.server.add_insecure_port(self._grpc_address)
+        if not self.port:
+            raise RuntimeError(f"cannot listen on {self._grpc_address}")
+        self.server.start()
+        try:
+            self.heartbeat()
+        except redis.RedisError as e:
+            log.warning("redis unavailable at start (%s); recording anyway", e)
+        log.info("actor daemon for %s listening on port %d", self.robot_id, self.port)
+        return self
+
+    @property
+    def address(self) -> str:
+        host = self._grpc_address.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def stop(self, drain_timeout_s: float = 10.0) -> None:
+        if self.server:
+            self.server.stop(grace=1.0).wait()
+        with self.lock:
+            if self.open_episode is not None:
+                self.close_open_episode(incomplete=True, why="daemon stopping")
+        self.recorder.flush(timeout=drain_timeout_s)
+        deadline = time.monotonic() + drain_timeout_s
+        while self.spool.sealed() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stop.set()
+        self.policy_source.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+
+
+# -- CLI: `fleetloop actor` ---------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", help="actor config file (TOML); environment variables override it")
+    p.add_argument("--policy", help="initial policy checkpoint dir (otherwise the fleet's current version)")
+
+
+def run(args) -> int:
+    from fleetloop.actor.config import ConfigError, load_actor_config
+    try:
+        cfg = load_actor_config(args.config)
+    except ConfigError as e:
+        print(f"fleetloop actor: configuration error: {e}")
+        return 2
+    daemon = build_daemon_from_config(cfg, args.policy)
+    daemon.start()
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        daemon.stop()
+    return 0
+
+
+def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> ActorDaemon:
+    from fleetloop.actor.weights import PolicySlot
+    from fleetloop.buffer.store import open_store
+    from fleetloop.config import S3Settings
+    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.policy.runtime import VLAPolicy
+
+    s3 = S3Settings(endpoint_url=cfg.s3_endpoint or S3Settings().endpoint_url)
+    store = open_store(cfg.store_uri, s3)
+    client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=3)
+    spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, on_full=cfg.spool_on_full)
+    initial = VLAPolicy.from_checkpoint(initial_policy_dir) if initial_policy_dir else None
+    slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id,
+                      load_fn=lambda config_json, data, version: VLAPolicy.from_bytes(config_json, data, version),
+                      initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s)
+    return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address)
