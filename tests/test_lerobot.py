@@ -15,15 +15,15 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 av = pytest.importorskip("av")
 
-from fleetloop.buffer.codec import (commit_episode, decode_image, encode_chunk, encode_image,  # noqa: E402
-                                    read_episode)
+from fleetloop.buffer.codec import commit_episode, decode_image, encode_chunk, encode_image, read_episode  # noqa: E402
 from fleetloop.buffer.store import LocalStore  # noqa: E402
+from fleetloop.proto.v1 import episode_pb2 as pb  # noqa: E402
+
 from fleetloop.cli import main as cli_main  # noqa: E402
 from fleetloop.lerobot.export import ExportFilter, export_dataset  # noqa: E402
 from fleetloop.lerobot.format import LeRobotFormatError  # noqa: E402
 from fleetloop.lerobot.importer import import_dataset, open_dataset  # noqa: E402
 from fleetloop.lerobot.video import VideoSettings  # noqa: E402
-from fleetloop.proto.v1 import episode_pb2 as pb  # noqa: E402
 
 CAMERAS = ("front", "wrist")
 STATE_DIM, ACTION_DIM = 4, 3
@@ -159,8 +159,12 @@ def test_export_layout_and_metadata(fleet_store, tmp_path):
     assert np.allclose(stats["action"]["std"], actions.std(axis=0), atol=1e-5)
     assert np.allclose(stats["action"]["min"], actions.min(axis=0))
     assert stats["action"]["count"] == [total]
-    assert np.asarray(stats["observation.images.front"]["mean"]).shape == (3, 1, 1)
-    assert 0.0 <= np.min(stats["observation.images.front"]["min"]) <= 1.0
+    front = np.concatenate([np.stack(v[4]["front"]) for v in load_all(fleet_store).values()]) / 255.0
+    image_stats = stats["observation.images.front"]
+    assert np.asarray(image_stats["mean"]).shape == (3, 1, 1)
+    assert np.allclose(np.ravel(image_stats["mean"]), front.mean(axis=(0, 1, 2)), atol=0.02)
+    assert np.allclose(np.ravel(image_stats["std"]), front.std(axis=(0, 1, 2)), atol=0.02)
+    assert np.allclose(np.ravel(image_stats["max"]), front.max(axis=(0, 1, 2)))
 
     # Videos: one stream per camera holding every frame at n / fps.
     for cam in CAMERAS:
@@ -218,6 +222,30 @@ def test_filters(fleet_store, tmp_path):
     with pytest.raises(LeRobotFormatError, match="no episode"):
         export(fleet_store, tmp_path / "none", where=ExportFilter(robot="robot-9"))
     assert not (tmp_path / "none").exists()
+
+
+def test_export_skips_damaged_and_mismatched_episodes(fleet_store, tmp_path, capsys):
+    # an episode with another action size, and one whose stored bytes were damaged
+    make_episode(fleet_store, "ep-d", "robot-3", 10, pb.OUTCOME_SUCCESS, pb.EPISODE_KIND_ROLLOUT, "v4",
+                 "open the drawer", None, seed=3)
+    key = make_episode(fleet_store, "ep-e", "robot-3", 10, pb.OUTCOME_SUCCESS, pb.EPISODE_KIND_ROLLOUT,
+                       "v4", "open the drawer", None, seed=4)
+    victim = next(k for k in fleet_store.list(key.rsplit("/", 1)[0] + "/") if not k.endswith("manifest.json"))
+    fleet_store.put(victim, b"garbage")
+    global ACTION_DIM
+    saved, ACTION_DIM = ACTION_DIM, 5
+    try:
+        make_episode(fleet_store, "ep-f", "robot-3", 10, pb.OUTCOME_SUCCESS, pb.EPISODE_KIND_ROLLOUT, "v4",
+                     "open the drawer", None, seed=5)
+    finally:
+        ACTION_DIM = saved
+    summary = export(fleet_store, tmp_path / "ds")
+    assert summary.episodes == 4
+    assert [s.split(":")[0] for s in summary.skipped] == ["episodes/robot-3/ep-e/manifest.json",
+                                                          "episodes/robot-3/ep-f/manifest.json"]
+    assert "state/action dims 4/5" in summary.skipped[1]
+    assert cli_main(["export", "--store", fleet_store.uri, "--out", str(tmp_path / "ds2"), "--no-progress"]) == 0
+    assert "skipped episodes/robot-3/ep-f/manifest.json" in capsys.readouterr().err
 
 
 def test_files_roll_over_and_still_round_trip(fleet_store, tmp_path):

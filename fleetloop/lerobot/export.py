@@ -11,6 +11,8 @@ Column mapping: docs/lerobot.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -22,19 +24,59 @@ from pathlib import Path
 
 import numpy as np
 
-from fleetloop.buffer.codec import (EpisodeRejected, LoadedEpisode, decode_image, outcome_name,
-                                    read_episode, read_manifest)
+from fleetloop.buffer.codec import (
+    EpisodeRejected,
+    LoadedEpisode,
+    decode_image,
+    outcome_name,
+    read_episode,
+    read_manifest,
+)
 from fleetloop.buffer.store import ObjectStore, StoreError, open_store
-from fleetloop.lerobot.format import (ACTION_KEY, CODEBASE_VERSION, DATA_PATH, DEFAULT_CHUNKS_SIZE,
-                                      DEFAULT_DATA_FILE_SIZE_MB, DEFAULT_VIDEO_FILE_SIZE_MB, DONE_KEY,
-                                      EP_ENDED_NS, EP_EPISODE_ID, EP_INCOMPLETE, EP_INTERVENTIONS, EP_KIND,
-                                      EP_OUTCOME, EP_OUTCOME_SOURCE, EP_POLICY_VERSION, EP_ROBOT_ID,
-                                      EP_STARTED_NS, EP_TASK_ID, EPISODES_PATH, FL_EPISODE_ID,
-                                      FL_INTERVENTION, FL_OUTCOME, FL_POLICY_VERSION, FL_ROBOT_ID,
-                                      FL_TIMESTAMP_NS, FLEETLOOP_FEATURES, INDEX_FEATURES, INFO_PATH,
-                                      REWARD_KEY, STATE_KEY, STATS_PATH, TASKS_PATH, VIDEO_PATH,
-                                      FeatureStats, ImageStats, LeRobotFormatError, Progress,
-                                      camera_to_key, next_file, to_rgb, video_column)
+from fleetloop.lerobot.format import (
+    ACTION_KEY,
+    CODEBASE_VERSION,
+    DATA_PATH,
+    DEFAULT_CHUNKS_SIZE,
+    DEFAULT_DATA_FILE_SIZE_MB,
+    DEFAULT_VIDEO_FILE_SIZE_MB,
+    DONE_KEY,
+    EP_ENDED_NS,
+    EP_EPISODE_ID,
+    EP_INCOMPLETE,
+    EP_INTERVENTIONS,
+    EP_KIND,
+    EP_OUTCOME,
+    EP_OUTCOME_SOURCE,
+    EP_POLICY_VERSION,
+    EP_ROBOT_ID,
+    EP_STARTED_NS,
+    EP_TASK_ID,
+    EPISODES_PATH,
+    FL_EPISODE_ID,
+    FL_INTERVENTION,
+    FL_OUTCOME,
+    FL_POLICY_VERSION,
+    FL_ROBOT_ID,
+    FL_TIMESTAMP_NS,
+    FLEETLOOP_FEATURES,
+    INDEX_FEATURES,
+    INFO_PATH,
+    REWARD_KEY,
+    STATE_KEY,
+    STATS_PATH,
+    TASKS_PATH,
+    VIDEO_PATH,
+    FeatureStats,
+    ImageStats,
+    LeRobotFormatError,
+    Progress,
+    camera_to_key,
+    next_file,
+    sampled_frames,
+    to_rgb,
+    video_column,
+)
 from fleetloop.lerobot.video import CODECS, RollingVideoWriter, VideoSettings
 from fleetloop.proto.v1 import episode_pb2 as pb
 
@@ -64,9 +106,7 @@ class ExportFilter:
             return False
         if self.outcome is not None and m.outcome != OUTCOMES[self.outcome]:
             return False
-        if self.kind is not None and m.kind != KINDS[self.kind]:
-            return False
-        return True
+        return self.kind is None or m.kind == KINDS[self.kind]
 
 
 def manifest_keys(store: ObjectStore, robot: str | None = None) -> list[str]:
@@ -129,7 +169,7 @@ class EpisodeSchema:
     cameras: dict[str, tuple[int, int]]   # camera -> (height, width)
 
     @classmethod
-    def of(cls, ep: LoadedEpisode, first_step: pb.Step | None) -> "EpisodeSchema":
+    def of(cls, ep: LoadedEpisode, first_step: pb.Step | None) -> EpisodeSchema:
         sizes = {img.camera: (img.height, img.width) for img in (first_step.images if first_step else [])}
         names = list(ep.manifest.cameras) or list(sizes)
         cameras = {cam: sizes[cam] for cam in names if cam in sizes}
@@ -146,11 +186,14 @@ class EpisodeSchema:
                     f"{self.state_dim}/{self.action_dim}")
         for chunk in chunks.values():
             for step in chunk.steps:
-                sizes = {img.camera: (img.height, img.width) for img in step.images}
+                images = {img.camera: img for img in step.images}
                 for cam, hw in self.cameras.items():
-                    if sizes.get(cam) != hw:
-                        return (f"step {step.index}: camera {cam!r} is {sizes.get(cam, 'missing')}, "
-                                f"the dataset has {hw}")
+                    img = images.get(cam)
+                    if img is None or (img.height, img.width) != hw:
+                        size = "missing" if img is None else f"{img.height}x{img.width}"
+                        return f"step {step.index}: camera {cam!r} is {size}, the dataset has {hw[0]}x{hw[1]}"
+                    if img.channels not in (1, 3, 4):
+                        return f"step {step.index}: camera {cam!r} has {img.channels} channels"
         return None
 
 
@@ -219,8 +262,8 @@ class LeRobotWriter:
         for cam, writer in self.videos.items():
             feats[camera_to_key(cam)] = {"dtype": "video", "shape": [writer.height, writer.width, 3],
                                          "names": ["height", "width", "channels"], "info": writer.info()}
-        feats.update(json.loads(json.dumps(INDEX_FEATURES)))
-        feats.update(json.loads(json.dumps(FLEETLOOP_FEATURES)))
+        feats.update(copy.deepcopy(INDEX_FEATURES))
+        feats.update(copy.deepcopy(FLEETLOOP_FEATURES))
         return feats
 
     def accepts(self, ep: LoadedEpisode, chunks: dict[int, pb.StepChunk]) -> str | None:
@@ -246,6 +289,7 @@ class LeRobotWriter:
         task_index = self.tasks.setdefault(task, len(self.tasks))
 
         image_stats = {cam: ImageStats() for cam in self.videos}
+        sampled = sampled_frames(n)
         for writer in self.videos.values():
             writer.begin_episode()
         rewards = np.zeros(n, dtype=np.float32)
@@ -259,7 +303,8 @@ class LeRobotWriter:
                 for cam, writer in self.videos.items():
                     rgb = to_rgb(decode_image(by_camera[cam]))
                     writer.add_frame(rgb)
-                    image_stats[cam].add(rgb)
+                    if i in sampled:
+                        image_stats[cam].add(rgb)
                 i += 1
         spans = {cam: writer.end_episode() for cam, writer in self.videos.items()}
 
@@ -362,8 +407,8 @@ class LeRobotWriter:
             "total_frames": self.total_frames,
             "total_tasks": len(self.tasks),
             "chunks_size": self.chunks_size,
-            "data_files_size_in_mb": self.data_file_size_mb,
-            "video_files_size_in_mb": self.video.file_size_mb,
+            "data_files_size_in_mb": _number(self.data_file_size_mb),
+            "video_files_size_in_mb": _number(self.video.file_size_mb),
             "fps": self.fps,
             "splits": {"train": f"0:{self.total_episodes}"},
             "data_path": DATA_PATH,
@@ -374,13 +419,14 @@ class LeRobotWriter:
         return info
 
     def abort(self) -> None:
-        for writer in self.videos.values():
-            try:
-                writer.close()
-            except Exception:  # noqa: BLE001 -- best effort, the directory is deleted anyway
-                pass
-        self.data.close()
-        self.episodes_meta.close()
+        """Close what is open after a failure (best effort: the directory is deleted anyway)."""
+        for closable in [*self.videos.values(), self.data, self.episodes_meta]:
+            with contextlib.suppress(Exception):
+                closable.close()
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
 
 
 def write_tasks(path: Path, tasks: dict[str, int]) -> None:
@@ -444,13 +490,13 @@ def export_dataset(store: ObjectStore, out_dir: str | Path, *, fps: int = 30,
                 ep = read_episode(store, key, keep_chunks=chunks)
             except EpisodeRejected as e:
                 summary.skipped.append(f"{key}: {e}")
-                log.warning("skipping %s: %s", key, e)
+                log.debug("skipping %s: %s", key, e)
                 bar.update(1)
                 continue
             problem = writer.accepts(ep, chunks)
             if problem:
                 summary.skipped.append(f"{key}: {problem}")
-                log.warning("skipping %s: %s", key, problem)
+                log.debug("skipping %s: %s", key, problem)
                 bar.update(1)
                 continue
             frames = writer.add_episode(ep, chunks)

@@ -153,12 +153,12 @@ class FeatureStats:
     max: np.ndarray
 
     @classmethod
-    def of(cls, values: np.ndarray) -> "FeatureStats":
+    def of(cls, values: np.ndarray) -> FeatureStats:
         """Stats over the first axis of an [N, ...] array."""
         v = np.asarray(values, dtype=np.float64)
         return cls(count=len(v), mean=v.mean(axis=0), var=v.var(axis=0), min=v.min(axis=0), max=v.max(axis=0))
 
-    def merge(self, other: "FeatureStats | None") -> "FeatureStats":
+    def merge(self, other: FeatureStats | None) -> FeatureStats:
         if other is None:
             return self
         n = self.count + other.count
@@ -173,6 +173,13 @@ class FeatureStats:
                 "std": np.sqrt(np.maximum(self.var, 0.0)).tolist(), "count": [int(self.count)]}
 
 
+def sampled_frames(length: int) -> set[int]:
+    """Which frames of an episode feed the image statistics: all of short episodes, then
+    growing like length**0.75 up to 10,000 (LeRobot's sampling)."""
+    count = max(min(100, length), min(int(length ** 0.75), 10_000))
+    return set(np.round(np.linspace(0, length - 1, count)).astype(int).tolist()) if length else set()
+
+
 class ImageStats:
     """Per-channel pixel statistics accumulated frame by frame (bounded memory). Large frames
     are subsampled spatially to about 150 pixels a side, as LeRobot does."""
@@ -184,26 +191,28 @@ class ImageStats:
 
     def add(self, rgb: np.ndarray) -> None:
         step = max(1, max(rgb.shape[:2]) // 150) if max(rgb.shape[:2]) >= 300 else 1
-        px = rgb[::step, ::step].reshape(-1, rgb.shape[2]).astype(np.float64) / 255.0
+        planes = np.ascontiguousarray(rgb[::step, ::step].transpose(2, 0, 1)).reshape(rgb.shape[2], -1)
+        values = planes.astype(np.float32)
         if self.sum is None:
-            c = px.shape[1]
+            c = planes.shape[0]
             self.sum, self.sumsq = np.zeros(c), np.zeros(c)
-            self.min, self.max = np.full(c, np.inf), np.full(c, -np.inf)
+            self.min, self.max = np.full(c, 255.0), np.zeros(c)
         self.frames += 1
-        self.pixels += len(px)
-        self.sum += px.sum(axis=0)
-        self.sumsq += (px * px).sum(axis=0)
-        self.min = np.minimum(self.min, px.min(axis=0))
-        self.max = np.maximum(self.max, px.max(axis=0))
+        self.pixels += planes.shape[1]
+        self.sum += planes.sum(axis=1, dtype=np.uint64)
+        self.sumsq += np.einsum("ij,ij->i", values, values, dtype=np.float64)
+        self.min = np.minimum(self.min, planes.min(axis=1))
+        self.max = np.maximum(self.max, planes.max(axis=1))
 
     def result(self) -> FeatureStats | None:
+        """Stats scaled to [0, 1], each shaped (C, 1, 1)."""
         if not self.frames:
             return None
         mean = self.sum / self.pixels
         var = np.maximum(self.sumsq / self.pixels - mean ** 2, 0.0)
         shape = (-1, 1, 1)
-        return FeatureStats(count=self.frames, mean=mean.reshape(shape), var=var.reshape(shape),
-                            min=self.min.reshape(shape), max=self.max.reshape(shape))
+        return FeatureStats(count=self.frames, mean=(mean / 255).reshape(shape), var=(var / 255**2).reshape(shape),
+                            min=(self.min / 255).reshape(shape), max=(self.max / 255).reshape(shape))
 
 
 # ---- progress ---------------------------------------------------------------------------------
@@ -231,8 +240,8 @@ class Progress:
         if not self._enabled:
             return
         if self._bar is not None:
-            self._bar.update(episodes)
             self._bar.set_postfix(frames=self._frames, refresh=False)
+            self._bar.update(episodes)
             return
         import time
         now = time.monotonic()

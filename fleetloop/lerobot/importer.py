@@ -16,30 +16,54 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fleetloop.buffer.codec import (Limits, check_id, commit_episode, encode_chunk, encode_image,
-                                    episode_prefix)
+from fleetloop.buffer.codec import Limits, check_id, commit_episode, encode_chunk, encode_image, episode_prefix
 from fleetloop.buffer.store import ObjectStore, StoreError, open_store
-from fleetloop.lerobot.format import (ACTION_KEY, DATA_PATH, EP_ENDED_NS, EP_EPISODE_ID, EP_INCOMPLETE,
-                                      EP_INTERVENTIONS, EP_KIND, EP_OUTCOME, EP_OUTCOME_SOURCE,
-                                      EP_POLICY_VERSION, EP_ROBOT_ID, EP_STARTED_NS, EP_TASK_ID,
-                                      EPISODE_COLUMNS, EPISODES_DIR, FL_EPISODE_ID, FL_INTERVENTION,
-                                      FL_OUTCOME, FL_POLICY_VERSION, FL_ROBOT_ID, FL_TIMESTAMP_NS, INFO_PATH,
-                                      REWARD_KEY, STATE_KEY, SUCCESS_KEY, TASKS_PATH, VIDEO_COLUMNS,
-                                      VIDEO_PATH, LeRobotFormatError, Progress, key_to_camera, slug,
-                                      to_rgb, video_column)
+from fleetloop.lerobot.format import (
+    ACTION_KEY,
+    DATA_PATH,
+    EP_ENDED_NS,
+    EP_EPISODE_ID,
+    EP_INCOMPLETE,
+    EP_INTERVENTIONS,
+    EP_KIND,
+    EP_OUTCOME,
+    EP_OUTCOME_SOURCE,
+    EP_POLICY_VERSION,
+    EP_ROBOT_ID,
+    EP_STARTED_NS,
+    EP_TASK_ID,
+    EPISODE_COLUMNS,
+    EPISODES_DIR,
+    FL_EPISODE_ID,
+    FL_INTERVENTION,
+    FL_OUTCOME,
+    FL_POLICY_VERSION,
+    FL_ROBOT_ID,
+    FL_TIMESTAMP_NS,
+    INFO_PATH,
+    REWARD_KEY,
+    STATE_KEY,
+    SUCCESS_KEY,
+    TASKS_PATH,
+    VIDEO_COLUMNS,
+    VIDEO_PATH,
+    LeRobotFormatError,
+    Progress,
+    key_to_camera,
+    slug,
+    to_rgb,
+    video_column,
+)
 from fleetloop.lerobot.video import decode_frames
 from fleetloop.proto.v1 import SCHEMA_VERSION
 from fleetloop.proto.v1 import episode_pb2 as pb
-
-log = logging.getLogger(__name__)
 
 STEPS_PER_CHUNK = 100
 DEFAULT_ROBOT_ID = "lerobot-import"
@@ -266,7 +290,7 @@ class _DataFileCache:
         self._table = None
 
     def frames(self, chunk_index: int, file_index: int, episode_index: int, length: int):
-        pa, pq = _pq()
+        _, pq = _pq()
         import pyarrow.compute as pc
         path = self.ds.data_file(chunk_index, file_index)
         if path != self._path:
@@ -320,7 +344,6 @@ class ImportSummary:
     episodes: int = 0
     frames: int = 0
     seconds: float = 0.0
-    manifest_keys: list[str] = field(default_factory=list)
 
     @property
     def frames_per_s(self) -> float:
@@ -328,11 +351,12 @@ class ImportSummary:
 
 
 def import_dataset(root: str | Path, store: ObjectStore, robot_id: str = DEFAULT_ROBOT_ID,
-                   progress: bool = True, limits: Limits = Limits()) -> ImportSummary:
+                   progress: bool = True, limits: Limits | None = None) -> ImportSummary:
     """Import every episode of the v3 dataset at `root` into `store` as demonstrations of
     `robot_id`. Raises LeRobotFormatError (before writing anything if the directory is not a
     valid dataset)."""
     check_id("robot id", robot_id)
+    limits = limits or Limits()
     started = time.monotonic()
     ds = open_dataset(root)
     summary = ImportSummary(dataset=str(ds.root), robot_id=robot_id)
@@ -347,7 +371,7 @@ def import_dataset(root: str | Path, store: ObjectStore, robot_id: str = DEFAULT
                 raise LeRobotFormatError(_failed(row, e, summary)) from None
             except Exception as e:  # noqa: BLE001 -- damaged data surfaces as many error types
                 raise LeRobotFormatError(_failed(row, f"{type(e).__name__}: {e}", summary)) from None
-            summary.manifest_keys.append(commit_episode(store, manifest, chunks))
+            commit_episode(store, manifest, chunks)
             summary.episodes += 1
             summary.frames += manifest.num_steps
             bar.update(1, manifest.num_steps)

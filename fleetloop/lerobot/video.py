@@ -7,9 +7,9 @@ that starts at frame n0 of the file has from_timestamp n0 / fps.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
