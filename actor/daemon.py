@@ -387,16 +387,15 @@ def run(args) -> int:
 def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> ActorDaemon:
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.buffer.store import open_store
-    from fleetloop.config import S3Settings
     from fleetloop.policy.registry import PolicyRegistry
     from fleetloop.policy.runtime import VLAPolicy
 
-    s3 = S3Settings(endpoint_url=cfg.s3_endpoint or S3Settings().endpoint_url)
-    store = open_store(cfg.store_uri, s3)
+    store = open_store(cfg.store_uri, cfg.s3_settings())
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=3)
     spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, on_full=cfg.spool_on_full)
     initial = VLAPolicy.from_checkpoint(initial_policy_dir) if initial_policy_dir else None
     slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id,
                       load_fn=lambda config_json, data, version: VLAPolicy.from_bytes(config_json, data, version),
                       initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s)
-    return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address)
+    return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address,
+                       chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes)

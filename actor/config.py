@@ -1,0 +1,567 @@
+"""The actor daemon's configuration: one TOML file, overridden by environment variables,
+validated once at start so a misconfigured robot stops with a message that says which key was
+wrong, what it held and what is accepted -- instead of failing an hour later in the uploader.
+
+  fleetloop actor --config /etc/fleetloop/actor.toml
+
+Precedence: environment variable > config file > default. An environment variable set to the
+empty string counts as unset (a systemd EnvironmentFile line `FLEETLOOP_S3_ENDPOINT=` is harmless).
+deploy/robot/actor.example.toml is a complete, commented example. The keys:
+
+  robot_id                          FLEETLOOP_ROBOT_ID        required; letters, digits, '.', '_', '-'
+  [cloud]   store                   FLEETLOOP_STORE           required; s3://bucket/prefix or file:///abs/path
+            s3_endpoint             FLEETLOOP_S3_ENDPOINT     http(s)://host[:port] (AWS_ENDPOINT_URL also read)
+            s3_region               AWS_DEFAULT_REGION        default us-east-1
+            redis_url               FLEETLOOP_REDIS_URL       required; redis://[:password@]host[:port][/db],
+                                                              rediss:// (TLS) or unix:///path
+  [credentials] aws_access_key_id   AWS_ACCESS_KEY_ID         both or neither; when neither, boto3's usual
+            aws_secret_access_key   AWS_SECRET_ACCESS_KEY     chain (instance profile, ~/.aws) is used
+  [spool]   dir                     FLEETLOOP_SPOOL_DIR       default /var/lib/fleetloop/spool; created, must be writable
+            max_size                FLEETLOOP_SPOOL_MAX       bytes or "20GiB", "500MB", ...; default 2GiB
+            on_full                 FLEETLOOP_SPOOL_ON_FULL   "drop-new" (default) or "drop-oldest"
+  [grpc]    address                 FLEETLOOP_GRPC_ADDRESS    host:port, [v6]:port or unix:/path; default 127.0.0.1:50051
+  [recording] chunk_steps           FLEETLOOP_CHUNK_STEPS     steps per chunk object; default 256
+            chunk_size              FLEETLOOP_CHUNK_SIZE      bytes per chunk object (a size); default 4MiB
+  [policy]  poll_interval           FLEETLOOP_POLICY_POLL_INTERVAL  seconds or "500ms", "5s", "2m"; default 5s
+
+Secrets (the S3 secret key, a Redis password inside the URL) may live in the TOML file or, better,
+in a root-only EnvironmentFile (deploy/robot/fleetloop-actor.service). `ActorConfig.redacted()`
+is the form to log.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import logging
+import math
+import os
+import re
+import stat
+import tempfile
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from fleetloop.actor.spool import POLICIES as SPOOL_POLICIES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPOOL_DIR = "/var/lib/fleetloop/spool"
+DEFAULT_SPOOL_MAX = 2 * 1024 ** 3
+DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
+DEFAULT_CHUNK_STEPS = 256
+DEFAULT_CHUNK_BYTES = 4 * 1024 ** 2
+DEFAULT_POLL_INTERVAL_S = 5.0
+
+# The same rule as fleetloop.buffer.codec.check_id: the robot id goes into object keys, Redis
+# keys and episode ids, so it is restricted to characters that are safe in all three.
+ROBOT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# S3 bucket naming rules (AWS; MinIO applies the same): 3-63 chars, lowercase, digits, '.', '-'.
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+                         r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
+
+_SIZE_UNITS = {"": 1, "b": 1,
+               "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+               "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4,
+               "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+SIZE_HELP = ('a whole number of bytes or a number with a unit: B, KiB, MiB, GiB, TiB (powers of 1024; '
+             'K, M, G, T mean the same), kB, MB, GB, TB (powers of 1000), e.g. "20GiB" or "500MB"')
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+_DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+DURATION_HELP = 'seconds as a number, or a number with ms, s, m or h, e.g. "500ms", "5s", "2m"'
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid. `errors` lists every problem found (each names the key and
+    where it came from), so an operator fixes them all in one go."""
+
+    def __init__(self, errors: list[str] | str, source: str = ""):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        self.source = source
+        head = f"invalid actor configuration ({source})" if source else "invalid actor configuration"
+        if len(self.errors) == 1:
+            super().__init__(f"{head}: {self.errors[0]}")
+        else:
+            super().__init__(head + ":\n" + "\n".join(f"  - {e}" for e in self.errors))
+
+
+@dataclass(frozen=True)
+class ActorConfig:
+    robot_id: str
+    store_uri: str
+    redis_url: str
+    s3_endpoint: str | None = None
+    s3_region: str = "us-east-1"
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    spool_dir: Path = Path(DEFAULT_SPOOL_DIR)
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX
+    spool_on_full: str = "drop-new"
+    grpc_address: str = DEFAULT_GRPC_ADDRESS
+    chunk_steps: int = DEFAULT_CHUNK_STEPS
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    policy_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    source: str = "defaults"   # "<file> + environment", for messages
+
+    def __repr__(self) -> str:  # never print a password
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.redacted().items())
+        return f"ActorConfig({inner})"
+
+    def s3_settings(self):
+        """The fleetloop.config.S3Settings for fleetloop.buffer.store.open_store. The robot never
+        creates the bucket: the cloud side does (deploy/minio/init.sh)."""
+        from fleetloop.config import S3Settings
+        return S3Settings(endpoint_url=self.s3_endpoint, region=self.s3_region,
+                          access_key=self.aws_access_key_id, secret_key=self.aws_secret_access_key,
+                          create_bucket=False)
+
+    def redacted(self) -> dict[str, Any]:
+        """Everything, with secrets masked: what the daemon logs at start."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "aws_secret_access_key" and v:
+                v = "***"
+            elif f.name == "redis_url":
+                v = redact_url(v)
+            elif isinstance(v, Path):
+                v = str(v)
+            out[f.name] = v
+        return out
+
+
+def redact_url(url: str) -> str:
+    """redis://:secret@host:6379/0 -> redis://:***@host:6379/0"""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable>"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+# -- value parsers: each returns the value or raises ValueError(what is accepted) -----------
+
+def parse_size(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected {SIZE_HELP}; got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float):
+        raise ValueError(f"expected {SIZE_HELP}; got the float {value!r} (write it as a string with a unit)")
+    elif isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        unit = m.group(2).lower() if m else None
+        if not m or unit not in _SIZE_UNITS:
+            raise ValueError(f"expected {SIZE_HELP}; got {value!r}")
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+        if unit in ("", "b") and "." in m.group(1):
+            raise ValueError(f"expected a whole number of bytes; got {value!r}")
+    else:
+        raise ValueError(f"expected {SIZE_HELP}; got {type(value).__name__} {value!r}")
+    if n <= 0:
+        raise ValueError(f"must be greater than zero; got {value!r}")
+    return n
+
+
+def parse_duration(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected {DURATION_HELP}; got {value!r}")
+    if isinstance(value, (int, float)):
+        s = float(value)
+    elif isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        unit = (m.group(2).lower() or "s") if m else None
+        if not m or unit not in _DURATION_UNITS:
+            raise ValueError(f"expected {DURATION_HELP}; got {value!r}")
+        s = float(m.group(1)) * _DURATION_UNITS[unit]
+    else:
+        raise ValueError(f"expected {DURATION_HELP}; got {type(value).__name__} {value!r}")
+    if not math.isfinite(s) or s <= 0:
+        raise ValueError(f"must be a positive duration; got {value!r}")
+    return s
+
+
+def parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a positive whole number; got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"expected a positive whole number; got {value!r}") from None
+    if not isinstance(value, int):
+        raise ValueError(f"expected a positive whole number; got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"expected a positive whole number; got {value!r}")
+    return value
+
+
+def parse_str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string; got {type(value).__name__} {value!r}")
+    return value.strip()
+
+
+def check_robot_id(value: str) -> str:
+    if not ROBOT_ID_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid robot id: use 1-128 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit (e.g. \"arm-07\")")
+    return value
+
+
+def _check_port(parts, what: str) -> None:
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a non-numeric or out-of-range port
+    except ValueError:
+        raise ValueError(f"{what} has an invalid port (use 1-65535)") from None
+
+
+def _check_host(host: str | None, what: str) -> None:
+    if not host:
+        raise ValueError(f"{what} has no host")
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not HOSTNAME_RE.match(host):
+        raise ValueError(f"{what} has an invalid host name {host!r}")
+
+
+def check_store_uri(value: str) -> str:
+    accepted = "use s3://bucket/optional/prefix or file:///absolute/path"
+    try:
+        parts = urlsplit(value)
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a URI ({e}); {accepted}") from None
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ValueError(f"{value!r} has no bucket; {accepted}")
+        if not BUCKET_RE.match(parts.netloc) or ".." in parts.netloc:
+            raise ValueError(f"{value!r}: bucket {parts.netloc!r} is not a valid S3 bucket name (3-63 lowercase "
+                             f"letters, digits, '.' or '-', starting and ending with a letter or digit); {accepted}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r} has a query or fragment; {accepted}")
+        return value.rstrip("/")
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ValueError(f"{value!r} names a host ({parts.netloc!r}); a file store is local, "
+                             f"three slashes; {accepted}")
+        if not parts.path.startswith("/"):
+            raise ValueError(f"{value!r} has no absolute path; {accepted}")
+        return value
+    raise ValueError(f"{value!r} is not a supported store URI; {accepted}")
+
+
+def check_http_url(value: str) -> str:
+    accepted = "use http://host[:port] or https://host[:port]"
+    try:
+        parts = urlsplit(value)
+    except ValueError as e:
+        raise ValueError(f"{value!r} is not a URL ({e}); {accepted}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} is not an http(s) URL; {accepted}")
+    _check_host(parts.hostname, repr(value))
+    _check_port(parts, repr(value))
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} has a query or fragment; {accepted}")
+    return value.rstrip("/")
+
+
+def check_redis_url(value: str) -> str:
+    accepted = ("use redis://[:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/redis.sock")
+    try:
+        parts = urlsplit(value)
+    except ValueError as e:
+        raise ValueError(f"{redact_url(value)!r} is not a URL ({e}); {accepted}") from None
+    shown = repr(redact_url(value))
+    if parts.scheme in ("redis", "rediss"):
+        _check_host(parts.hostname, shown)
+        _check_port(parts, shown)
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"{shown}: database {db!r} is not a number; {accepted}")
+        return value
+    if parts.scheme == "unix":
+        if not parts.path.startswith("/"):
+            raise ValueError(f"{shown} has no absolute socket path; {accepted}")
+        return value
+    raise ValueError(f"{shown} is not a Redis URL; {accepted}")
+
+
+def check_on_full(value: str) -> str:
+    if value not in SPOOL_POLICIES:
+        raise ValueError(f"{value!r} is not a spool policy; accepted: "
+                         + " or ".join(f'"{p}"' for p in SPOOL_POLICIES))
+    return value
+
+
+def check_grpc_address(value: str) -> str:
+    accepted = "use host:port (e.g. 127.0.0.1:50051), [ipv6]:port or unix:/absolute/path"
+    if value.startswith("unix:"):
+        path = value[len("unix:"):]
+        if path.startswith("//"):  # unix:///abs/path
+            path = path[2:]
+        if not path.startswith("/"):
+            raise ValueError(f"{value!r} has no absolute socket path; {accepted}")
+        return value
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{value!r} is not an address; {accepted}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} has an invalid port {port!r} (use 0-65535; 0 picks a free port)")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(f"{value!r}: unbalanced '[' in the host; {accepted}")
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"{value!r}: {host[1:-1]!r} is not an IPv6 address; {accepted}") from None
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 host in brackets, e.g. [::1]:50051")
+    else:
+        _check_host(host, repr(value))
+    return value
+
+
+# -- the schema: (section, key) -> field, parser, environment variables ---------------------
+
+@dataclass(frozen=True)
+class _Key:
+    section: str           # "" for the top level
+    key: str
+    field: str             # ActorConfig field
+    parse: Callable[[Any], Any]
+    env: tuple[str, ...] = ()
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}" if self.section else self.key
+
+
+def _chain(*fns):
+    def run(v):
+        for fn in fns:
+            v = fn(v)
+        return v
+    return run
+
+
+KEYS: tuple[_Key, ...] = (
+    _Key("", "robot_id", "robot_id", _chain(parse_str, check_robot_id), ("FLEETLOOP_ROBOT_ID",)),
+    _Key("cloud", "store", "store_uri", _chain(parse_str, check_store_uri), ("FLEETLOOP_STORE",)),
+    _Key("cloud", "s3_endpoint", "s3_endpoint", _chain(parse_str, check_http_url),
+         ("FLEETLOOP_S3_ENDPOINT", "AWS_ENDPOINT_URL")),
+    _Key("cloud", "s3_region", "s3_region", parse_str, ("AWS_DEFAULT_REGION",)),
+    _Key("cloud", "redis_url", "redis_url", _chain(parse_str, check_redis_url), ("FLEETLOOP_REDIS_URL",)),
+    _Key("credentials", "aws_access_key_id", "aws_access_key_id", parse_str, ("AWS_ACCESS_KEY_ID",)),
+    _Key("credentials", "aws_secret_access_key", "aws_secret_access_key", parse_str, ("AWS_SECRET_ACCESS_KEY",)),
+    _Key("spool", "dir", "spool_dir", parse_str, ("FLEETLOOP_SPOOL_DIR",)),
+    _Key("spool", "max_size", "spool_max_bytes", parse_size, ("FLEETLOOP_SPOOL_MAX",)),
+    _Key("spool", "on_full", "spool_on_full", _chain(parse_str, check_on_full), ("FLEETLOOP_SPOOL_ON_FULL",)),
+    _Key("grpc", "address", "grpc_address", _chain(parse_str, check_grpc_address), ("FLEETLOOP_GRPC_ADDRESS",)),
+    _Key("recording", "chunk_steps", "chunk_steps", parse_int, ("FLEETLOOP_CHUNK_STEPS",)),
+    _Key("recording", "chunk_size", "chunk_bytes", parse_size, ("FLEETLOOP_CHUNK_SIZE",)),
+    _Key("policy", "poll_interval", "policy_poll_interval_s", parse_duration, ("FLEETLOOP_POLICY_POLL_INTERVAL",)),
+)
+SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
+ENV_VARS = tuple(e for k in KEYS for e in k.env)
+REQUIRED = ("robot_id", "store_uri", "redis_url")
+MIN_SPOOL_BYTES = 1024 ** 2
+MIN_CHUNK_BYTES = 1024
+MAX_CHUNK_BYTES = 512 * 1024 ** 2
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_file(path: Path) -> dict:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {str(path)!r} is not readable by this user (uid {os.getuid()})") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+def _flatten(doc: dict, where: str, errors: list[str]) -> dict[str, tuple[Any, str]]:
+    """{dotted key: (value, where)} for known keys; unknown ones become errors."""
+    by_section: dict[str, dict[str, _Key]] = {}
+    for k in KEYS:
+        by_section.setdefault(k.section, {})[k.key] = k
+    top_names = list(by_section[""]) + list(SECTIONS)
+    out: dict[str, tuple[Any, str]] = {}
+    for name, value in doc.items():
+        if name in SECTIONS:
+            if not isinstance(value, dict):
+                errors.append(f"{name} in {where}: expected a table [{name}], got {type(value).__name__} {value!r}")
+                continue
+            known = by_section[name]
+            for key, v in value.items():
+                if key not in known:
+                    errors.append(f"unknown key {name}.{key} in {where}{_suggest(key, known)}; "
+                                  f"accepted keys in [{name}]: {', '.join(known)}")
+                else:
+                    out[f"{name}.{key}"] = (v, where)
+        elif name in by_section[""]:
+            out[name] = (value, where)
+        else:
+            errors.append(f"unknown key {name!r} in {where}{_suggest(name, top_names)}; accepted at the top level: "
+                          f"{', '.join(by_section[''])} and the tables "
+                          + ", ".join(f"[{s}]" for s in SECTIONS))
+    return out
+
+
+def _warn_if_world_readable(path: Path, doc: dict) -> None:
+    """A file that holds a secret should not be readable by every user on the robot."""
+    creds = doc.get("credentials") if isinstance(doc.get("credentials"), dict) else {}
+    cloud = doc.get("cloud") if isinstance(doc.get("cloud"), dict) else {}
+    try:
+        redis_password = urlsplit(str(cloud.get("redis_url", ""))).password
+    except ValueError:
+        redis_password = None
+    if not (creds.get("aws_secret_access_key") or redis_password):
+        return
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return
+    if mode & stat.S_IROTH:
+        log.warning("%s holds a secret and is readable by every user: chmod 0640 (owner root, group "
+                    "fleetloop), or move the secret to the root-only EnvironmentFile", path)
+
+
+def _resolve_dir(raw: str, base: Path) -> Path:
+    p = Path(os.path.expanduser(raw))
+    if not p.is_absolute():
+        p = base / p
+    return Path(os.path.normpath(p))
+
+
+def check_spool_dir(path: Path) -> None:
+    """Create the spool directory if needed and prove it is writable by writing a file in it
+    (os.access is not enough: root passes it on a read-only file system)."""
+    who = f"uid {os.getuid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ValueError(f"{str(path)!r} exists and is not a directory") from None
+    except NotADirectoryError:
+        raise ValueError(f"cannot create {str(path)!r}: a parent is a file, not a directory") from None
+    except OSError as e:
+        raise ValueError(f"cannot create {str(path)!r} as {who}: {e.strerror or e}") from None
+    if not path.is_dir():
+        raise ValueError(f"{str(path)!r} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"{str(path)!r} is not writable as {who}: {e.strerror or e}") from None
+
+
+def load_actor_config(path: str | os.PathLike | None, env: Mapping[str, str] | None = None,
+                      check_spool: bool = True) -> ActorConfig:
+    """Load the TOML file at `path` (None: no file, environment and defaults only), apply the
+    environment overrides from `env` (default os.environ), validate everything and return the
+    config; raise ConfigError listing every problem otherwise. `check_spool=False` skips creating
+    and write-testing the spool directory (for tools that only print a config)."""
+    env = os.environ if env is None else env
+    errors: list[str] = []
+    raw: dict[str, tuple[Any, str]] = {}
+    base = Path.cwd()
+    source = "environment"
+    doc: dict = {}
+    if path is not None:
+        p = Path(path)
+        doc = _read_file(p)
+        raw = _flatten(doc, str(p), errors)
+        base = p.resolve().parent
+        source = f"{p} + environment"
+
+    # environment overrides (the first set variable of a key's list wins)
+    from_env: set[str] = set()
+    for k in KEYS:
+        for var in k.env:
+            value = env.get(var)
+            if value is not None and value.strip() != "":
+                raw[k.dotted] = (value, f"environment variable {var}")
+                from_env.add(k.dotted)
+                break
+
+    values: dict[str, Any] = {}   # field -> (parsed value, label for messages)
+    failed: set[str] = set()
+    for k in KEYS:
+        if k.dotted not in raw:
+            continue
+        value, where = raw[k.dotted]
+        label = f"{where} (overrides {k.dotted})" if k.dotted in from_env else f"{k.dotted} in {where}"
+        try:
+            parsed = k.parse(value)
+            if parsed == "":
+                raise ValueError("must not be empty")
+        except ValueError as e:
+            errors.append(f"{label}: {e}")
+            failed.add(k.field)
+            continue
+        values[k.field] = (parsed, label)
+
+    for k in KEYS:
+        if k.field in REQUIRED and k.field not in values and k.field not in failed:
+            where = f"[{k.section}] {k.key} = ..." if k.section else f"{k.key} = ..."
+            errors.append(f"{k.dotted} is required: set it in the config file ({where}) "
+                          f"or in the environment variable {k.env[0]}")
+
+    # cross-field checks
+    has_key = "aws_access_key_id" in values
+    has_secret = "aws_secret_access_key" in values
+    if has_key != has_secret:
+        missing = "credentials.aws_secret_access_key" if has_key else "credentials.aws_access_key_id"
+        present = values.get("aws_access_key_id", values.get("aws_secret_access_key"))[1]
+        errors.append(f"{missing} is missing but {present} is set: give both S3 keys, or neither to use "
+                      "boto3's default credential chain")
+    max_bytes = values.get("spool_max_bytes", (DEFAULT_SPOOL_MAX, "spool.max_size (default)"))
+    chunk_bytes = values.get("chunk_bytes", (DEFAULT_CHUNK_BYTES, "recording.chunk_size (default)"))
+    if "spool_max_bytes" in values and max_bytes[0] < MIN_SPOOL_BYTES:
+        errors.append(f"{max_bytes[1]}: {max_bytes[0]} bytes is too small for a spool (at least 1MiB)")
+    if "chunk_bytes" in values and not MIN_CHUNK_BYTES <= chunk_bytes[0] <= MAX_CHUNK_BYTES:
+        errors.append(f"{chunk_bytes[1]}: {chunk_bytes[0]} bytes is outside the accepted range 1KiB-512MiB")
+    elif max_bytes[0] >= MIN_SPOOL_BYTES and max_bytes[0] < 2 * chunk_bytes[0]:
+        errors.append(f"{max_bytes[1]}: the spool ({max_bytes[0]} bytes) must hold at least two chunks "
+                      f"(recording.chunk_size is {chunk_bytes[0]} bytes)")
+
+    spool_raw, spool_label = values.pop("spool_dir", (DEFAULT_SPOOL_DIR, "spool.dir (default)"))
+    spool_base = Path.cwd() if "spool.dir" in from_env else base
+    spool_dir = _resolve_dir(spool_raw, spool_base)
+    # An explicitly configured spool is always checked (every problem in one message); the default
+    # one is created only for an otherwise valid config, so a broken one leaves nothing behind.
+    explicit = spool_label != "spool.dir (default)"
+    if check_spool and "spool_dir" not in failed and (explicit or not errors):
+        try:
+            check_spool_dir(spool_dir)
+        except ValueError as e:
+            errors.append(f"{spool_label}: {e}")
+
+    if errors:
+        raise ConfigError(errors, source)
+    if path is not None:
+        _warn_if_world_readable(Path(path), doc)
+    return ActorConfig(spool_dir=spool_dir, source=source, **{k: v[0] for k, v in values.items()})
