@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -78,7 +79,9 @@ def run(args) -> int:
     obs = Observation(images={"front": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)},
                       state=rng.standard_normal(39).astype(np.float32))
     result = {"bench": "policy", "device": "cpu", "torch_threads": 1, "torch": torch.__version__,
-              "cpu": platform.processor() or platform.machine(), "images": not args.state_only,
+              "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+              "loadavg_1m_at_start": round(os.getloadavg()[0], 2),  # > cpu_count: figures are contended
+              "images": not args.state_only,
               "language": {"load_s": round(load_s, 3), "encode_uncached_p50_ms": round(float(np.median(lang_ms)), 3)},
               "sizes": {}}
     for size in args.sizes:

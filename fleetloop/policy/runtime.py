@@ -82,24 +82,23 @@ class VLAPolicy:
     def action_dim(self) -> int:
         return self.net.config.action_dim
 
-    def _images(self, obs: Observation) -> torch.Tensor:
-        cfg = self.net.config
+    def _images(self, obs: Observation, cfg: ModelConfig) -> torch.Tensor:
         try:
             frames = [obs.images[c] for c in cfg.cameras]
         except KeyError as e:
             raise ValueError(f"observation lacks camera {e.args[0]!r}; policy needs {cfg.cameras}, "
                              f"got {sorted(obs.images)}") from None
         arr = np.concatenate([np.asarray(f, dtype=np.uint8).reshape(f.shape[0], f.shape[1], -1) for f in frames], -1)
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0).to(self.device)
+        return torch.tensor(arr).permute(2, 0, 1).unsqueeze(0).to(self.device)
 
     def act(self, obs: Observation, instruction: str, indicator: Optional[bool] = None) -> np.ndarray:
         """float32 [H, A] action chunk, clamped to the action range."""
         lang = torch.tensor(self.encoder.encode(instruction)).view(1, -1)  # copy: the cached array is read-only
         with self._lock:
             net = self.net
-        state = torch.as_tensor(np.asarray(obs.state, dtype=np.float32).reshape(1, -1))
+        state = torch.tensor(np.asarray(obs.state, dtype=np.float32).reshape(1, -1))  # copy: obs may be read-only
         with torch.inference_mode():
-            images = self._images(obs) if net.config.use_images else None
+            images = self._images(obs, net.config) if net.config.use_images else None
             ind = torch.full((1,), indicator_code(indicator), dtype=torch.long)
             chunk = net.predict(state.to(self.device), lang.to(self.device), ind.to(self.device),
                                 images, beta=self.beta)[0]

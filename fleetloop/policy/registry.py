@@ -1,0 +1,545 @@
+"""The policy registry: the one place that knows where published weights live and which version
+each robot should run.
+
+Storage (object store, immutable once written):
+  policies/<version>/model.safetensors   the weights, opaque bytes from the learner
+  policies/<version>/delta.safetensors   optional: the blocks that changed since parent_version
+  policies/<version>/manifest.json       PolicyManifest (protobuf JSON) -- written LAST = commit
+
+A version exists once its manifest exists: a reader never sees a manifest whose weights are not
+fully stored (puts are atomic and ordered). Weights are safetensors and everything else JSON;
+nothing on this path is ever unpickled.
+
+Steering (Redis; names below, next to config.POLICY_POINTER):
+  POLICY_POINTER hash    the fleet's durable "current" version (+ pinned flag, published_ns)
+  stack list             versions that were current, newest last; rollback() pops it
+  history list           every pointer/pin/canary change as JSON, newest last (capped)
+  robot pins hash        robot_id -> {"version", "set_ns"}
+  canary hash            version, robots (JSON list), fraction, set_ns
+Resolution for one robot: robot pin > canary membership > fleet pointer.
+
+Every change PUBLISHes a PolicyNotice on POLICY_CHANNEL. Notices are only wake-up hints: a robot
+always re-resolves from the durable state above, so a missed notice costs at most one poll.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+import redis
+from google.protobuf import json_format
+
+from fleetloop import config
+from fleetloop.buffer.store import ObjectNotFound, ObjectStore
+from fleetloop.proto.v1 import policy_pb2 as ppb
+
+log = logging.getLogger(__name__)
+
+_NS = config.POLICY_POINTER.rsplit(":", 1)[0]  # "fleetloop:policy"
+SEQ_KEY = _NS + ":seq"                # INCR -> version numbers
+VERSIONS_KEY = _NS + ":versions"      # sorted set: version -> sequence number
+INFO_KEY = _NS + ":info"              # hash: version -> JSON (created_ns, step, algorithm, metrics...)
+STACK_KEY = _NS + ":stack"            # list: versions that were fleet-current, newest last
+HISTORY_KEY = _NS + ":history"        # list: JSON pointer/pin/canary events, newest last
+ROBOT_PINS_KEY = _NS + ":robot_pins"  # hash: robot_id -> JSON {version, set_ns}
+CANARY_KEY = _NS + ":canary"          # hash: version, robots, fraction, set_ns
+
+STACK_MAX = 1000
+HISTORY_MAX = 10_000
+DELTA_BLOCK = 64 * 1024       # granularity of "changed" in the delta form
+DELTA_MAX_FRACTION = 0.5      # keep a delta only when it is at most this share of the full size
+
+_VERSION_RE = re.compile(r"^v\d{6,}$")
+
+
+class UnknownVersion(KeyError):
+    """No such policy version (the dashboard maps this to 404)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of its argument
+        return str(self.args[0]) if self.args else "unknown policy version"
+
+
+class WeightsIntegrityError(Exception):
+    """Downloaded weights do not match the manifest (size or sha256). Nothing was loaded."""
+
+
+class RegistryError(Exception):
+    """A steering request that cannot be applied (e.g. nothing to roll back to)."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()  # hashlib drops the GIL on large buffers
+
+
+def weights_key(version: str) -> str:
+    return f"policies/{version}/model.safetensors"
+
+
+def delta_key(version: str) -> str:
+    return f"policies/{version}/delta.safetensors"
+
+
+def manifest_key(version: str) -> str:
+    return f"policies/{version}/manifest.json"
+
+
+def manifest_to_bytes(m: ppb.PolicyManifest) -> bytes:
+    return json_format.MessageToJson(m, indent=1, preserving_proto_field_name=True).encode()
+
+
+def manifest_from_bytes(data: bytes, where: str = "") -> ppb.PolicyManifest:
+    m = ppb.PolicyManifest()
+    try:
+        json_format.Parse(data.decode("utf-8"), m, ignore_unknown_fields=True)
+    except (json_format.ParseError, UnicodeDecodeError, ValueError) as e:
+        raise WeightsIntegrityError(f"unreadable policy manifest {where}: {e}") from None
+    return m
+
+
+def notice_to_json(n: ppb.PolicyNotice) -> str:
+    return json_format.MessageToJson(n, indent=None, preserving_proto_field_name=True)
+
+
+def notice_from_json(data: bytes | str) -> ppb.PolicyNotice:
+    """Raises ValueError on a malformed notice."""
+    n = ppb.PolicyNotice()
+    try:
+        json_format.Parse(data.decode() if isinstance(data, bytes) else data, n, ignore_unknown_fields=True)
+    except (json_format.ParseError, UnicodeDecodeError) as e:
+        raise ValueError(f"malformed policy notice: {e}") from None
+    return n
+
+
+def canary_member(robot_id: str, fraction: float) -> bool:
+    """Stable, process-independent membership: the same robots are in a 10% canary every time,
+    and a robot in the 10% cohort stays in when the canary is widened to 25%."""
+    h = int.from_bytes(hashlib.sha256(robot_id.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+# ---- delta form ---------------------------------------------------------------------------
+# The blocks of the safetensors file that differ from the parent's, as a safetensors file itself
+# ("index": int64 [k], "blocks": uint8 [k, B]). Exact by construction, and the robot still checks
+# the rebuilt bytes against the manifest's sha256 of the full weights before using them. It pays
+# off when parts of the network do not change between versions (frozen encoders, adapters).
+
+def make_delta(parent: bytes, new: bytes, block: int = DELTA_BLOCK) -> Optional[bytes]:
+    from safetensors.numpy import save
+    if len(parent) != len(new) or not new:
+        return None
+    n = -(-len(new) // block)
+    a = np.zeros(n * block, np.uint8)
+    b = np.zeros(n * block, np.uint8)
+    a[:len(parent)] = np.frombuffer(parent, np.uint8)
+    b[:len(new)] = np.frombuffer(new, np.uint8)
+    a, b = a.reshape(n, block), b.reshape(n, block)
+    changed = np.flatnonzero((a != b).any(axis=1))
+    return save({"index": changed.astype(np.int64), "blocks": np.ascontiguousarray(b[changed])},
+                metadata={"block": str(block), "total": str(len(new))})
+
+
+def apply_delta(parent: bytes, delta: bytes) -> bytes:
+    """Raises ValueError if the delta does not fit the parent."""
+    from safetensors.numpy import load
+    try:
+        t = load(delta)
+        meta = _safetensors_metadata(delta)
+        block, total = int(meta["block"]), int(meta["total"])
+    except Exception as e:  # malformed header or tensors: not usable, fall back to full weights
+        raise ValueError(f"unreadable delta: {e}") from None
+    if total != len(parent):
+        raise ValueError(f"delta is for a {total}-byte parent, have {len(parent)} bytes")
+    index, blocks = t["index"], t["blocks"]
+    n_full, n_blocks = total // block, -(-total // block)  # a short last block is patched separately
+    if blocks.shape != (len(index), block) or (len(index) and (index.min() < 0 or index.max() >= n_blocks)):
+        raise ValueError("delta blocks do not fit the parent")
+    out = bytearray(parent)
+    view = np.frombuffer(out, np.uint8)
+    whole = index < n_full
+    view[:n_full * block].reshape(n_full, block)[index[whole]] = blocks[whole]
+    if not whole.all():  # the last, partial block (make_delta zero-padded it)
+        view[n_full * block:] = blocks[~whole][0][:total - n_full * block]
+    return bytes(out)
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+# ---- registry -----------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    """What one robot should run, and since when (for publish -> loaded latency)."""
+    version: str
+    source: str          # "robot_pin" | "canary" | "fleet"
+    since_ns: int        # when this became the robot's target (pointer move, pin or canary set)
+
+
+@dataclass
+class Fetched:
+    manifest: ppb.PolicyManifest
+    weights: bytes
+    bytes_moved: int     # what crossed the network for the weights (delta or full)
+    via: str             # "full" | "delta"
+
+
+def _seq(version: str) -> int:
+    return int(version[1:]) if _VERSION_RE.match(version or "") else 0
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
+
+
+class PolicyRegistry:
+    """Thread-safe: one instance may serve the learner's publisher and the dashboard's requests.
+
+    delta=True also stores the delta form when the parent's bytes are at hand (the previous
+    publish by this instance) and the delta is small enough to be worth a second object."""
+
+    def __init__(self, store: ObjectStore, redis_client: redis.Redis, delta: bool = True):
+        self.store = store
+        self.redis = redis_client
+        self.delta = delta
+        self._manifests: dict[str, ppb.PolicyManifest] = {}  # immutable once committed
+        self._last_published: tuple[str, bytes] | None = None
+        self._lock = threading.Lock()
+
+    # ---- learner side ---------------------------------------------------------------------
+
+    def publish(self, weights: bytes, config_json: str, parent_version: str = "", learner_step: int = 0,
+                algorithm: str = "", metrics: Optional[dict] = None, move_pointer: bool = True) -> ppb.PolicyManifest:
+        """Store a new version (weights, then manifest = commit), index it, move the fleet pointer
+        (unless pinned or move_pointer=False) and notify. Retrying after a failure is safe: it
+        makes a new version; a half-written one is never visible (no manifest)."""
+        if not isinstance(weights, (bytes, bytearray, memoryview)) or not len(weights):
+            raise ValueError("weights must be non-empty bytes (a safetensors blob)")
+        weights = bytes(weights)
+        json.loads(config_json)  # fail here, not on 1000 robots
+        version = self._next_version()
+        m = ppb.PolicyManifest(
+            version=version, parent_version=parent_version or "", learner_step=int(learner_step),
+            created_ns=time.time_ns(), weights_key=weights_key(version), weights_sha256=sha256_hex(weights),
+            weights_bytes=len(weights), config_json=config_json, algorithm=algorithm or "")
+        for k, v in (metrics or {}).items():
+            m.metrics[str(k)] = float(v)
+        self.store.put(m.weights_key, weights)
+        self._maybe_store_delta(m, weights)
+        self.store.put(manifest_key(version), manifest_to_bytes(m))  # the commit point
+        with self._lock:
+            self._manifests[version] = m
+            self._last_published = (version, weights)
+        self._index(m)
+        if move_pointer:
+            self._move_pointer(version, "publish", only_if_unpinned=True)
+        self._notify(version)
+        return m
+
+    def _next_version(self) -> str:
+        """INCR gives monotonic versions. If Redis lost the counter (restart without persistence),
+        a committed version could be overwritten: bump the counter past the store's highest."""
+        seq = int(self.redis.incr(SEQ_KEY))
+        version = f"v{seq:06d}"
+        if not self.store.exists(manifest_key(version)):
+            return version
+        highest = max((int(k.split("/")[1][1:]) for k in self.store.list("policies/")
+                       if k.endswith("/manifest.json") and _VERSION_RE.match(k.split("/")[1])), default=0)
+        log.warning("version counter behind the store (at %d, store has %d); resyncing", seq, highest)
+
+        def bump(pipe):
+            cur = int(pipe.get(SEQ_KEY) or 0)
+            pipe.multi()
+            pipe.set(SEQ_KEY, max(cur, highest))
+        self.redis.transaction(bump, SEQ_KEY)
+        return self._next_version()
+
+    def _maybe_store_delta(self, m: ppb.PolicyManifest, weights: bytes) -> None:
+        with self._lock:
+            last = self._last_published
+        if not (self.delta and last and m.parent_version and last[0] == m.parent_version):
+            return
+        d = make_delta(last[1], weights)
+        if d is None or len(d) > DELTA_MAX_FRACTION * len(weights):
+            return  # most blocks changed: the full weights are as cheap to move
+        m.delta_key, m.delta_sha256, m.delta_bytes = delta_key(m.version), sha256_hex(d), len(d)
+        self.store.put(m.delta_key, d)
+
+    def _index(self, m: ppb.PolicyManifest) -> None:
+        info = {"created_ns": m.created_ns, "parent_version": m.parent_version, "learner_step": m.learner_step,
+                "algorithm": m.algorithm, "metrics": dict(m.metrics), "weights_bytes": m.weights_bytes,
+                "delta_bytes": m.delta_bytes}
+        pipe = self.redis.pipeline()
+        pipe.zadd(VERSIONS_KEY, {m.version: _seq(m.version)})
+        pipe.hset(INFO_KEY, m.version, json.dumps(info))
+        pipe.execute()
+
+    def reindex(self) -> int:
+        """Re-record every committed version found in the store (after Redis lost its data, or a
+        publisher died between the manifest put and the Redis writes). Returns how many."""
+        n = 0
+        for key in self.store.list("policies/"):
+            parts = key.split("/")
+            if len(parts) == 3 and parts[2] == "manifest.json" and _VERSION_RE.match(parts[1]):
+                self._index(self.manifest(parts[1]))
+                n += 1
+        return n
+
+    # ---- reading --------------------------------------------------------------------------
+
+    def manifest(self, version: str) -> ppb.PolicyManifest:
+        """The committed manifest. Raises UnknownVersion if the version was never committed."""
+        with self._lock:
+            cached = self._manifests.get(version)
+        if cached is not None:
+            return cached
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise UnknownVersion(f"unknown policy version {version!r}")
+        try:
+            data = self.store.get(manifest_key(version))
+        except ObjectNotFound:
+            raise UnknownVersion(f"unknown policy version {version!r}") from None
+        m = manifest_from_bytes(data, manifest_key(version))
+        if m.version != version:
+            raise WeightsIntegrityError(f"manifest at {manifest_key(version)} names version {m.version!r}")
+        with self._lock:
+            self._manifests[version] = m
+        return m
+
+    def exists(self, version: str) -> bool:
+        try:
+            self.manifest(version)
+            return True
+        except UnknownVersion:
+            return False
+
+    def fetch(self, version: str) -> tuple[ppb.PolicyManifest, bytes]:
+        """(manifest, weights), verified: the bytes' size and sha256 match the manifest. Raises
+        WeightsIntegrityError on a mismatch, UnknownVersion, or StoreError (transient)."""
+        f = self.fetch_detailed(version)
+        return f.manifest, f.weights
+
+    def fetch_detailed(self, version: str, base: Optional[tuple[str, bytes]] = None) -> Fetched:
+        """Like fetch(). `base` = (version, weights) the caller already holds: when the target was
+        published as a delta against exactly that version, only the changed blocks are
+        downloaded, and the rebuilt bytes must still match the full weights' sha256."""
+        m = self.manifest(version)
+        if base is not None and m.delta_key and base[0] == m.parent_version:
+            try:
+                d = self.store.get(m.delta_key)
+                if len(d) != m.delta_bytes or sha256_hex(d) != m.delta_sha256:
+                    raise ValueError("delta sha256/size mismatch")
+                data = apply_delta(base[1], d)
+                if sha256_hex(data) != m.weights_sha256:
+                    raise ValueError("weights rebuilt from the delta do not match the manifest's sha256")
+                return Fetched(m, data, len(d), "delta")
+            except (ValueError, ObjectNotFound) as e:
+                log.warning("delta for %s unusable (%s); fetching the full weights", version, e)
+        # Download, then hash. (Hashing chunk by chunk as the body streams in measured slower:
+        # more CPU in botocore's chunked reads than the overlap saves.)
+        data = self.store.get(m.weights_key)
+        digest = sha256_hex(data)
+        if len(data) != m.weights_bytes:
+            raise WeightsIntegrityError(f"policy {version}: weights are {len(data)} bytes, manifest says "
+                                        f"{m.weights_bytes}; refusing to load")
+        if digest != m.weights_sha256:
+            raise WeightsIntegrityError(f"policy {version}: weights sha256 {digest} does not match the "
+                                        f"manifest's {m.weights_sha256}; refusing to load")
+        return Fetched(m, data, len(data), "full")
+
+    def list_versions(self) -> list[dict]:
+        """Every indexed version, oldest first: {version, created_ns, parent_version,
+        learner_step, algorithm, metrics, weights_bytes, delta_bytes}."""
+        versions = [_s(v) for v in self.redis.zrange(VERSIONS_KEY, 0, -1)]
+        infos = self.redis.hmget(INFO_KEY, versions) if versions else []
+        return [{"version": v, **json.loads(_s(i) or "{}")} for v, i in zip(versions, infos)]
+
+    def latest_version(self) -> Optional[str]:
+        top = self.redis.zrange(VERSIONS_KEY, -1, -1)
+        return _s(top[0]) if top else None
+
+    def pointer(self) -> dict:
+        """The fleet pointer: {version, manifest_key, published_ns, pinned}; {} before any publish."""
+        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(config.POLICY_POINTER).items()}
+        if not raw:
+            return {}
+        return {"version": raw.get("version", ""), "manifest_key": raw.get("manifest_key", ""),
+                "published_ns": int(raw.get("published_ns") or 0), "pinned": raw.get("pinned") == "1"}
+
+    def history(self, limit: int = 100) -> list[dict]:
+        """Pointer moves, pins and canary changes, newest first."""
+        return [json.loads(_s(e)) for e in reversed(self.redis.lrange(HISTORY_KEY, -limit, -1))]
+
+    def robot_pins(self) -> dict[str, str]:
+        return {_s(k): json.loads(_s(v))["version"] for k, v in self.redis.hgetall(ROBOT_PINS_KEY).items()}
+
+    def canary(self) -> Optional[dict]:
+        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(CANARY_KEY).items()}
+        if not raw:
+            return None
+        return {"version": raw["version"], "robots": json.loads(raw.get("robots") or "[]"),
+                "fraction": float(raw.get("fraction") or 0.0), "set_ns": int(raw.get("set_ns") or 0)}
+
+    def resolve(self, robot_id: str) -> Optional[Target]:
+        """What `robot_id` should run: robot pin > canary membership > fleet pointer. One round
+        trip. None when nothing has been published yet."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(ROBOT_PINS_KEY, robot_id)
+        pipe.hgetall(CANARY_KEY)
+        pipe.hmget(config.POLICY_POINTER, ["version", "published_ns"])
+        pin, canary, (version, published_ns) = pipe.execute()
+        if pin:
+            p = json.loads(_s(pin))
+            return Target(p["version"], "robot_pin", int(p.get("set_ns", 0)))
+        if canary:
+            c = {_s(k): _s(v) for k, v in canary.items()}
+            robots = json.loads(c.get("robots") or "[]")
+            if robot_id in robots or canary_member(robot_id, float(c.get("fraction") or 0.0)):
+                return Target(c["version"], "canary", int(c.get("set_ns") or 0))
+        if version:
+            return Target(_s(version), "fleet", int(_s(published_ns) or 0))
+        return None
+
+    def target_version(self, robot_id: str) -> Optional[str]:
+        t = self.resolve(robot_id)
+        return t.version if t else None
+
+    # ---- operator steering ----------------------------------------------------------------
+
+    def promote(self, version: str, by: str = "") -> None:
+        """Make `version` the fleet's current (a pinned fleet stays pinned, now on `version`)."""
+        self._require(version)
+        self._move_pointer(version, "promote", by=by)
+        self._notify(version)
+
+    def rollback(self, by: str = "", pin: bool = False) -> str:
+        """Back to the version that was current before this one; returns it. Repeated rollbacks
+        walk further back. Without pin=True the learner's next publish moves the fleet forward
+        again."""
+        def tx(pipe):
+            stack = [_s(v) for v in pipe.lrange(STACK_KEY, 0, -1)]
+            if len(stack) < 2:
+                raise RegistryError("nothing to roll back to")
+            pointer = {_s(k): _s(v) for k, v in pipe.hgetall(config.POLICY_POINTER).items()}
+            prev, now = stack[-2], stack[-1]
+            pipe.multi()
+            pipe.rpop(STACK_KEY)
+            self._queue_pointer(pipe, prev, pinned=pin or pointer.get("pinned") == "1")
+            self._queue_history(pipe, "rollback", prev, by, previous=now)
+            return prev
+        prev = self.redis.transaction(tx, STACK_KEY, config.POLICY_POINTER, value_from_callable=True)
+        self._notify(prev)
+        return prev
+
+    def pin_fleet(self, version: str, by: str = "") -> None:
+        """Every robot (robot pins and canaries still apply) runs `version` until unpin_fleet();
+        publishes no longer move the pointer."""
+        self._require(version)
+        self._move_pointer(version, "pin_fleet", pinned=True, by=by)
+        self._notify(version)
+
+    def unpin_fleet(self, follow_latest: bool = True, by: str = "") -> None:
+        """Let the learner move the fleet again; by default jump to the newest version now rather
+        than waiting for the next publish."""
+        latest = self.latest_version() if follow_latest else None
+        if latest:
+            self._move_pointer(latest, "unpin_fleet", pinned=False, by=by)
+        else:
+            self.redis.hset(config.POLICY_POINTER, "pinned", "0")
+            self._history("unpin_fleet", self.pointer().get("version", ""), by)
+        self._notify(latest or self.pointer().get("version", ""))
+
+    def pin_robot(self, robot_id: str, version: str, by: str = "") -> None:
+        self._require(version)
+        self.redis.hset(ROBOT_PINS_KEY, robot_id, json.dumps({"version": version, "set_ns": time.time_ns()}))
+        self._history("pin_robot", version, by, robot_id=robot_id)
+        self._notify(version)
+
+    def unpin_robot(self, robot_id: str, by: str = "") -> None:
+        self.redis.hdel(ROBOT_PINS_KEY, robot_id)
+        self._history("unpin_robot", "", by, robot_id=robot_id)
+        self._notify(self.pointer().get("version", ""))
+
+    def set_canary(self, version: str, robot_ids: Optional[Iterable[str]] = None,
+                   fraction: Optional[float] = None, by: str = "") -> None:
+        """Run `version` on the listed robots and/or a stable `fraction` of the fleet (0..1)."""
+        self._require(version)
+        robots = sorted(set(robot_ids or []))
+        frac = float(fraction or 0.0)
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"canary fraction must be in [0, 1], got {fraction}")
+        if not robots and frac == 0.0:
+            raise ValueError("a canary needs robot_ids or a fraction > 0")
+        pipe = self.redis.pipeline()
+        pipe.delete(CANARY_KEY)
+        pipe.hset(CANARY_KEY, mapping={"version": version, "robots": json.dumps(robots),
+                                       "fraction": repr(frac), "set_ns": time.time_ns()})
+        pipe.execute()
+        self._history("set_canary", version, by, robots=robots, fraction=frac)
+        self._notify(version)
+
+    def clear_canary(self, by: str = "") -> None:
+        self.redis.delete(CANARY_KEY)
+        self._history("clear_canary", "", by)
+        self._notify(self.pointer().get("version", ""))
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _require(self, version: str) -> None:
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise UnknownVersion(f"unknown policy version {version!r}")
+        if self.redis.zscore(VERSIONS_KEY, version) is None:
+            self.manifest(version)  # committed but not indexed (e.g. Redis lost it): still valid
+
+    def _move_pointer(self, version: str, action: str, pinned: Optional[bool] = None,
+                      only_if_unpinned: bool = False, by: str = "") -> bool:
+        """Atomically (WATCH/MULTI) point the fleet at `version`, push it on the rollback stack and
+        log it. pinned=None keeps the current pin flag. Returns False if a pin blocked it."""
+        def tx(pipe):
+            pointer = {_s(k): _s(v) for k, v in pipe.hgetall(config.POLICY_POINTER).items()}
+            is_pinned = pointer.get("pinned") == "1"
+            if only_if_unpinned and is_pinned:
+                return False
+            if action == "publish" and _seq(pointer.get("version", "")) > _seq(version):
+                return False  # racing publishers: the learner's pointer only moves forward
+            top = pipe.lindex(STACK_KEY, -1)
+            pipe.multi()
+            if _s(top) != version:
+                pipe.rpush(STACK_KEY, version)
+                pipe.ltrim(STACK_KEY, -STACK_MAX, -1)
+            self._queue_pointer(pipe, version, pinned=is_pinned if pinned is None else pinned)
+            self._queue_history(pipe, action, version, by, previous=pointer.get("version", ""))
+            return True
+        moved = self.redis.transaction(tx, config.POLICY_POINTER, STACK_KEY, value_from_callable=True)
+        if not moved:
+            log.info("fleet pointer not moved to %s (pinned, or already at a newer version)", version)
+        return moved
+
+    @staticmethod
+    def _queue_pointer(pipe, version: str, pinned: bool) -> None:
+        pipe.hset(config.POLICY_POINTER, mapping={"version": version, "manifest_key": manifest_key(version),
+                                                  "published_ns": time.time_ns(), "pinned": "1" if pinned else "0"})
+
+    @staticmethod
+    def _queue_history(pipe, action: str, version: str, by: str, **extra) -> None:
+        entry = {"ts_ns": time.time_ns(), "action": action, "version": version, "by": by, **extra}
+        pipe.rpush(HISTORY_KEY, json.dumps(entry))
+        pipe.ltrim(HISTORY_KEY, -HISTORY_MAX, -1)
+
+    def _history(self, action: str, version: str, by: str, **extra) -> None:
+        pipe = self.redis.pipeline()
+        self._queue_history(pipe, action, version, by, **extra)
+        pipe.execute()
+
+    def _notify(self, version: str) -> None:
+        n = ppb.PolicyNotice(version=version, manifest_key=manifest_key(version) if version else "",
+                             published_ns=time.time_ns())
+        self.redis.publish(config.POLICY_CHANNEL, notice_to_json(n))
