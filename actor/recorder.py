@@ -32,6 +32,7 @@ class _Episode:
         self.num_steps = 0
         self.approx_bytes = 0
         self.segments: list[dict] = []     # intervention segments [start, end)
+        self.cameras: list[str] = []       # camera names, from the first step with images
         self.dropped = False
 
 
@@ -75,6 +76,8 @@ class EpisodeRecorder:
             ep.segments.append({"start_step": ep.num_steps, "end_step": None, "operator": "", "reason": ""})
         elif not step.intervention and ep.segments and ep.segments[-1]["end_step"] is None:
             ep.segments[-1]["end_step"] = ep.num_steps
+        if not ep.cameras and step.images:
+            ep.cameras = [img.camera for img in step.images]
         ep.steps.append(step)
         ep.num_steps += 1
         ep.approx_bytes += sum(len(i.data) for i in step.images) + 8 * (len(step.state) + len(step.action))
@@ -107,7 +110,8 @@ class EpisodeRecorder:
         self._jobs.put(("seal", ep, {"outcome": int(outcome), "outcome_source": int(outcome_source),
                                      "labelled_by": labelled_by, "incomplete": incomplete,
                                      "ended_ns": time.time_ns(), "num_steps": ep.num_steps,
-                                     "chunk_steps": ep.chunk_sizes, "interventions": segments}))
+                                     "chunk_steps": ep.chunk_sizes, "interventions": segments,
+                                     "cameras": ep.cameras}))
         return ep.episode_id, ep.num_steps
 
     def abort(self, why: str) -> None:

@@ -17,7 +17,7 @@ import redis
 from google.protobuf import json_format
 
 from fleetloop.actor.spool import Spool, read_json, write_atomic
-from fleetloop.buffer.codec import (EncodedChunk, chunk_ref, decode_chunk, finish_manifest, manifest_key,
+from fleetloop.buffer.codec import (EncodedChunk, chunk_ref, decode_chunk, decode_image_chunk, finish_manifest, manifest_key,
                                    manifest_to_bytes)
 from fleetloop.buffer.queue import EpisodeAnnouncer
 from fleetloop.buffer.store import ObjectStore, StoreError
@@ -36,9 +36,13 @@ def recover_unsealed(spool: Spool) -> list[str]:
         if read_json(d / "meta.json") is None:
             spool.remove(episode_id)  # died before the episode really began
             continue
-        chunk_steps, flags = [], []
+        chunk_steps, flags, cameras = [], [], []
         for f in sorted(d.glob("chunk-*.flc")):
-            chunk = decode_chunk(EncodedChunk.from_object(f.read_bytes(), str(f)).steps, str(f))
+            enc = EncodedChunk.from_object(f.read_bytes(), str(f))
+            chunk = decode_chunk(enc.steps, str(f))
+            if not cameras and enc.images:
+                first = decode_image_chunk(enc.images, str(f)).steps
+                cameras = [img.camera for img in first[0].images] if first else []
             chunk_steps.append(len(chunk.steps))
             flags.extend(s.intervention for s in chunk.steps)
         segments, start = [], None
@@ -50,7 +54,7 @@ def recover_unsealed(spool: Spool) -> list[str]:
                 start = None
         spool.seal(episode_id, {"outcome": pb.OUTCOME_UNKNOWN, "outcome_source": 0, "labelled_by": "",
                                 "incomplete": True, "ended_ns": time.time_ns(), "num_steps": len(flags),
-                                "chunk_steps": chunk_steps, "interventions": segments})
+                                "chunk_steps": chunk_steps, "interventions": segments, "cameras": cameras})
         recovered.append(episode_id)
         log.warning("recovered episode %s from the spool (%d steps, marked incomplete)", episode_id, len(flags))
     return recovered
@@ -65,6 +69,7 @@ def build_manifest(meta: dict, end: dict) -> pb.EpisodeManifest:
         num_steps=end["num_steps"], incomplete=end["incomplete"])
     for s in end["interventions"]:
         m.interventions.add(**s)
+    m.cameras.extend(end.get("cameras", []))
     return m
 
 

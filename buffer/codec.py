@@ -51,9 +51,14 @@ class Limits:
     max_bytes: int = 512 * 1024 * 1024
 
 
+RESERVED_IDS = {"all", "acks"}  # names the Redis key scheme uses next to robot ids
+
+
 def check_id(kind: str, value: str) -> str:
     if not _SAFE_ID.match(value or ""):
         raise ValueError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    if value in RESERVED_IDS:
+        raise ValueError(f"{kind} {value!r} is reserved")
     return value
 
 

@@ -17,6 +17,8 @@ from typing import Callable
 
 import redis
 
+from fleetloop import config
+
 from fleetloop.buffer.codec import EpisodeRejected, Limits, manifest_from_bytes, read_episode
 from fleetloop.buffer.index import EpisodeEntry, FrameIndex, entry_from_loaded
 from fleetloop.buffer.queue import Delivery, EpisodeQueueConsumer, fields_to_event
@@ -46,9 +48,11 @@ class DataConsumer:
     def __init__(self, store: ObjectStore, client: redis.Redis, index: FrameIndex,
                  limits: Limits = Limits(), consumer_name: str | None = None,
                  on_indexed: Callable[[EpisodeEntry], None] | None = None, claim_idle_ms: int = 30_000,
-                 fetch_workers: int = 8):
+                 fetch_workers: int = 8, group: str = config.CONSUMER_GROUP):
         self.store, self.index, self.limits = store, index, limits
-        self.queue = EpisodeQueueConsumer(client, consumer=consumer_name, claim_idle_ms=claim_idle_ms)
+        # Each group sees every episode once: the learner's group feeds training; the dashboard
+        # reads the same stream in a group of its own.
+        self.queue = EpisodeQueueConsumer(client, group=group, consumer=consumer_name, claim_idle_ms=claim_idle_ms)
         self.on_indexed = on_indexed
         self.stats = ConsumerStats()
         self._retry: list[tuple[float, int, Delivery]] = []  # (due, attempt, delivery)

@@ -1,0 +1,413 @@
+"""The dashboard's HTTP face: REST API (OpenAPI at /openapi.json), server-sent events, /metrics and
+the web page, all from one FastAPI app.
+
+Access control and the audit log live in one ASGI middleware in front of every route, so a new
+route cannot forget either: it checks the bearer token before anything else runs (before the
+body is even parsed), and records every write request -- allowed, refused or failed -- on the
+audit stream. Routes only add what they did (action, target, result) to request.state.audit.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import anyio
+import redis
+from fastapi import Body, Depends, FastAPI, Path as PathParam, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from fleetloop.buffer.codec import EpisodeRejected
+from fleetloop.buffer.store import StoreError
+from fleetloop.dashboard import metrics
+from fleetloop.dashboard.auth import ANONYMOUS, OPERATOR, VIEWER, Identity, TokenTable, bearer_token
+from fleetloop.dashboard.service import CONTROL_ACTIONS, BadRequest, Dashboard, NotDelivered, NotFound
+from fleetloop.policy.registry import RegistryError, UnknownVersion
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+PUBLIC_PATHS = {"/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/api/health", "/favicon.ico"}
+PUBLIC_PREFIXES = ("/static/",)
+READ_METHODS = {"GET", "HEAD"}
+_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # robot / task / episode ids (buffer.codec.check_id)
+
+
+# ---- access control + audit --------------------------------------------------------------
+
+class AuthAuditMiddleware:
+    def __init__(self, app, dash: Dashboard, tokens: TokenTable, open_read: bool):
+        self.app, self.dash, self.tokens, self.open_read = app, dash, tokens, open_read
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+            return await self.app(scope, receive, send)
+        write = method not in READ_METHODS
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        token = bearer_token(headers.get("authorization"))
+        identity = self.tokens.lookup(token)
+        refusal = None
+        if identity is None:
+            if token or "authorization" in headers:
+                refusal = (401, "invalid token: send 'Authorization: Bearer <token>' with a configured token")
+            elif write or not self.open_read:
+                refusal = (401, f"this needs {'an operator' if write else 'a viewer or operator'} token: "
+                                f"send 'Authorization: Bearer <token>'")
+            else:
+                identity = Identity(ANONYMOUS.name, VIEWER)  # --open-read: reads without a token
+        elif write and not identity.can(OPERATOR):
+            refusal = (403, f"{identity.name!r} is a {identity.role}; this needs an operator token")
+        state = scope.setdefault("state", {})
+        state["identity"] = identity
+        if refusal:
+            status, detail = refusal
+            response = JSONResponse({"detail": detail}, status_code=status,
+                                    headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+            await response(scope, receive, send)
+            if write:
+                await self._audit(scope, identity, status, detail, body=b"")
+            return
+        if not write:
+            return await self.app(scope, receive, send)
+
+        body = bytearray()
+        status_box = {"status": 500}
+        error_body = bytearray()
+
+        async def receive_wrapper():
+            message = await receive()
+            if message["type"] == "http.request" and len(body) < 8192:
+                body.extend(message.get("body", b"")[: 8192 - len(body)])
+            return message
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status_box["status"] = message["status"]
+            elif message["type"] == "http.response.body" and status_box["status"] >= 400 and len(error_body) < 4096:
+                error_body.extend(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            detail = None
+            if error_body:
+                try:
+                    detail = json.loads(error_body).get("detail")
+                except (ValueError, AttributeError):
+                    detail = error_body[:500].decode("utf-8", "replace")
+            await self._audit(scope, identity, status_box["status"], detail, bytes(body))
+
+    async def _audit(self, scope, identity: Optional[Identity], status: int, detail, body: bytes) -> None:
+        info = scope.get("state", {}).get("audit") or {}
+        try:
+            params = json.loads(body) if body else None
+        except ValueError:
+            params = body[:500].decode("utf-8", "replace")
+        record = {
+            "ts_ns": time.time_ns(), "who": identity.name if identity else ANONYMOUS.name,
+            "role": identity.role if identity else "", "method": scope["method"], "path": scope["path"],
+            "action": info.get("action") or f"{scope['method']} {scope['path']}", "target": info.get("target"),
+            "params": params, "status": status,
+            "result": "ok" if status < 400 else ("denied" if status in (401, 403) else "error"),
+            "detail": info.get("result") if status < 400 else detail,
+        }
+        try:
+            await anyio.to_thread.run_sync(self.dash.audit, record)
+        except Exception as e:  # never turn an audit hiccup into a lost response; say it loudly
+            log.error("AUDIT RECORD LOST (%s): %s", e, record)
+
+
+def identity(request: Request) -> Identity:
+    return request.state.identity
+
+
+def audit_note(request: Request, action: str, target: str = "", result=None) -> None:
+    request.state.audit = {"action": action, "target": target, "result": result}
+
+
+# ---- request bodies ----------------------------------------------------------------------
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ControlBody(Strict):
+    reason: str = Field("", max_length=200, description="why (recorded in the audit log)")
+
+
+class LabelBody(Strict):
+    outcome: Literal["success", "failure", "unknown"]
+
+
+class VersionBody(Strict):
+    version: str = Field(min_length=1, max_length=64, description="policy version, e.g. v000012")
+
+
+class RollbackBody(Strict):
+    pin: bool = Field(False, description="also pin the fleet, so the learner's next publish does not move it on")
+
+
+class CanaryBody(Strict):
+    version: str = Field(min_length=1, max_length=64)
+    robot_ids: list[str] = Field(default_factory=list, max_length=10_000)
+    fraction: float = Field(0.0, ge=0.0, le=1.0, description="a stable fraction of the fleet (0..1)")
+
+
+# ---- the app -----------------------------------------------------------------------------
+
+def create_app(dash: Dashboard, tokens: TokenTable, open_read: bool = False, manage_dashboard: bool = True) -> FastAPI:
+    """manage_dashboard: start/stop the Dashboard's background threads with the app's lifespan."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        if manage_dashboard:
+            await run_in_threadpool(dash.start)
+        try:
+            yield
+        finally:
+            if manage_dashboard:
+                await run_in_threadpool(dash.stop)
+
+    app = FastAPI(title="fleetloop dashboard", version="1", lifespan=lifespan,
+                  description="Operate a fleet of robots that share one policy. Every /api and /metrics route "
+                              "needs 'Authorization: Bearer <token>' (viewer: reads; operator: everything), "
+                              "unless the server runs with --open-read (reads open). Writes are audited.")
+    app.add_middleware(AuthAuditMiddleware, dash=dash, tokens=tokens, open_read=open_read)
+    app.state.dashboard = dash
+    bearer = [Depends(HTTPBearer(auto_error=False))]  # documents the scheme; the middleware enforces it
+
+    # -- errors: 404 for anything unknown, 409 for steering that cannot apply, 503 when a backend is down
+    def error(status: int):
+        async def handler(_request, exc):
+            return JSONResponse({"detail": str(exc)}, status_code=status)
+        return handler
+
+    for exc_type, status in ((NotFound, 404), (UnknownVersion, 404), (NotDelivered, 409), (RegistryError, 409),
+                             (BadRequest, 422), (EpisodeRejected, 502), (StoreError, 503)):
+        app.add_exception_handler(exc_type, error(status))
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(_request, exc):
+        return JSONResponse({"detail": f"redis unavailable: {exc}"}, status_code=503)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors]
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request", "errors": errors}, status_code=422)
+
+    # -- page and health
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(WEB_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+
+    @app.get("/api/health", tags=["meta"], summary="Liveness (no token needed)")
+    def health():
+        dash.redis.ping()
+        return {"ok": True, "indexed": len(dash.index)}
+
+    @app.get("/api/whoami", tags=["meta"], dependencies=bearer, summary="The caller's name and role")
+    def whoami(who: Identity = Depends(identity)):
+        return {"name": who.name, "role": who.role, "open_read": open_read}
+
+    # -- fleet and robots
+    @app.get("/api/fleet", tags=["robots"], dependencies=bearer,
+             summary="The live snapshot the event stream sends: robots, fleet counts, policy, learner, queue")
+    def fleet():
+        return dash.snapshot()
+
+    @app.get("/api/robots", tags=["robots"], dependencies=bearer,
+             summary="Every robot: online/offline, task, policy version, success (Wilson 95%), interventions, spool")
+    def robots():
+        return {"robots": dash.robots(), "offline_after_s": dash.offline_after_s}
+
+    @app.get("/api/robots/{robot_id}", tags=["robots"], dependencies=bearer,
+             summary="One robot: the summary plus counters, swap stats, success per version, recent episodes")
+    def robot(robot_id: str = PathParam(max_length=128)):
+        return dash.robot(robot_id)
+
+    def control_route(action: str):
+        def handler(request: Request, robot_id: str = PathParam(max_length=128),
+                    body: Optional[ControlBody] = Body(None), who: Identity = Depends(identity)):
+            reason = body.reason if body else ""
+            audit_note(request, f"robot.{action}", robot_id)
+            result = dash.control(robot_id, action, who.name)
+            audit_note(request, f"robot.{action}", robot_id,
+                       {"command_id": result["command_id"], "ack": result["ack"], "reason": reason})
+            return result
+        handler.__name__ = f"robot_{action}"
+        return handler
+
+    control_help = {
+        "takeover": "Ask a human to take over (the robot link reports takeover_requested)",
+        "release": "Withdraw a takeover request: the policy keeps control",
+        "pause": "Pause the robot (the robot link reports paused)",
+        "resume": "Resume a paused robot",
+    }
+    for action in CONTROL_ACTIONS:
+        app.post(f"/api/robots/{{robot_id}}/{action}", tags=["control"], dependencies=bearer,
+                 summary=control_help[action])(control_route(action))
+
+    @app.post("/api/robots/{robot_id}/pin", tags=["policies"], dependencies=bearer,
+              summary="Pin one robot to a policy version")
+    def pin_robot(request: Request, body: VersionBody, robot_id: str = PathParam(max_length=128),
+                  who: Identity = Depends(identity)):
+        audit_note(request, "robot.pin", robot_id)
+        return dash.pin_robot(robot_id, body.version, who.name)
+
+    @app.delete("/api/robots/{robot_id}/pin", tags=["policies"], dependencies=bearer,
+                summary="Unpin one robot (it follows canary / fleet again)")
+    def unpin_robot(request: Request, robot_id: str = PathParam(max_length=128), who: Identity = Depends(identity)):
+        audit_note(request, "robot.unpin", robot_id)
+        return dash.unpin_robot(robot_id, who.name)
+
+    # -- episodes
+    @app.get("/api/episodes", tags=["episodes"], dependencies=bearer, summary="Episodes, newest first, filtered")
+    def episodes(robot_id: Optional[str] = Query(None, max_length=128), task_id: Optional[str] = Query(None, max_length=128),
+                 policy_version: Optional[str] = Query(None, max_length=64),
+                 outcome: Optional[Literal["success", "failure", "unknown"]] = None,
+                 has_intervention: Optional[bool] = None, source: Optional[Literal["online", "offline"]] = None,
+                 offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500)):
+        return dash.episodes(robot_id=robot_id, task_id=task_id, policy_version=policy_version, outcome=outcome,
+                             has_intervention=has_intervention, source=source, offset=offset, limit=limit)
+
+    @app.get("/api/episodes/{episode_id}", tags=["episodes"], dependencies=bearer,
+             summary="One episode: outcome, label, intervention segments, steps to show as thumbnails")
+    def episode(episode_id: str = PathParam(max_length=200)):
+        return dash.episode(episode_id)
+
+    @app.get("/api/episodes/{episode_id}/frames/{step}.png", tags=["episodes"], dependencies=bearer,
+             summary="One camera frame as a PNG thumbnail (fetched lazily from the store, verified)",
+             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+    def frame(episode_id: str = PathParam(max_length=200), step: int = PathParam(ge=0),
+              camera: Optional[str] = Query(None, pattern=_ID), size: int = Query(128, ge=16, le=512)):
+        png = dash.thumbnail(episode_id, step, camera, size)
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.post("/api/episodes/{episode_id}/label", tags=["episodes"], dependencies=bearer,
+              summary="(Re)label an episode's outcome: LABEL_STREAM for the learner, labels/<id>.json in the store")
+    def label(request: Request, body: LabelBody, episode_id: str = PathParam(max_length=200),
+              who: Identity = Depends(identity)):
+        audit_note(request, "episode.label", episode_id)
+        result = dash.label(episode_id, body.outcome, who.name)
+        audit_note(request, "episode.label", episode_id, {"from": result["previous"], "to": body.outcome})
+        return result
+
+    # -- tasks
+    @app.get("/api/tasks", tags=["episodes"], dependencies=bearer, summary="Success and intervention rate per task")
+    def tasks():
+        return {"tasks": dash.tasks()}
+
+    @app.get("/api/series", tags=["episodes"], dependencies=bearer,
+             summary="Per task, success and intervention rate over time (Wilson 95% intervals) + version timeline")
+    def series(bucket_s: Optional[int] = Query(None, ge=1, le=30 * 86400),
+               task_id: Optional[str] = Query(None, max_length=128)):
+        return dash.series(bucket_s=bucket_s, task_id=task_id)
+
+    # -- policies
+    @app.get("/api/policies", tags=["policies"], dependencies=bearer,
+             summary="Versions (newest first) with learner metrics and on-robot success; pointer, canary, pins, history")
+    def policies(history: int = Query(100, ge=0, le=10_000)):
+        return dash.policies(history=history)
+
+    @app.get("/api/policies/{version}", tags=["policies"], dependencies=bearer,
+             summary="One version: manifest, metrics, on-robot success overall and per task")
+    def policy(version: str = PathParam(max_length=64)):
+        return dash.policy(version)
+
+    @app.post("/api/policies/rollback", tags=["policies"], dependencies=bearer,
+              summary="Point the fleet back at the version that was current before this one")
+    def rollback(request: Request, body: Optional[RollbackBody] = Body(None), who: Identity = Depends(identity)):
+        audit_note(request, "policy.rollback", "fleet")
+        result = dash.rollback(who.name, pin=bool(body and body.pin))
+        audit_note(request, "policy.rollback", "fleet", {"to": result["rolled_back_to"]})
+        return result
+
+    @app.post("/api/policies/{version}/promote", tags=["policies"], dependencies=bearer,
+              summary="Make a version the fleet's current one")
+    def promote(request: Request, version: str = PathParam(max_length=64), who: Identity = Depends(identity)):
+        audit_note(request, "policy.promote", version)
+        return dash.promote(version, who.name)
+
+    @app.post("/api/fleet/pin", tags=["policies"], dependencies=bearer,
+              summary="Pin the whole fleet to a version (publishes stop moving it)")
+    def pin_fleet(request: Request, body: VersionBody, who: Identity = Depends(identity)):
+        audit_note(request, "fleet.pin", body.version)
+        return dash.pin_fleet(body.version, who.name)
+
+    @app.delete("/api/fleet/pin", tags=["policies"], dependencies=bearer,
+                summary="Unpin the fleet: it jumps to the newest version and follows publishes again")
+    def unpin_fleet(request: Request, who: Identity = Depends(identity)):
+        audit_note(request, "fleet.unpin", "fleet")
+        return dash.unpin_fleet(who.name)
+
+    @app.put("/api/canary", tags=["policies"], dependencies=bearer,
+             summary="Run a version on listed robots and/or a stable fraction of the fleet first")
+    def set_canary(request: Request, body: CanaryBody, who: Identity = Depends(identity)):
+        audit_note(request, "canary.set", body.version)
+        return dash.set_canary(body.version, body.robot_ids, body.fraction, who.name)
+
+    @app.delete("/api/canary", tags=["policies"], dependencies=bearer, summary="End the canary")
+    def clear_canary(request: Request, who: Identity = Depends(identity)):
+        audit_note(request, "canary.clear", "fleet")
+        return dash.clear_canary(who.name)
+
+    # -- learner, audit, live stream, metrics
+    @app.get("/api/learner", tags=["learner"], dependencies=bearer,
+             summary="Learner step, step rate, samples/s, losses, buffer sizes, staleness; episode queue lag")
+    def learner():
+        return {**dash.learner(), "queue": dash.queue(), "ingest": dash.ingest()}
+
+    @app.get("/api/audit", tags=["audit"], dependencies=bearer,
+             summary="The audit log, newest first (every write request: who, what, when, result)")
+    def audit(limit: int = Query(100, ge=1, le=1000), before: Optional[str] = Query(None, max_length=40)):
+        if before is not None and not _STREAM_ID.match(before):
+            raise BadRequest(f"before must be an audit entry id like 1700000000000-0, not {before!r}")
+        return dash.audit_log(limit=limit, before=before)
+
+    @app.get("/api/events", tags=["live"], dependencies=bearer,
+             summary="Server-sent events: a fleet snapshot (event 'fleet', same as /api/fleet) every interval",
+             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(interval_s: float = Query(1.0, ge=0.2, le=60.0),
+                     max_events: Optional[int] = Query(None, ge=1, description="stop after this many (tests, curl)")):
+        async def stream():
+            yield "retry: 2000\n\n"
+            sent = 0
+            while True:
+                try:
+                    snap = await run_in_threadpool(dash.snapshot)
+                    yield f"event: fleet\nid: {snap['ts_ns']}\ndata: {json.dumps(snap, separators=(',', ':'))}\n\n"
+                except (redis.RedisError, StoreError) as e:  # keep the stream: the page shows the outage
+                    yield f"event: problem\ndata: {json.dumps({'detail': f'backend unavailable: {e}'})}\n\n"
+                sent += 1
+                if max_events and sent >= max_events:
+                    return
+                await asyncio.sleep(interval_s)
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/metrics", tags=["meta"], dependencies=bearer, response_class=PlainTextResponse,
+             summary="Prometheus text exposition: ingest rate, queue lag, learner step rate, swap latency, success")
+    def prometheus():
+        return PlainTextResponse(metrics.render(dash), media_type=metrics.CONTENT_TYPE)
+
+    return app

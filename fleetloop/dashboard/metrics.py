@@ -1,0 +1,154 @@
+"""Prometheus text exposition (format 0.0.4), written by hand: a few dozen series computed from the
+same reads the dashboard already makes, without another dependency or a second registry of state.
+
+  ingest      fleetloop_ingest_episodes_per_second, fleetloop_ingest_frames_per_second,
+              fleetloop_episode_stream_length, fleetloop_dead_letter_length
+  queue       fleetloop_queue_lag_messages{group}, fleetloop_queue_pending_messages{group}
+  learner     fleetloop_learner_step, fleetloop_learner_step_rate, fleetloop_learner_samples_per_second,
+              fleetloop_learner_stat{key} (every numeric value the learner reports, flattened)
+  weights     fleetloop_weight_swap_seconds{robot_id,phase,stat}  (from the robots' heartbeats)
+  success     fleetloop_task_episodes_total{task_id,outcome}, fleetloop_task_success_rate{task_id}
+              (+ _lower/_upper: Wilson 95%), fleetloop_task_intervention_rate{task_id},
+              fleetloop_policy_success_rate{version}
+  robots      fleetloop_robots{state}, fleetloop_robot_online{robot_id}, fleetloop_robot_spool_episodes{robot_id}
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _escape(value) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(v) -> str:
+    if v is None:
+        return "NaN"
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, float) and math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v)) if isinstance(v, float) else str(int(v))
+
+
+class Exposition:
+    def __init__(self):
+        self.lines: list[str] = []
+        self._declared: set[str] = set()
+
+    def metric(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict, object]]) -> None:
+        samples = list(samples)
+        if name not in self._declared:
+            self._declared.add(name)
+            self.lines.append(f"# HELP {name} {help_text}")
+            self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{lab}}} {_number(value)}" if lab else f"{name} {_number(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def _numeric_leaves(value, prefix: str = ""):
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        if math.isfinite(value):
+            yield prefix, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k))
+
+
+def render(dash) -> str:
+    out = Exposition()
+    ingest = dash.ingest()
+    queue = dash.queue()
+    learner = dash.learner()
+    robots = dash.robots()
+
+    out.metric("fleetloop_ingest_episodes_per_second", "gauge",
+               "Episodes that ended in the last minute and reached the index, per second.",
+               [({}, ingest["episodes_per_s"])])
+    out.metric("fleetloop_ingest_frames_per_second", "gauge",
+               "Frames (steps) of those episodes, per second.", [({}, ingest["frames_per_s"])])
+    out.metric("fleetloop_dashboard_indexed_episodes", "gauge",
+               "Episodes in the dashboard's index.", [({}, ingest["indexed_total"])])
+    out.metric("fleetloop_episode_stream_length", "gauge", "Events on the episode stream.",
+               [({}, queue["stream_length"])])
+    out.metric("fleetloop_dead_letter_length", "gauge", "Episodes parked on the dead-letter stream.",
+               [({}, queue["dead_letters"])])
+    out.metric("fleetloop_queue_lag_messages", "gauge",
+               "Episode events not yet delivered to the consumer group (XINFO GROUPS lag).",
+               [({"group": g["group"]}, g["lag"]) for g in queue["groups"]])
+    out.metric("fleetloop_queue_pending_messages", "gauge",
+               "Episode events delivered to the group but not acked yet (XINFO GROUPS pending).",
+               [({"group": g["group"]}, g["pending"]) for g in queue["groups"]])
+
+    out.metric("fleetloop_learner_up", "gauge", "1 when the learner's stats are fresh (updated in the last 30 s).",
+               [({}, learner["fresh"])])
+    if learner["age_s"] is not None:
+        out.metric("fleetloop_learner_stats_age_seconds", "gauge", "Age of the learner's last stats write.",
+                   [({}, learner["age_s"])])
+    if learner["step"] is not None:
+        out.metric("fleetloop_learner_step", "gauge", "The learner's optimisation step.", [({}, learner["step"])])
+    if learner["step_rate"] is not None:
+        out.metric("fleetloop_learner_step_rate", "gauge",
+                   "Learner steps per second (the learner's figure, else measured by the dashboard).",
+                   [({}, learner["step_rate"])])
+    if learner["samples_per_s"] is not None:
+        out.metric("fleetloop_learner_samples_per_second", "gauge", "Training samples per second (learner's figure).",
+                   [({}, learner["samples_per_s"])])
+    leaves = [({"key": k}, v) for k, v in _numeric_leaves(learner["stats"])]
+    if leaves:
+        out.metric("fleetloop_learner_stat", "gauge",
+                   "Every numeric value in the learner's stats hash (losses, buffer sizes, staleness, w_on, ...).",
+                   leaves)
+
+    swaps = []  # the robot summaries leave swap stats out; they are in the heartbeats
+    for rid, hb in dash.heartbeats().items():
+        swap = (hb or {}).get("swap") or {}
+        for phase in ("publish_to_loaded_s", "loaded_to_swapped_s"):
+            summary = swap.get(phase) or {}
+            for stat in ("last", "p50", "max"):
+                if isinstance(summary.get(stat), (int, float)):
+                    swaps.append(({"robot_id": rid, "phase": phase[:-2], "stat": stat}, summary[stat]))
+    out.metric("fleetloop_weight_swap_seconds", "gauge",
+               "Weight-swap latency per robot: publish->loaded (download, verify, build) and loaded->swapped "
+               "(waiting for the episode boundary).", swaps)
+
+    tasks = dash.tasks()
+    out.metric("fleetloop_task_episodes_total", "counter", "Policy rollouts indexed, per task and outcome.",
+               [({"task_id": t["task_id"], "outcome": o}, n) for t in tasks for o, n in
+                (("success", t["success"]["k"]), ("failure", t["success"]["n"] - t["success"]["k"]),
+                 ("unknown", t["episodes"] - t["success"]["n"]))])
+    for suffix, key, text in (("", "rate", "Success rate per task (labelled rollouts)."),
+                              ("_lower", "lo", "Lower end of the success rate's Wilson 95% interval."),
+                              ("_upper", "hi", "Upper end of the success rate's Wilson 95% interval.")):
+        out.metric(f"fleetloop_task_success_rate{suffix}", "gauge", text,
+                   [({"task_id": t["task_id"]}, t["success"][key]) for t in tasks if t["success"]["n"]])
+    out.metric("fleetloop_task_intervention_rate", "gauge", "Share of rollouts with a human intervention, per task.",
+               [({"task_id": t["task_id"]}, t["intervention"]["rate"]) for t in tasks if t["episodes"]])
+    agg = dash.aggregates()
+    out.metric("fleetloop_policy_success_rate", "gauge", "On-robot success rate per policy version.",
+               [({"version": v}, t.as_dict()["success"]["rate"]) for v, t in sorted(agg.by_version.items())
+                if v and t.successes + t.failures])
+
+    online = sum(r["online"] for r in robots)
+    out.metric("fleetloop_robots", "gauge", "Robots by heartbeat state.",
+               [({"state": "online"}, online), ({"state": "offline"}, len(robots) - online)])
+    out.metric("fleetloop_robot_online", "gauge", "1 when the robot's heartbeat is fresh.",
+               [({"robot_id": r["robot_id"]}, r["online"]) for r in robots])
+    out.metric("fleetloop_robot_spool_episodes", "gauge", "Episodes waiting in the robot's spool for upload.",
+               [({"robot_id": r["robot_id"]}, r["spool"]["episodes"]) for r in robots])
+    out.metric("fleetloop_robot_spool_bytes", "gauge", "Bytes waiting in the robot's spool.",
+               [({"robot_id": r["robot_id"]}, r["spool"]["bytes"]) for r in robots])
+    out.metric("fleetloop_robot_takeover_requested", "gauge", "1 while an operator takeover is requested.",
+               [({"robot_id": r["robot_id"]}, r["takeover_requested"]) for r in robots])
+    out.metric("fleetloop_scrape_timestamp_seconds", "gauge", "When this page was rendered.", [({}, time.time())])
+    return out.text()
