@@ -12,13 +12,10 @@ GOOD = np.array([0.5, 0.5, 0.0, 0.0], np.float32)
 BAD = np.array([-0.5, -0.5, 0.0, 0.0], np.float32)  # distance to GOOD: sqrt(2) > drift threshold
 
 
-def drive(gate: InterventionGate, robot_actions, expert=GOOD, progress=None, position=None):
+def drive(gate: InterventionGate, robot_actions, expert=GOOD, progress=None):
     """Feed a stream of robot actions; return the per-step decisions."""
-    out = []
-    for t, a in enumerate(robot_actions):
-        out.append(gate.step(t, a, expert, progress=None if progress is None else progress[t],
-                             position=None if position is None else position[t]))
-    return out
+    return [gate.step(t, a, expert, progress=None if progress is None else progress[t])
+            for t, a in enumerate(robot_actions)]
 
 
 def test_takes_over_after_k_drifting_steps_and_not_before():
@@ -63,19 +60,21 @@ def test_max_human_steps_forces_handback():
     assert gate.finish(10) == [Segment(0, 4, DRIFT, "sim-expert")]
 
 
-def test_stall_needs_flat_progress_and_a_still_hand():
+def test_stall_needs_flat_progress_and_a_robot_off_the_expert():
     cfg = GatingConfig(stall_steps=5, drift_steps=100)
+    # 0.4 from the expert: above the agreement threshold (0.3), below the drift one (0.6).
+    mild = GOOD + np.array([0.4, 0, 0, 0], np.float32)
     flat = [0.2] * 12
-    still = [np.zeros(3)] * 12
-    moving = [np.array([0.01 * t, 0, 0]) for t in range(12)]
-    decisions = drive(InterventionGate(cfg), [GOOD] * 12, progress=flat, position=moving)
-    assert not any(d.human for d in decisions), "a hand moving with purpose is not stalled"
-    decisions = drive(InterventionGate(cfg), [GOOD] * 12, progress=flat, position=still)
+    decisions = drive(InterventionGate(cfg), [GOOD] * 12, progress=flat)
+    assert not any(d.human for d in decisions), "flat progress while doing what the expert does is no stall"
+    decisions = drive(InterventionGate(cfg), [mild] * 12, progress=flat)
     first = next(t for t, d in enumerate(decisions) if d.human)
     assert decisions[first].takeover == STALL and first == 5
     rising = [0.1 + 0.01 * t for t in range(12)]
-    decisions = drive(InterventionGate(cfg), [GOOD] * 12, progress=rising, position=still)
+    decisions = drive(InterventionGate(cfg), [mild] * 12, progress=rising)
     assert not any(d.human for d in decisions), "progress that keeps improving is not a stall"
+    decisions = drive(InterventionGate(cfg), [mild] * 12)
+    assert not any(d.human for d in decisions), "no progress signal, no stall rule"
 
 
 def test_operator_request_is_honoured_even_without_budget():
@@ -123,7 +122,7 @@ def test_segments_are_well_formed_on_random_streams():
         flags = []
         for t in range(n):
             robot = GOOD if rng.random() < 0.6 else BAD
-            d = gate.step(t, robot, GOOD, progress=float(rng.random() * 0.1), position=np.zeros(3),
+            d = gate.step(t, robot, GOOD, progress=float(rng.random() * 0.1),
                           operator_request=rng.random() < 0.02)
             flags.append(d.human)
         segments = gate.finish(n)
@@ -154,6 +153,10 @@ def test_config_validation_and_distance():
         GatingConfig(takeover_prob=1.5)
     with pytest.raises(ValueError):
         GatingConfig(agree_threshold=0.9, drift_threshold=0.5)
+    assert GatingConfig.style("strict").drift_steps < GatingConfig().drift_steps < GatingConfig.style("relaxed").drift_steps
+    assert GatingConfig.style("relaxed", operator="bob").operator == "bob"
+    with pytest.raises(ValueError, match="style"):
+        GatingConfig.style("sleepy")
     # Clipped before comparing: proposals beyond the action box execute like the box edge.
     assert action_distance([3, 0, 0, 0], [1, 0, 0, 0]) == 0.0
     with pytest.raises(ValueError):

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from fleetloop.actor.sim.tasks import (FAST_TASKS, TASKS, UnknownTaskError, get_task, parse_task_list,
+from fleetloop.actor.sim.tasks import (DEMO_TASKS, TASKS, UnknownTaskError, get_task, parse_task_list,
                                        task_for_instruction)
 from fleetloop.stats import wilson_interval
 
@@ -20,11 +20,11 @@ sim = pytest.mark.sim
 def test_catalogue_lookups_and_unknown_task_error():
     assert get_task("reach-v3").instruction == "reach to the red goal"
     assert task_for_instruction(get_task("push-v3").instruction).name == "push-v3"
-    assert set(FAST_TASKS) <= set(TASKS)
+    assert set(DEMO_TASKS) <= set(TASKS)
     with pytest.raises(UnknownTaskError, match=r"unknown task 'reach-v9'.*Did you mean reach-v3"):
         get_task("reach-v9")
     assert parse_task_list("reach-v3, push-v3,reach-v3") == ["reach-v3", "push-v3"]
-    assert parse_task_list("fast") == list(FAST_TASKS)
+    assert parse_task_list("demo") == list(DEMO_TASKS)
     with pytest.raises(UnknownTaskError, match="Known tasks"):
         parse_task_list("reach-v3,fly-v3")
     with pytest.raises(UnknownTaskError):

@@ -193,8 +193,8 @@ def collect(store_uri: str, tasks: list[str], episodes: int, *, seed: int = 0, w
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fleetloop.config import default_store_uri
 
-    parser.add_argument("--tasks", default="fast",
-                        help="comma-separated task names ('fast' = the quick-to-learn set, 'all' = every task)")
+    parser.add_argument("--tasks", default="demo",
+                        help="comma-separated task names ('demo' = the demo set, 'all' = every task)")
     parser.add_argument("--episodes", type=int, default=20, help="episodes per task")
     parser.add_argument("--store", default=None, help=f"store URI (default {default_store_uri()})")
     parser.add_argument("--seed", type=int, default=0, help="first scene seed; episode i uses seed+i")

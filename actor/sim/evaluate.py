@@ -130,8 +130,8 @@ def load_policy(spec: str, beta: Optional[float] = None) -> Policy:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, help="checkpoint directory, or 'expert'")
-    parser.add_argument("--tasks", default="fast",
-                        help="comma-separated task names ('fast' = the quick-to-learn set, 'all' = every task)")
+    parser.add_argument("--tasks", default="demo",
+                        help="comma-separated task names ('demo' = the demo set, 'all' = every task)")
     parser.add_argument("--episodes", type=int, default=20, help="episodes per task")
     parser.add_argument("--seed", type=int, default=EVAL_SEED, help="first scene seed; episode i uses seed+i")
     parser.add_argument("--images", action=argparse.BooleanOptionalAction, default=None,

@@ -10,12 +10,12 @@ way a person does; these observable proxies stand in for it:
                     than `drift_threshold` (L2 over the 4-d action) for `drift_steps` steps in a
                     row -- the robot is heading somewhere the expert would not go;
   stall             for `stall_steps` steps task progress has not improved by `stall_eps` AND
-                    the hand has stayed within `stall_radius` of where it is now -- the robot
-                    hovers, jitters or is stuck (catches failures drift misses, e.g. a policy
-                    close to the expert's action that never finishes). Progress alone is not
-                    enough: MetaWorld's shaped progress is flat for long stretches of a good
-                    trajectory (lifting over a handle, going around a window), and a human
-                    would not grab a robot that is visibly moving with purpose;
+                    over those steps the robot's proposals have, on average, not matched the
+                    expert's (mean L2 > `agree_threshold`) -- it hovers, creeps the wrong way
+                    or dithers with small actions that never add up to a drift. Progress alone
+                    is not enough: MetaWorld's shaped progress is flat for long stretches of a
+                    good trajectory (lifting over a handle, going around a window), and a human
+                    does not grab a robot that is doing what they would do;
   operator-request  an operator asked for a takeover (dashboard / robot link); always honoured.
 
 Hand-back: after the human has driven at least `min_human_steps`, control returns as soon as
@@ -50,14 +50,13 @@ REASONS = (DRIFT, STALL, OPERATOR_REQUEST)
 class GatingConfig:
     drift_threshold: float = 0.6      # L2 action distance that counts as drifting
     drift_steps: int = 4              # k: consecutive drifting steps before taking over
-    stall_steps: Optional[int] = 30   # m: steps without progress before taking over (None: off)
+    stall_steps: Optional[int] = 30   # m: steps without progress (and off the expert) (None: off)
     stall_eps: float = 0.005          # progress (in [0, 1]) must beat its best by this much
-    stall_radius: float = 0.02        # metres: "has not moved" for the stall rule
     agree_threshold: float = 0.3      # L2 action distance that counts as agreeing
     agree_steps: int = 3              # j: consecutive agreeing steps before handing back
     min_human_steps: int = 10         # n: the human drives at least this long per takeover
     max_human_steps: Optional[int] = None  # hand back after this many regardless (None: never)
-    max_interventions: Optional[int] = 3   # automatic takeovers per episode (None: unlimited)
+    max_interventions: Optional[int] = 5   # automatic takeovers per episode (None: unlimited)
     takeover_prob: float = 1.0        # chance the human reacts when a rule fires
     operator: str = "sim-expert"      # recorded on every segment
 
@@ -71,6 +70,22 @@ class GatingConfig:
         if self.agree_threshold > self.drift_threshold:
             # Otherwise the robot could be handed control while still "drifting".
             raise ValueError("agree_threshold must not exceed drift_threshold")
+
+    @classmethod
+    def style(cls, name: str, **overrides) -> "GatingConfig":
+        """Named operator styles: "attentive" (the defaults), "strict" (steps in early, drives
+        longer, never gives up: more, longer corrections) and "relaxed" (tolerates more, misses
+        some triggers, gives up after two takeovers: fewer corrections)."""
+        styles = {
+            "attentive": {},
+            "strict": dict(drift_threshold=0.4, drift_steps=2, stall_steps=20, agree_threshold=0.25,
+                           agree_steps=5, min_human_steps=15, max_interventions=None),
+            "relaxed": dict(drift_threshold=0.9, drift_steps=8, stall_steps=45, takeover_prob=0.7,
+                            max_interventions=2),
+        }
+        if name not in styles:
+            raise ValueError(f"unknown operator style {name!r}: choose from {sorted(styles)}")
+        return cls(**{**styles[name], **overrides})
 
 
 @dataclass(frozen=True)
@@ -131,15 +146,14 @@ class InterventionGate:
         return list(self._segments)
 
     def request_takeover(self) -> None:
-        """An operator asked for a takeover: honoured at the next step while the robot drives."""
+        """An operator asked for a takeover: the human drives from the next step (a request while
+        the human already drives is dropped)."""
         self._pending_request = True
 
     def step(self, t: int, robot_action: np.ndarray, expert_action: np.ndarray,
-             progress: Optional[float] = None, position: Optional[np.ndarray] = None,
-             operator_request: bool = False) -> GateDecision:
-        """Decide who drives step t. `progress` (in [0, 1], higher is better) and `position`
-        (the end effector, metres) feed the stall rule; without progress it never fires, without
-        position it judges by progress alone."""
+             progress: Optional[float] = None, operator_request: bool = False) -> GateDecision:
+        """Decide who drives step t. `progress` (in [0, 1], higher is better) feeds the stall
+        rule; without it the rule never fires."""
         if t <= self._last_t:
             raise ValueError(f"steps must increase: got {t} after {self._last_t}")
         self._last_t = t
@@ -166,15 +180,15 @@ class InterventionGate:
                 self._best, self._since_best = progress, 0
             else:
                 self._since_best += 1
-        if position is not None:
-            self._positions.append(np.asarray(position, dtype=np.float64))
+        self._recent.append(distance)
 
         reason = None
         if request:
             reason = OPERATOR_REQUEST
         elif self._drift >= cfg.drift_steps:
             reason = DRIFT
-        elif cfg.stall_steps is not None and self._since_best >= cfg.stall_steps and self._still():
+        elif (cfg.stall_steps is not None and self._since_best >= cfg.stall_steps
+              and sum(self._recent) / len(self._recent) > cfg.agree_threshold):
             reason = STALL
         if reason is None:
             return GateDecision(human=False)
@@ -204,18 +218,9 @@ class InterventionGate:
         self._open = None
         self._human = False
 
-    def _still(self) -> bool:
-        """The hand stayed within stall_radius of its current position over the stall window."""
-        if not self._positions:
-            return True
-        if len(self._positions) < self._positions.maxlen:
-            return False
-        now = self._positions[-1]
-        return max(float(np.linalg.norm(p - now)) for p in self._positions) <= self.config.stall_radius
-
     def _reset_robot_watch(self, progress: Optional[float]) -> None:
-        self._positions: deque = deque(maxlen=self.config.stall_steps or 1)
         self._drift = 0
+        self._recent: deque = deque(maxlen=self.config.stall_steps or 1)  # last action distances
         self._best = progress
         self._since_best = 0
         self._human_steps = 0
@@ -246,9 +251,7 @@ class SimTeleoperator:
     def decide(self, t: int, obs: Observation, robot_action: np.ndarray, progress: Optional[float] = None,
                operator_request: bool = False) -> tuple[np.ndarray, GateDecision]:
         intended = self.expert.clean_action(obs.state)
-        # MetaWorld's state vector starts with the end-effector position.
-        decision = self.gate.step(t, robot_action, intended, progress, position=obs.state[:3],
-                                  operator_request=operator_request)
+        decision = self.gate.step(t, robot_action, intended, progress, operator_request)
         action = self.expert.styled(intended) if decision.human else np.asarray(robot_action, np.float32)
         return action, decision
 

@@ -19,34 +19,33 @@ from dataclasses import dataclass
 class TaskSpec:
     name: str          # MetaWorld v3 environment name, also fleetloop's task_id
     instruction: str   # the language instruction given to the policy
-    max_steps: int     # default episode length (env steps at MetaWorld's 80 Hz-equivalent control)
-    # Scripted-expert success over 30 seeds with max_steps (measured with MetaWorld 3.x; see
-    # README of actor/sim in the report): a sanity figure, not a guarantee.
-    expert_success: float
+    max_steps: int     # default episode length in control steps
 
 
 _TASKS = (
-    TaskSpec("reach-v3", "reach to the red goal", 100, 1.00),
-    TaskSpec("push-v3", "push the puck to the green goal", 120, 1.00),
-    TaskSpec("pick-place-v3", "pick up the puck and place it at the blue goal", 120, 1.00),
-    TaskSpec("drawer-open-v3", "open the drawer", 150, 1.00),
-    TaskSpec("drawer-close-v3", "close the drawer", 150, 1.00),
-    TaskSpec("door-open-v3", "open the door", 180, 0.93),
-    TaskSpec("button-press-topdown-v3", "press the button from the top", 120, 1.00),
-    TaskSpec("button-press-v3", "press the button from the front", 120, 1.00),
-    TaskSpec("window-open-v3", "slide the window open", 150, 1.00),
-    TaskSpec("window-close-v3", "slide the window closed", 150, 1.00),
-    TaskSpec("handle-press-v3", "press the handle down", 100, 1.00),
-    TaskSpec("plate-slide-v3", "slide the plate into the goal", 100, 1.00),
-    TaskSpec("peg-insert-side-v3", "insert the peg into the hole from the side", 200, 0.93),
+    TaskSpec("reach-v3", "reach to the red goal", 100),
+    TaskSpec("push-v3", "push the puck to the green goal", 120),
+    TaskSpec("pick-place-v3", "pick up the puck and place it at the blue goal", 120),
+    TaskSpec("drawer-open-v3", "open the drawer", 150),
+    TaskSpec("drawer-close-v3", "close the drawer", 150),
+    TaskSpec("door-open-v3", "open the door", 180),
+    TaskSpec("button-press-topdown-v3", "press the button from the top", 120),
+    TaskSpec("button-press-v3", "press the button from the front", 120),
+    TaskSpec("window-open-v3", "slide the window open", 150),
+    TaskSpec("window-close-v3", "slide the window closed", 150),
+    TaskSpec("handle-press-v3", "press the handle down", 100),
+    TaskSpec("plate-slide-v3", "slide the plate into the goal", 100),
+    TaskSpec("peg-insert-side-v3", "insert the peg into the hole from the side", 200),
 )
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in _TASKS}
 
-# Tasks a small behaviour-cloned policy learns from a few dozen demos and that a short online
-# phase visibly improves: single-stage motions with no grasp (see the measurements in the
-# report). The default task set for demos and quick experiments.
-FAST_TASKS: tuple[str, ...] = ("reach-v3", "button-press-topdown-v3", "drawer-open-v3", "push-v3")
+# Tasks for the on-CPU demo: short episodes, and a small policy behaviour-cloned on ~5 demos per
+# task lands mid-range (success ~0.4-0.8) and climbs within a few dozen corrected rollouts.
+# (Measured with a state-only MLP proxy. Door, drawer, window and button tasks are learned
+# almost perfectly from the same few demos -- nothing left to show -- and peg-insert-side
+# improves too but has 200-step episodes.)
+DEMO_TASKS: tuple[str, ...] = ("reach-v3", "push-v3", "pick-place-v3")
 
 _BY_INSTRUCTION: dict[str, TaskSpec] = {t.instruction: t for t in _TASKS}
 assert len(_BY_INSTRUCTION) == len(_TASKS), "instructions must be unique per task"
@@ -76,13 +75,13 @@ def task_for_instruction(instruction: str) -> TaskSpec:
 
 
 def parse_task_list(text: str) -> list[str]:
-    """'reach-v3,push-v3' -> validated names, in order, without duplicates. 'fast' and 'all'
-    are shorthands for FAST_TASKS and the whole catalogue."""
+    """'reach-v3,push-v3' -> validated names, in order, without duplicates. 'demo' and 'all'
+    are shorthands for DEMO_TASKS and the whole catalogue."""
     names: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        expanded = FAST_TASKS if part == "fast" else tuple(TASKS) if part == "all" else (part,)
+        expanded = DEMO_TASKS if part == "demo" else tuple(TASKS) if part == "all" else (part,)
         for name in expanded:
             get_task(name)
             if name not in names:
