@@ -121,7 +121,10 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
         with self.d.lock:
             if self.d.open_episode is not None:  # the robot restarted without ending: keep what we had
                 self.d.close_open_episode(incomplete=True, why="a new episode started before EndEpisode")
-            policy, version = self.d.policy_source.begin_episode()  # the only place weights swap
+            try:
+                policy, version = self.d.policy_source.begin_episode()  # the only place weights swap
+            except RuntimeError as e:  # e.g. nothing published yet: the robot should retry later
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
             kind = request.kind or pb.EPISODE_KIND_ROLLOUT
             episode_id = self.d.recorder.start(request.task_id, request.instruction, version, kind=kind)
             self.d.open_episode = OpenEpisode(episode_id, request.task_id, request.instruction, policy, version)

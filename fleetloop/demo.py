@@ -1,0 +1,338 @@
+"""`fleetloop demo`: the whole loop on one machine with embedded defaults.
+
+  1. services: a private Redis (started and stopped here), a local-directory store, local Ray;
+  2. offline data and the pretrained policy: expert demonstrations -> behaviour cloning (cached
+     in the output directory, so a second run starts at step 3);
+  3. "before": evaluate the pretrained policy on every demo task;
+  4. the loop: the Ray learner + N actor daemons, each driven over its gRPC robot link by a
+     simulated MetaWorld robot with a simulated human (HG-DAgger gating) + the dashboard;
+  5. "after": evaluate the newest published version on the same evaluation seeds;
+  6. DIR/results.json and DIR/success.png.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+log = logging.getLogger("fleetloop.demo")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--robots", type=int, default=4)
+    p.add_argument("--algo", choices=["hg-dagger", "recap"], default="hg-dagger")
+    p.add_argument("--minutes", type=float, default=5.0, help="wall time of online post-training")
+    p.add_argument("--out", default="runs/demo", help="output directory (results.json, success.png, store)")
+    p.add_argument("--tasks", default="demo", help="comma-separated MetaWorld tasks, or 'demo'")
+    p.add_argument("--demos-per-task", type=int, default=5, help="offline demonstrations per task")
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--eval-episodes", type=int, default=30, help="evaluation episodes per task, before and after")
+    p.add_argument("--images", action="store_true",
+                   help="give the policy the 64x64 camera too (about 10x slower on a CPU)")
+    p.add_argument("--size", default="tiny", help="model size preset")
+    p.add_argument("--publish-every", type=int, default=25, help="K: learner steps per published version")
+    p.add_argument("--control-hz", type=float, default=None, help="pace each robot in real time (default: as fast as the CPU goes)")
+    p.add_argument("--dashboard-port", type=int, default=8080, help="0: a free port; -1: no dashboard")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _pretrained(out: Path, store_uri: str, tasks: list[str], args) -> Path:
+    """Offline buffer + behaviour cloning, cached by settings in OUT/pretrained."""
+    import argparse
+
+    from fleetloop.actor.sim.collect import collect
+    from fleetloop.policy import pretrain as pretrain_mod
+
+    key = {"tasks": tasks, "demos": args.demos_per_task, "steps": args.pretrain_steps, "images": args.images,
+           "size": args.size, "seed": args.seed}
+    target = out / "pretrained"
+    if (target / "model.safetensors").exists() and (target / "demo-key.json").exists() \
+            and json.loads((target / "demo-key.json").read_text()) == key:
+        log.info("using the cached pretrained policy in %s", target)
+        return target
+    t0 = time.time()
+    log.info("recording %d expert demonstrations per task for %s", args.demos_per_task, ",".join(tasks))
+    collect(store_uri, tasks, args.demos_per_task, seed=args.seed, images=args.images)
+    parser = argparse.ArgumentParser()
+    pretrain_mod.add_arguments(parser)
+    argv = ["--store", store_uri, "--out", str(target), "--size", args.size, "--steps", str(args.pretrain_steps),
+            "--seed", str(args.seed), "--threads", "1", "--tasks", *tasks]
+    if not args.images:
+        argv.append("--state-only")
+    pretrain_mod.pretrain(parser.parse_args(argv))
+    (target / "demo-key.json").write_text(json.dumps(key))
+    log.info("pretrained in %.0fs", time.time() - t0)
+    return target
+
+
+def _evaluate(policy, tasks, episodes, images) -> dict:
+    from fleetloop.actor.sim.evaluate import evaluate
+    return {r.task: {"episodes": r.episodes, "successes": r.successes, "success_rate": round(r.success_rate, 4),
+                     "ci95": [round(r.ci95[0], 4), round(r.ci95[1], 4)],
+                     "successes_per_hour_at_30hz": round(r.successes_per_hour, 1)}
+            for r in evaluate(policy, tasks, episodes, images=images)}
+
+
+class Robot:
+    """One simulated robot: an actor daemon (gRPC server, spool, uploader, policy slot) and a
+    MetaWorld robot driving it over the robot link with a simulated human watching."""
+
+    def __init__(self, index: int, task: str, store, redis_url: str, spool_root: Path, images: bool,
+                 control_hz, seed: int, indicator):
+        import redis as redis_lib
+
+        from fleetloop.actor.daemon import ActorDaemon
+        from fleetloop.actor.link import LinkedPolicy, RobotLinkClient, link_callbacks
+        from fleetloop.actor.sim.env import SimEnv
+        from fleetloop.actor.sim.expert import ScriptedExpert
+        from fleetloop.actor.sim.gating import GatingConfig, SimTeleoperator
+        from fleetloop.actor.sim.robot import SimRobot
+        from fleetloop.actor.spool import Spool
+        from fleetloop.actor.weights import PolicySlot
+        from fleetloop.policy.registry import PolicyRegistry
+        from fleetloop.policy.runtime import VLAPolicy
+
+        self.robot_id = f"sim-{index:02d}"
+        self.task = task
+        client = redis_lib.Redis.from_url(redis_url, socket_timeout=10)
+        slot = PolicySlot(PolicyRegistry(store, client), self.robot_id, poll_interval_s=2.0,
+                          load_fn=lambda cfg, data, version: VLAPolicy.from_bytes(cfg, data, version))
+        self.daemon = ActorDaemon(self.robot_id, store, client, Spool(spool_root / self.robot_id), slot,
+                                  grpc_address="127.0.0.1:0", indicator=indicator).start()
+        self.link = RobotLinkClient(self.daemon.address, self.robot_id, timeout_s=10.0)
+        self.slot = slot
+        self.episodes: list[dict] = []
+        self.t0 = time.time()
+
+        def on_end(result, response):
+            self.episodes.append({"t": time.time() - self.t0, "robot": self.robot_id, "task": result.task,
+                                  "success": bool(result.success), "policy_version": result.policy_version,
+                                  "steps": result.num_steps, "intervention_steps": result.intervention_steps,
+                                  "autonomous_success": bool(result.success and not result.segments)})
+
+        env = SimEnv(task, images=images)
+        teleop = SimTeleoperator(ScriptedExpert(task, seed=seed), GatingConfig.style("attentive"), seed=seed)
+        self.sim = SimRobot(env, LinkedPolicy(self.link), teleop=teleop, callbacks=link_callbacks(self.link, on_end),
+                            execute_steps=4, indicator=None, control_hz=control_hz)
+        self.seed = seed
+        self.error: str | None = None
+
+    def run_until(self, deadline: float, stop: threading.Event) -> None:
+        import grpc
+        k = 0
+        while time.time() < deadline and not stop.is_set():
+            try:
+                self.sim.run_episode(seed=self.seed * 10_000 + k)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE:  # no policy yet: wait for the first version
+                    time.sleep(0.5)
+                    continue
+                self.error = f"{e.code().name}: {e.details()}"
+                log.error("robot %s: %s", self.robot_id, self.error)
+                return
+            k += 1
+
+    def stop(self) -> None:
+        self.link.close()
+        self.daemon.stop()
+
+
+def _rolling(episodes: list[dict], window: int = 20):
+    """(t, rate, lo, hi) of autonomous success over the last `window` episodes."""
+    from fleetloop.stats import wilson_interval
+    out = []
+    for i in range(len(episodes)):
+        w = episodes[max(0, i - window + 1): i + 1]
+        s = sum(e["autonomous_success"] for e in w)
+        lo, hi = wilson_interval(s, len(w))
+        out.append((episodes[i]["t"], s / len(w), lo, hi, len(w)))
+    return out
+
+
+def _plot(path: Path, per_task: dict, before: dict, after: dict, minutes: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (task, eps) in enumerate(sorted(per_task.items())):
+        c = colors[i % len(colors)]
+        roll = _rolling(eps)
+        if roll:
+            t = [r[0] / 60 for r in roll]
+            ax.plot(t, [r[1] for r in roll], color=c, label=f"{task} (fleet, rolling 20 episodes)")
+            ax.fill_between(t, [r[2] for r in roll], [r[3] for r in roll], color=c, alpha=0.15)
+        for x, ev, marker in ((0, before.get(task), "o"), (minutes, after.get(task), "s")):
+            if ev:
+                ax.errorbar([x], [ev["success_rate"]], yerr=[[ev["success_rate"] - ev["ci95"][0]],
+                                                            [ev["ci95"][1] - ev["success_rate"]]],
+                            fmt=marker, color=c, capsize=4)
+    ax.axhline(0.8, color="grey", ls=":", lw=1)
+    ax.set_xlabel("wall time (min)")
+    ax.set_ylabel("success rate (autonomous, Wilson 95%)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("fleetloop demo: per-task success over wall time (o = pretrained eval, s = final eval)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _start_dashboard(redis_url: str, store, port: int):
+    """The dashboard on the demo's Redis and store; reads are open (a local demo), writes take
+    the operator token from FLEETLOOP_OPERATOR_TOKENS or a one-off token printed here."""
+    import redis as redis_lib
+
+    from fleetloop.dashboard.app import DashboardServer, build_app
+    from fleetloop.dashboard.auth import OPERATOR, generated_operator_token, load_tokens
+    tokens = load_tokens()
+    note = ""
+    if not len(tokens):
+        token = generated_operator_token()
+        tokens.add("demo-operator", token, OPERATOR, "generated")
+        note = f"#token={token}"
+    app, _dash = build_app(redis_lib.Redis.from_url(redis_url, socket_timeout=10), store, tokens, open_read=True)
+    try:
+        server = DashboardServer(app, host="127.0.0.1", port=port).start()
+    except (RuntimeError, OSError) as e:  # port taken: the demo goes on without it
+        log.warning("dashboard not started on port %d: %s", port, e)
+        return None
+    print(f"fleetloop demo: dashboard at {server.url}/{note}", flush=True)
+    return server
+
+
+def run(args) -> int:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    torch.set_num_threads(1)
+
+    from fleetloop import config
+    from fleetloop.actor.sim.tasks import parse_task_list
+    from fleetloop.buffer.store import open_store
+    from fleetloop.learner.app import start_learner
+    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.policy.runtime import VLAPolicy
+    from fleetloop.services import RedisServer
+
+    tasks = parse_task_list(args.tasks)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    store_uri = (out / "store").as_uri()
+    redis_server = None
+    redis_url = config.default_redis_url()
+    if not redis_url:
+        redis_server = RedisServer(data_dir=str(out / "redis")).start()
+        redis_url = redis_server.url
+    import redis as redis_lib
+    client = redis_lib.Redis.from_url(redis_url)
+    store = open_store(store_uri)
+    results: dict = {"algo": args.algo, "robots": args.robots, "minutes": args.minutes, "tasks": tasks,
+                     "images": args.images, "settings": vars(args)}
+    robots: list[Robot] = []
+    learner = dashboard = None
+    try:
+        t_start = time.time()
+        pretrained = _pretrained(out, store_uri, tasks, args)
+        log.info("evaluating the pretrained policy: %d episodes per task", args.eval_episodes)
+        before = _evaluate(VLAPolicy.from_checkpoint(pretrained, version="pretrained"), tasks, args.eval_episodes,
+                           args.images)
+        log.info("before: %s", {t: v["success_rate"] for t, v in before.items()})
+
+        learner = start_learner(store_uri, redis_url, args.algo, str(pretrained), run_name=f"demo-{args.algo}",
+                                publish_every=args.publish_every, torch_threads=1, ray_num_cpus=2,
+                                seed=args.seed)
+        learner.wait_ready(timeout=300)
+        if args.dashboard_port >= 0:
+            dashboard = _start_dashboard(redis_url, store, args.dashboard_port)
+        indicator = True if args.algo == "recap" else None  # RECAP deploys "advantage positive"
+        for i in range(args.robots):
+            robots.append(Robot(i, tasks[i % len(tasks)], store, redis_url, out / "spool", args.images,
+                                args.control_hz, seed=args.seed * 1000 + i + 1, indicator=indicator))
+        t_loop = time.time()
+        for r in robots:
+            r.t0 = t_loop
+        deadline = t_loop + args.minutes * 60
+        stop = threading.Event()
+        threads = [threading.Thread(target=r.run_until, args=(deadline, stop), name=r.robot_id) for r in robots]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            time.sleep(5)
+            st = learner.stats()
+            n = sum(len(r.episodes) for r in robots)
+            log.info("t=%4.0fs episodes=%d learner step=%s versions=%s", time.time() - t_loop, n,
+                     st.get("step"), st.get("versions_published"))
+        for t in threads:
+            t.join()
+        learner_final = learner.stop()
+        learner = None
+
+        registry = PolicyRegistry(store, client)
+        final_version = registry.latest_version()
+        manifest, weights = registry.fetch(final_version)
+        final_policy = VLAPolicy.from_bytes(manifest.config_json, weights, final_version)
+        log.info("evaluating %s: %d episodes per task", final_version, args.eval_episodes)
+        after = _evaluate(final_policy, tasks, args.eval_episodes, args.images)
+
+        episodes = sorted((e for r in robots for e in r.episodes), key=lambda e: e["t"])
+        per_task: dict = {t: [e for e in episodes if e["task"] == t] for t in tasks}
+        hours = args.minutes / 60
+        swap = [r.slot.status() for r in robots]
+        results.update({
+            "final_version": final_version,
+            "versions_published": len(registry.list_versions()),
+            "learner": learner_final,
+            "wall_s": {"total": round(time.time() - t_start, 1), "loop": round(args.minutes * 60, 1)},
+            "per_task": {},
+            "weight_swap": {
+                "publish_to_loaded_s_p50": [s["publish_to_loaded_s"].get("p50") for s in swap],
+                "publish_to_loaded_s_max": [s["publish_to_loaded_s"].get("max") for s in swap],
+                "loaded_to_swapped_s_p50": [s["loaded_to_swapped_s"].get("p50") for s in swap],
+                "swaps": [s["swaps"] for s in swap]},
+            "robot_errors": {r.robot_id: r.error for r in robots if r.error},
+        })
+        for task in tasks:
+            eps = per_task[task]
+            roll = _rolling(eps)
+            t08 = next((r[0] for r in roll if r[4] >= 10 and r[1] >= 0.8), None)
+            b, a = before[task], after[task]
+            results["per_task"][task] = {
+                "before": b, "after": a,
+                "improved_significantly": a["ci95"][0] > b["ci95"][1],
+                "episodes": len(eps),
+                "episodes_with_intervention": sum(e["intervention_steps"] > 0 for e in eps),
+                "intervention_step_rate": round(sum(e["intervention_steps"] for e in eps)
+                                                / max(1, sum(e["steps"] for e in eps)), 4),
+                "online_successes": sum(e["success"] for e in eps),
+                "autonomous_successes": sum(e["autonomous_success"] for e in eps),
+                "successes_per_hour": round(sum(e["success"] for e in eps) / hours, 1),
+                "time_to_0_8_success_s": None if t08 is None else round(t08, 1),
+                "policy_versions_seen": sorted({e["policy_version"] for e in eps}),
+            }
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (out / "episodes.json").write_text(json.dumps(episodes))
+        _plot(out / "success.png", per_task, before, after, args.minutes)
+        print(json.dumps({t: {"before": v["before"]["success_rate"], "before_ci95": v["before"]["ci95"],
+                              "after": v["after"]["success_rate"], "after_ci95": v["after"]["ci95"],
+                              "significant": v["improved_significantly"]}
+                          for t, v in results["per_task"].items()}, indent=1))
+        print(f"wrote {out / 'results.json'} and {out / 'success.png'}")
+        return 0
+    finally:
+        for r in robots:
+            try:
+                r.stop()
+            except Exception:  # shutting down: keep going
+                log.exception("stopping %s", r.robot_id)
+        if learner is not None:
+            learner.stop()
+        if dashboard is not None:
+            dashboard.stop()
+        if redis_server is not None:
+            redis_server.stop()
