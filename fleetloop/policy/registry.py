@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
 import time
@@ -132,16 +133,20 @@ def canary_member(robot_id: str, fraction: float) -> bool:
 
 def make_delta(parent: bytes, new: bytes, block: int = DELTA_BLOCK) -> Optional[bytes]:
     from safetensors.numpy import save
-    if len(parent) != len(new) or not new:
+    if len(parent) != len(new) or not new or block % 8:
         return None
-    n = -(-len(new) // block)
-    a = np.zeros(n * block, np.uint8)
-    b = np.zeros(n * block, np.uint8)
-    a[:len(parent)] = np.frombuffer(parent, np.uint8)
-    b[:len(new)] = np.frombuffer(new, np.uint8)
-    a, b = a.reshape(n, block), b.reshape(n, block)
+    n_full = len(new) // block
+    # Compare whole blocks as uint64 words on zero-copy views (no padded copies of 2 x the model).
+    a = np.frombuffer(parent, np.uint64, count=n_full * block // 8).reshape(n_full, block // 8)
+    b = np.frombuffer(new, np.uint64, count=n_full * block // 8).reshape(n_full, block // 8)
     changed = np.flatnonzero((a != b).any(axis=1))
-    return save({"index": changed.astype(np.int64), "blocks": np.ascontiguousarray(b[changed])},
+    payload = np.frombuffer(new, np.uint8, count=n_full * block).reshape(n_full, block)[changed]
+    tail = len(new) - n_full * block
+    if tail and parent[-tail:] != new[-tail:]:  # the short last block, zero-padded to a full one
+        last = np.zeros((1, block), np.uint8)
+        last[0, :tail] = np.frombuffer(new, np.uint8, offset=n_full * block)
+        changed, payload = np.append(changed, n_full), np.concatenate([payload, last])
+    return save({"index": changed.astype(np.int64), "blocks": np.ascontiguousarray(payload)},
                 metadata={"block": str(block), "total": str(len(new))})
 
 
@@ -157,16 +162,22 @@ def apply_delta(parent: bytes, delta: bytes) -> bytes:
     if total != len(parent):
         raise ValueError(f"delta is for a {total}-byte parent, have {len(parent)} bytes")
     index, blocks = t["index"], t["blocks"]
-    n_full, n_blocks = total // block, -(-total // block)  # a short last block is patched separately
-    if blocks.shape != (len(index), block) or (len(index) and (index.min() < 0 or index.max() >= n_blocks)):
+    n_blocks = -(-total // block)
+    if (blocks.shape != (len(index), block) or (len(index) and (index.min() < 0 or index.max() >= n_blocks))
+            or np.any(np.diff(index) <= 0)):
         raise ValueError("delta blocks do not fit the parent")
-    out = bytearray(parent)
-    view = np.frombuffer(out, np.uint8)
-    whole = index < n_full
-    view[:n_full * block].reshape(n_full, block)[index[whole]] = blocks[whole]
-    if not whole.all():  # the last, partial block (make_delta zero-padded it)
-        view[n_full * block:] = blocks[~whole][0][:total - n_full * block]
-    return bytes(out)
+    # One allocation and one copy, with the GIL released (bytes.join of large buffers): runs of
+    # unchanged parent bytes interleaved with the changed blocks.
+    src, parts, pos = memoryview(parent), [], 0
+    blocks_mv = memoryview(np.ascontiguousarray(blocks).reshape(-1))
+    for k, i in enumerate(index.tolist()):
+        start = i * block
+        parts.append(src[pos:start])
+        end = min(start + block, total)
+        parts.append(blocks_mv[k * block:k * block + end - start])
+        pos = end
+    parts.append(src[pos:])
+    return b"".join(parts)
 
 
 def _safetensors_metadata(data: bytes) -> dict:
@@ -275,7 +286,9 @@ class PolicyRegistry:
 
     def _index(self, m: ppb.PolicyManifest) -> None:
         info = {"created_ns": m.created_ns, "parent_version": m.parent_version, "learner_step": m.learner_step,
-                "algorithm": m.algorithm, "metrics": dict(m.metrics), "weights_bytes": m.weights_bytes,
+                # NaN (e.g. no loss yet) is not JSON: store null so the dashboard can serve it
+                "algorithm": m.algorithm, "metrics": {k: v if math.isfinite(v) else None for k, v in m.metrics.items()},
+                "weights_bytes": m.weights_bytes,
                 "delta_bytes": m.delta_bytes}
         pipe = self.redis.pipeline()
         pipe.zadd(VERSIONS_KEY, {m.version: _seq(m.version)})
@@ -284,7 +297,9 @@ class PolicyRegistry:
 
     def reindex(self) -> int:
         """Re-record every committed version found in the store (after Redis lost its data, or a
-        publisher died between the manifest put and the Redis writes). Returns how many."""
+        publisher died between the manifest put and the Redis writes). Returns how many. The
+        fleet pointer is not guessed: until an operator promote()s a version, robots keep what
+        they run."""
         n = 0
         for key in self.store.list("policies/"):
             parts = key.split("/")
@@ -311,6 +326,8 @@ class PolicyRegistry:
         if m.version != version:
             raise WeightsIntegrityError(f"manifest at {manifest_key(version)} names version {m.version!r}")
         with self._lock:
+            if len(self._manifests) >= 4096:  # a long-lived dashboard reads many; keep it bounded
+                self._manifests.clear()
             self._manifests[version] = m
         return m
 
@@ -346,10 +363,10 @@ class PolicyRegistry:
         # Download, then hash. (Hashing chunk by chunk as the body streams in measured slower:
         # more CPU in botocore's chunked reads than the overlap saves.)
         data = self.store.get(m.weights_key)
-        digest = sha256_hex(data)
         if len(data) != m.weights_bytes:
             raise WeightsIntegrityError(f"policy {version}: weights are {len(data)} bytes, manifest says "
                                         f"{m.weights_bytes}; refusing to load")
+        digest = sha256_hex(data)
         if digest != m.weights_sha256:
             raise WeightsIntegrityError(f"policy {version}: weights sha256 {digest} does not match the "
                                         f"manifest's {m.weights_sha256}; refusing to load")

@@ -1,0 +1,301 @@
+"""`fleetloop bench broadcast`: how long a fleet takes to pick up a new policy version.
+
+N PolicySlots (one per simulated robot, each with its own Redis and S3 clients) subscribe to
+the policy channel of a private Redis; a learner publishes a random `--model-mb` safetensors
+blob to a local S3-protocol server (moto, its own process). Per actor we measure publish ->
+loaded: from the moment the fleet pointer moved to the moment that actor holds the verified
+(sha256) and loaded weights, ready to swap in at its next episode start.
+
+Yardsticks, same run, same store, same number of clients, same threads/processes mode:
+  raw_s    N concurrent plain boto3 get_object calls of the same bytes (wall time)
+  floor_s  the same, plus the work any robot must do with them: sha256 + load
+Each round takes fresh yardsticks right before its broadcast (this machine's load drifts); the
+medians are used. ratio = p99 / raw_s (target <= 1.5); ratio_vs_floor = p99 / floor_s is the
+overhead of the machinery itself (notice, resolve, manifest).
+
+A last phase publishes a version in which only `--delta-changed` of the tensors changed (frozen
+encoder, adapters): robots holding the parent download only the changed blocks. On loopback the
+saving is bytes, not seconds (hashing and loading the full model still dominate).
+
+--mode processes runs each robot in its own process (no shared GIL). Prints one JSON object.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from fleetloop import config
+
+BUCKET = "bench-broadcast"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--actors", type=int, default=16)
+    p.add_argument("--model-mb", type=float, default=200.0)
+    p.add_argument("--mode", choices=("threads", "processes"), default="threads")
+    p.add_argument("--rounds", type=int, default=3, help="broadcast rounds, each after its own raw baseline")
+    p.add_argument("--delta-changed", type=float, default=0.1,
+                   help="share of tensors changed in the last (delta) version; 0 skips that phase")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the fleet")
+    p.add_argument("--json", action="store_true", help="print only the JSON object")
+
+
+class BenchPolicy:
+    """What load_fn returns: the loaded tensors (torch, like a real load) and a version."""
+    horizon, action_dim = 1, 1
+
+    def __init__(self, tensors: dict, version: str = ""):
+        self.tensors, self.version = tensors, version
+
+
+def load_fn(config_json: str, data: bytes, version: str) -> BenchPolicy:
+    from safetensors.torch import load
+    return BenchPolicy(load(data), version)
+
+
+def random_model(model_mb: float, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    total = int(model_mb * 1e6) // 4
+    per = 4 * 1024 * 1024  # 16 MB tensors
+    return {f"layer{i:03d}.weight": rng.standard_normal(min(per, total - o), dtype=np.float32)
+            for i, o in enumerate(range(0, total, per))}
+
+
+def _settings(endpoint: str, create_bucket: bool = False):
+    from fleetloop.config import S3Settings
+    return S3Settings(endpoint_url=endpoint, access_key="test", secret_key="test", create_bucket=create_bucket)
+
+
+def _make_slot(redis_url: str, endpoint: str, robot_id: str):
+    import redis
+    from fleetloop.actor.weights import PolicySlot
+    from fleetloop.buffer.store import S3Store
+    from fleetloop.policy.registry import PolicyRegistry
+    client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
+    registry = PolicyRegistry(S3Store(BUCKET, "", _settings(endpoint)), client)
+    return PolicySlot(registry, robot_id, load_fn, poll_interval_s=5.0)
+
+
+def _process_actor(redis_url: str, endpoint: str, robot_id: str, cmd_q, result_q) -> None:
+    """One robot in its own process. Commands: ("await", version) -> reports its status once
+    that version is loaded; ("swap",) -> begin_episode(); None -> exit."""
+    import safetensors.torch  # noqa: F401  (as in run(): import torch before timing)
+    slot = _make_slot(redis_url, endpoint, robot_id).start()
+    while (cmd := cmd_q.get()) is not None:
+        if cmd[0] == "swap":
+            slot.begin_episode()
+            result_q.put((robot_id, "swap", None))
+        else:
+            ok = slot.wait_ready(cmd[1], timeout=600)
+            result_q.put((robot_id, cmd[1], slot.status() if ok else None))
+    slot.stop()
+
+
+def _client_get(client, key: str, verify_load: bool) -> int:
+    """One plain download; with verify_load also the work any robot must do: sha256 + load."""
+    data = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    if verify_load:
+        hashlib.sha256(data).hexdigest()
+        load_fn("{}", data, "")
+    return len(data)
+
+
+def _process_raw_get(endpoint: str, key: str, verify_load: bool, start_evt, result_q) -> None:
+    from fleetloop.buffer.store import S3Store
+    if verify_load:
+        import safetensors.torch  # noqa: F401
+    client = S3Store(BUCKET, "", _settings(endpoint))._client
+    result_q.put(None)  # ready: imports done, client built
+    start_evt.wait()
+    n = _client_get(client, key, verify_load)
+    result_q.put((time.time(), n))
+
+
+class Fleet:
+    """N actors as threads or processes; await(version) -> one last_load dict per actor."""
+
+    def __init__(self, mode: str, n: int, redis_url: str, endpoint: str):
+        self.mode, self.n = mode, n
+        if mode == "threads":
+            self.slots = [_make_slot(redis_url, endpoint, f"robot-{i:03d}").start() for i in range(n)]
+        else:
+            ctx = mp.get_context("spawn")
+            self.result_q = ctx.Queue()
+            self.cmd_qs = [ctx.Queue() for _ in range(n)]
+            self.procs = [ctx.Process(target=_process_actor, daemon=True,
+                                      args=(redis_url, endpoint, f"robot-{i:03d}", self.cmd_qs[i], self.result_q))
+                          for i in range(n)]
+            for p in self.procs:
+                p.start()
+
+    def await_version(self, version: str, timeout: float) -> list[dict]:
+        if self.mode == "threads":
+            deadline = time.monotonic() + timeout
+            for s in self.slots:
+                if not s.wait_ready(version, timeout=max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"{s.robot_id} did not load {version}: {s.status()['last_error']}")
+            return [s.status() for s in self.slots]
+        return self._command(("await", version), timeout)
+
+    def begin_episode(self) -> None:
+        """Every robot starts an episode (swaps in what it loaded), as it would between phases."""
+        if self.mode == "threads":
+            for s in self.slots:
+                s.begin_episode()
+        else:
+            self._command(("swap",), 60)
+
+    def _command(self, cmd: tuple, timeout: float) -> list[dict]:
+        for q in self.cmd_qs:
+            q.put(cmd)
+        out = []
+        for _ in range(self.n):
+            robot_id, what, st = self.result_q.get(timeout=timeout)
+            if what != "swap" and st is None:
+                raise TimeoutError(f"{robot_id} did not load {what}")
+            out.append(st)
+        return out
+
+    def close(self) -> None:
+        if self.mode == "threads":
+            for s in self.slots:
+                s.stop()
+            return
+        for q in self.cmd_qs:
+            q.put(None)
+        for p in self.procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+
+
+def raw_download_s(mode: str, n: int, endpoint: str, key: str, verify_load: bool = False) -> float:
+    """Wall time for n concurrent plain get_object calls of `key`, one client each (threads or
+    processes, like the fleet). verify_load: each client also hashes and loads what it got."""
+    from fleetloop.buffer.store import S3Store
+    if mode == "threads":
+        clients = [S3Store(BUCKET, "", _settings(endpoint))._client for _ in range(n)]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(n) as pool:
+            sizes = list(pool.map(lambda c: _client_get(c, key, verify_load), clients))
+        elapsed = time.perf_counter() - t0
+        assert len(set(sizes)) == 1
+        return elapsed
+    ctx = mp.get_context("spawn")
+    start, q = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_process_raw_get, args=(endpoint, key, verify_load, start, q), daemon=True)
+             for _ in range(n)]
+    for p in procs:
+        p.start()
+    for _ in range(n):  # every process has imported and built its client before the clock starts
+        assert q.get(timeout=300) is None
+    t0 = time.time()
+    start.set()
+    ends = [q.get(timeout=600)[0] for _ in range(n)]
+    for p in procs:
+        p.join(30)
+    return max(ends) - t0
+
+
+def _wait_subscribers(client, n: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if dict(client.pubsub_numsub(config.POLICY_CHANNEL)).get(config.POLICY_CHANNEL.encode(), 0) >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("actors did not subscribe in time")
+
+
+def _latencies(statuses: list[dict], version: str) -> tuple[list[float], int, list[str]]:
+    lat, moved, via = [], 0, []
+    for st in statuses:
+        ll = st["last_load"]
+        assert ll and ll["version"] == version, st
+        lat.append(ll["publish_to_loaded_s"])
+        moved += ll["bytes_moved"]
+        via.append(ll["via"])
+    return lat, moved, via
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 4)
+
+
+def run(args) -> int:
+    import redis
+    from safetensors.numpy import save
+
+    from fleetloop.buffer.store import S3Store
+    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.services import MotoS3Server, RedisServer
+
+    import safetensors.torch  # noqa: F401  a robot has torch loaded already; keep its import out of the timing
+    # moto keeps objects above 5 MB in temp files; keep them in memory so the store's disk is not
+    # what we measure (this speeds up the raw baseline as much as the fleet).
+    os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(1 << 34))
+    tensors = random_model(args.model_mb)
+    weights = save(tensors)
+    rounds, raws, floors, lat, moved = [], [], [], [], 0
+    with MotoS3Server() as s3, RedisServer(appendonly=False) as rs:
+        client = redis.Redis.from_url(rs.url)
+        learner = PolicyRegistry(S3Store(BUCKET, "", _settings(s3.endpoint, create_bucket=True)), client)
+        learner.store.put("raw/model.safetensors", weights)  # the same bytes, for the baseline
+        fleet = Fleet(args.mode, args.actors, rs.url, s3.endpoint)
+        try:
+            _wait_subscribers(client, args.actors)
+            # Interleave baseline and broadcast rounds: this machine's load drifts, so a single
+            # baseline taken at another moment would not be a fair yardstick.
+            for r in range(args.rounds):
+                raws.append(raw_download_s(args.mode, args.actors, s3.endpoint, "raw/model.safetensors"))
+                floors.append(raw_download_s(args.mode, args.actors, s3.endpoint, "raw/model.safetensors",
+                                             verify_load=True))
+                t0 = time.perf_counter()
+                m = learner.publish(weights, json.dumps({"bench": True}), learner_step=25 * (r + 1), algorithm="bench")
+                publish_s = time.perf_counter() - t0
+                statuses = fleet.await_version(m.version, args.timeout)
+                fleet.begin_episode()
+                r_lat, r_moved, _ = _latencies(statuses, m.version)
+                lat += r_lat
+                moved += r_moved
+                rounds.append({"raw_s": round(raws[-1], 3), "floor_s": round(floors[-1], 3), "p50_s": _pct(r_lat, 50), "p99_s": _pct(r_lat, 99),
+                               "publish_s": round(publish_s, 3),
+                               "fetch_s_max": round(max(s["last_load"]["fetch_s"] for s in statuses), 3),
+                               "load_s_max": round(max(s["last_load"]["load_s"] for s in statuses), 3)})
+            raws.append(raw_download_s(args.mode, args.actors, s3.endpoint, m.weights_key))
+            raw_s = float(np.median(raws))
+            result = {
+                "actors": args.actors, "model_mb": round(len(weights) / 1e6, 1), "mode": args.mode,
+                "rounds": args.rounds, "p50_s": _pct(lat, 50), "p99_s": _pct(lat, 99), "max_s": round(max(lat), 3),
+                "raw_s": round(raw_s, 3), "ratio": round(_pct(lat, 99) / raw_s, 3),
+                "ratio_median_round": round(float(np.median([x["p99_s"] / x["raw_s"] for x in rounds])), 3),
+                "floor_s": round(float(np.median(floors)), 3),
+                "ratio_vs_floor": round(_pct(lat, 99) / float(np.median(floors)), 3),
+                "bytes_moved": moved, "bytes_per_load": moved // len(lat), "loaded": len(lat),
+                "raw_samples_s": [round(x, 3) for x in raws], "per_round": rounds, "cpus": os.cpu_count(),
+            }
+            if args.delta_changed > 0:
+                changed = sorted(tensors)[:max(1, round(len(tensors) * args.delta_changed))]
+                for name in changed:
+                    tensors[name] = tensors[name] + np.float32(1e-3)
+                t0 = time.perf_counter()
+                m2 = learner.publish(save(tensors), json.dumps({"bench": True}), parent_version=m.version,
+                                     learner_step=25 * (args.rounds + 1), algorithm="bench")
+                delta_publish_s = time.perf_counter() - t0
+                statuses = fleet.await_version(m2.version, args.timeout)
+                dlat, dmoved, via = _latencies(statuses, m2.version)
+                result["delta"] = {
+                    "changed_tensors": f"{len(changed)}/{len(tensors)}", "delta_mb": round(m2.delta_bytes / 1e6, 2),
+                    "publish_s": round(delta_publish_s, 3), "p50_s": _pct(dlat, 50), "p99_s": _pct(dlat, 99),
+                    "bytes_moved": dmoved, "via_delta": via.count("delta"),
+                }
+        finally:
+            fleet.close()
+            client.close()
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
