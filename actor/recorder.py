@@ -33,6 +33,7 @@ class _Episode:
         self.approx_bytes = 0
         self.segments: list[dict] = []     # intervention segments [start, end)
         self.cameras: list[str] = []       # camera names, from the first step with images
+        self.chunk_refs: list[dict] = []   # ChunkRef (JSON form) per chunk written
         self.dropped = False
 
 
@@ -110,7 +111,7 @@ class EpisodeRecorder:
         self._jobs.put(("seal", ep, {"outcome": int(outcome), "outcome_source": int(outcome_source),
                                      "labelled_by": labelled_by, "incomplete": incomplete,
                                      "ended_ns": time.time_ns(), "num_steps": ep.num_steps,
-                                     "chunk_steps": ep.chunk_sizes, "interventions": segments,
+                                     "interventions": segments,
                                      "cameras": ep.cameras}))
         return ep.episode_id, ep.num_steps
 
@@ -153,12 +154,12 @@ class EpisodeRecorder:
                 elif kind == "chunk":
                     index, steps = payload
                     enc = encode_chunk(ep.episode_id, index, steps)
-                    # Digests are computed here, once, off the control loop; the uploader reuses them.
-                    ref = chunk_ref(self.robot_id, ep.episode_id, index, len(steps), enc)
-                    self.spool.write_chunk(ep.episode_id, index, enc.to_object(),
-                                           json_format.MessageToJson(ref).encode())
+                    # Digests are computed here, once, off the control loop; end.json carries them.
+                    ep.chunk_refs.append(json_format.MessageToDict(
+                        chunk_ref(self.robot_id, ep.episode_id, index, len(steps), enc)))
+                    self.spool.write_chunk(ep.episode_id, index, enc.to_object())
                 elif kind == "seal":
-                    self.spool.seal(ep.episode_id, payload)
+                    self.spool.seal(ep.episode_id, {**payload, "chunks": ep.chunk_refs})
             except SpoolFull as e:
                 ep.dropped = True
                 self._dropped_ids.add(ep.episode_id)

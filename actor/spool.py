@@ -2,12 +2,12 @@
 
   <spool>/<episode_id>/meta.json       written when the episode starts
   <spool>/<episode_id>/chunk-NNNNN.flc chunk objects (buffer/codec.py), appended while recording
-  <spool>/<episode_id>/chunk-NNNNN.ref its ChunkRef (sizes, digests) as JSON, written after it
-  <spool>/<episode_id>/end.json        written when it ends: the episode is sealed
-  <spool>/<episode_id>/progress.json   the uploader's progress (chunks stored, manifest, announced)
+  <spool>/<episode_id>/end.json        written when it ends, with every chunk's digests: sealed
 
-Everything is written atomically (temp file + rename), so a kill -9 leaves either the old or
-the new file. The spool is bounded by `max_bytes`. When a chunk would not fit, the policy is
+end.json is written atomically (temp file + rename): it is the spool's commit point. Chunks
+are written in place, once each (file creation is the costly part on a robot's disk); a chunk
+cut short by a kill -9 is detected and dropped when the episode is recovered, since no sealed
+end.json names it yet. The spool is bounded by `max_bytes`. When a chunk would not fit, the policy is
 explicit: "drop-new" (default) abandons the episode being recorded and keeps everything already
 waiting; "drop-oldest" deletes the oldest sealed, not yet uploaded episodes to make room. Either
 way it is logged and counted (`dropped_episodes`), and the robot keeps running.
@@ -71,14 +71,14 @@ class Spool:
         d = self.root / episode_id
         d.mkdir(parents=True, exist_ok=False)
         data = json.dumps(meta).encode()
-        write_atomic(d / "meta.json", data)
+        (d / "meta.json").write_bytes(data)
         with self._lock:
             self.bytes += len(data)
         return d
 
-    def write_chunk(self, episode_id: str, index: int, data: bytes, ref: bytes) -> None:
+    def write_chunk(self, episode_id: str, index: int, data: bytes) -> None:
         """Raises SpoolFull when the chunk cannot be stored under the configured policy."""
-        need = len(data) + len(ref)
+        need = len(data)
         with self._lock:
             if self.bytes + need > self.max_bytes:
                 if self.on_full == "drop-oldest":
@@ -86,8 +86,7 @@ class Spool:
                 if self.bytes + need > self.max_bytes:
                     raise SpoolFull(f"spool {self.root} full ({self.bytes} of {self.max_bytes} bytes)")
             self.bytes += need
-        write_atomic(self.root / episode_id / f"chunk-{index:05d}.flc", data)
-        write_atomic(self.root / episode_id / f"chunk-{index:05d}.ref", ref)
+        (self.root / episode_id / f"chunk-{index:05d}.flc").write_bytes(data)
 
     def seal(self, episode_id: str, end: dict) -> None:
         data = json.dumps(end).encode()

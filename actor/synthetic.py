@@ -92,8 +92,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ids-file", help="append each ended episode id here (one per line)")
     p.add_argument("--drain-only", action="store_true", help="only upload what the spool holds, then exit")
+    p.add_argument("--start-key", help="wait until this Redis key exists before recording (a start barrier)")
+    p.add_argument("--interval-s", type=float, default=0.0, help="pace: one episode per interval")
     a = p.parse_args(argv)
     actor = SyntheticActor(a.robot_id, a.store, a.redis, a.spool)
+    if a.start_key:
+        actor.client.sadd(a.start_key + ":ready", a.robot_id)
+        while not actor.client.exists(a.start_key):
+            time.sleep(0.005)
     if not a.drain_only:
         def note(eid):
             if a.ids_file:
@@ -101,7 +107,11 @@ def main(argv=None) -> int:
                     f.write(eid + "\n")
                     f.flush()
                     os.fsync(f.fileno())
-        actor.record(a.episodes, a.episode_kb * 1024, seed=a.seed, on_end=note)
+        start = time.perf_counter()
+        for k in range(a.episodes):
+            if a.interval_s:
+                time.sleep(max(0.0, start + k * a.interval_s - time.perf_counter()))
+            actor.record(1, a.episode_kb * 1024, seed=a.seed * 100_003 + k, on_end=note)
     ok = actor.wait_drained()
     actor.close()
     print(json.dumps({"uploaded": actor.uploader.uploaded, "drained": ok}))

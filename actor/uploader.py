@@ -1,14 +1,13 @@
 """The uploader: spool -> object store -> Redis stream, in the background, never losing an episode.
 
-Per sealed episode: put every chunk, put the manifest (the commit point; progress.json
-remembers it), XADD the event, then delete the spool copy. Each step is
+Per sealed episode: put every chunk, put the manifest (the commit point), XADD the event,
+then delete the spool copy. Each step is
 idempotent, so a kill -9 anywhere means redoing at most one step after restart; a duplicate
 event is absorbed by the consumer's dedupe. Store or Redis outages are retried with
 exponential backoff while the robot keeps recording into the spool.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -16,8 +15,9 @@ import time
 import redis
 from google.protobuf import json_format
 
-from fleetloop.actor.spool import Spool, read_json, write_atomic
-from fleetloop.buffer.codec import (EncodedChunk, chunk_ref, decode_chunk, decode_image_chunk, finish_manifest, manifest_key,
+from fleetloop.actor.spool import Spool, read_json
+from fleetloop.buffer.codec import (EncodedChunk, EpisodeRejected, chunk_ref, decode_chunk, decode_image_chunk,
+                                   finish_manifest, manifest_key,
                                    manifest_to_bytes)
 from fleetloop.buffer.queue import EpisodeAnnouncer
 from fleetloop.buffer.store import ObjectStore, StoreError
@@ -29,21 +29,27 @@ log = logging.getLogger(__name__)
 
 def recover_unsealed(spool: Spool) -> list[str]:
     """After a crash, seal episodes that were still recording: what reached the disk is kept,
-    marked incomplete (outcome unknown)."""
+    marked incomplete (outcome unknown). A chunk cut short by the crash, and any after it,
+    is dropped."""
     recovered = []
     for episode_id in spool.unsealed():
         d = spool.path(episode_id)
-        if read_json(d / "meta.json") is None:
+        meta = read_json(d / "meta.json")
+        if meta is None:
             spool.remove(episode_id)  # died before the episode really began
             continue
-        chunk_steps, flags, cameras = [], [], []
-        for f in sorted(d.glob("chunk-*.flc")):
-            enc = EncodedChunk.from_object(f.read_bytes(), str(f))
-            chunk = decode_chunk(enc.steps, str(f))
-            if not cameras and enc.images:
-                first = decode_image_chunk(enc.images, str(f)).steps
-                cameras = [img.camera for img in first[0].images] if first else []
-            chunk_steps.append(len(chunk.steps))
+        refs, flags, cameras = [], [], []
+        for i, f in enumerate(sorted(d.glob("chunk-*.flc"))):
+            try:
+                enc = EncodedChunk.from_object(f.read_bytes(), str(f))
+                chunk = decode_chunk(enc.steps, str(f))
+                images = decode_image_chunk(enc.images, str(f)) if enc.images else None
+            except EpisodeRejected:
+                log.warning("recovery: %s was cut short by the crash; dropping it and later chunks", f)
+                break
+            if images is not None and not cameras and images.steps:
+                cameras = [img.camera for img in images.steps[0].images]
+            refs.append(json_format.MessageToDict(chunk_ref(meta["robot_id"], episode_id, i, len(chunk.steps), enc)))
             flags.extend(s.intervention for s in chunk.steps)
         segments, start = [], None
         for i, flag in enumerate(flags + [False]):
@@ -54,7 +60,8 @@ def recover_unsealed(spool: Spool) -> list[str]:
                 start = None
         spool.seal(episode_id, {"outcome": pb.OUTCOME_UNKNOWN, "outcome_source": 0, "labelled_by": "",
                                 "incomplete": True, "ended_ns": time.time_ns(), "num_steps": len(flags),
-                                "chunk_steps": chunk_steps, "interventions": segments, "cameras": cameras})
+                                "chunks": refs,
+                                "interventions": segments, "cameras": cameras})
         recovered.append(episode_id)
         log.warning("recovered episode %s from the spool (%d steps, marked incomplete)", episode_id, len(flags))
     return recovered
@@ -89,25 +96,16 @@ class Uploader:
         meta, end = read_json(d / "meta.json"), read_json(d / "end.json")
         if meta is None or end is None:
             raise RuntimeError(f"spool entry {episode_id} lacks meta.json/end.json")
-        progress = read_json(d / "progress.json") or {"committed": False}
         manifest = build_manifest(meta, end)
-        robot = meta["robot_id"]
-        for i, n_steps in enumerate(end["chunk_steps"]):
-            ref_path = d / f"chunk-{i:05d}.ref"
-            if ref_path.exists():
-                ref = json_format.Parse(ref_path.read_text(), pb.ChunkRef())
-            else:  # the daemon died between writing the chunk and its ref
-                ref = chunk_ref(robot, episode_id, i, n_steps, EncodedChunk.from_object((d / f"chunk-{i:05d}.flc").read_bytes()))
-            if not progress["committed"]:  # re-putting a chunk after a crash is harmless
-                self.store.put(ref.key, (d / f"chunk-{i:05d}.flc").read_bytes())
+        for i, ref_json in enumerate(end["chunks"]):
+            ref = json_format.ParseDict(ref_json, pb.ChunkRef())
+            # Re-putting a chunk after a crash is harmless: same key, same bytes.
+            self.store.put(ref.key, (d / f"chunk-{i:05d}.flc").read_bytes())
             manifest.chunks.append(ref)
         finish_manifest(manifest)
         mkey = manifest_key(meta["robot_id"], episode_id)
         manifest_bytes = manifest_to_bytes(manifest)
-        if not progress["committed"]:
-            self.store.put(mkey, manifest_bytes)  # the commit point
-            progress["committed"] = True
-            write_atomic(d / "progress.json", json.dumps(progress).encode())
+        self.store.put(mkey, manifest_bytes)  # the commit point (idempotent too)
         self.announcer.announce(pb.EpisodeEvent(
             episode_id=episode_id, manifest_key=mkey, robot_id=meta["robot_id"], task_id=meta["task_id"],
             ended_ns=end["ended_ns"], schema_version=SCHEMA_VERSION, manifest_json=manifest_bytes.decode()))

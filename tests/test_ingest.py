@@ -197,3 +197,22 @@ def test_image_chunk_bitflip_caught_on_first_read(tmp_path, redis_client):
     assert cache.images(index.get("flip"), 8)["front"].shape == (8, 8, 3)  # second chunk is intact
     with pytest.raises(EpisodeRejected, match="checksum-mismatch"):
         cache.images(index.get("flip"), 2)
+
+
+def test_recovery_drops_a_chunk_cut_short_by_a_crash(tmp_path, redis_client):
+    from fleetloop.actor.uploader import recover_unsealed
+    spool = Spool(tmp_path / "spool")
+    rec = EpisodeRecorder(spool, "robot-x", chunk_steps=5)
+    eid = rec.start("t", "i", "v1")
+    for t in range(12):  # two full chunks reach the disk, two steps stay in memory
+        rec.add_step(pb.Step(state=[float(t)], action=[0.0], intervention=t >= 8))
+    assert rec.flush()
+    chunk1 = spool.path(eid) / "chunk-00001.flc"
+    chunk1.write_bytes(chunk1.read_bytes()[:-3])  # the crash hit while chunk 1 was being written
+    # (the process dies here: no end.json)
+    assert recover_unsealed(spool) == [eid]
+    store = LocalStore(tmp_path / "store")
+    Uploader(spool, store, redis_client).drain_once()
+    from fleetloop.buffer.codec import read_episode
+    ep = read_episode(store, manifest_key("robot-x", eid))
+    assert ep.manifest.incomplete and ep.manifest.num_steps == 5 and ep.states[:, 0].tolist() == [0, 1, 2, 3, 4]

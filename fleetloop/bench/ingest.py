@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
-from fleetloop.actor.synthetic import SyntheticActor
 from fleetloop.buffer.consumer import DataConsumer
 from fleetloop.buffer.index import FrameIndex
 from fleetloop.buffer.store import S3Store
@@ -42,40 +41,48 @@ def raw_put_rate(settings: S3Settings, robots: int, episodes: int, episode_bytes
 
 def pipeline_phase(rs_url: str, settings: S3Settings, tmp: str, robots: int, per_robot: list[int],
                    episode_bytes: int, bucket: str, interval_s: float = 0.0) -> dict:
-    """Run `robots` synthetic actors through the whole path until every episode is indexed.
-    interval_s > 0 paces each robot to one episode per interval (a sustainable load)."""
+    """Run `robots` synthetic actors, each its own process (a robot is its own machine), through
+    the whole path until every episode is indexed. interval_s > 0 paces each robot to one
+    episode per interval (a sustainable load)."""
+    import os
+    import subprocess
+    import sys
+    client = redis.Redis.from_url(rs_url)
     index = FrameIndex()
-    consumer = DataConsumer(S3Store(bucket, "fleet", settings), redis.Redis.from_url(rs_url), index)
+    consumer = DataConsumer(S3Store(bucket, "fleet", settings), client, index)
     stop = threading.Event()
     consumer_thread = consumer.start_thread(stop)
-    actors = [SyntheticActor(f"robot-{r}", f"s3://{bucket}/fleet", rs_url, f"{tmp}/{bucket}-spool-{r}")
-              for r in range(robots)]
-    recorded: list[list[str]] = [[] for _ in actors]
-
-    def robot(r: int) -> None:
-        start = time.perf_counter()
-        for k in range(per_robot[r]):
-            if interval_s:
-                time.sleep(max(0.0, start + k * interval_s - time.perf_counter()))
-            recorded[r].extend(actors[r].record(1, episode_bytes, seed=r * 100_003 + k))
-
+    start_key = f"bench:{bucket}:go"
+    procs, id_files = [], []
+    for r in range(robots):
+        ids = f"{tmp}/{bucket}-ids-{r}.txt"
+        id_files.append(ids)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fleetloop.actor.synthetic", "--robot-id", f"robot-{r}",
+             "--store", f"s3://{bucket}/fleet", "--redis", rs_url, "--spool", f"{tmp}/{bucket}-spool-{r}",
+             "--episodes", str(per_robot[r]), "--episode-kb", str(episode_bytes // 1024), "--seed", str(r),
+             "--ids-file", ids, "--start-key", start_key, "--interval-s", str(interval_s)],
+            env=dict(os.environ), stdout=subprocess.DEVNULL))
+    deadline = time.monotonic() + 120  # every robot process has started and waits at the barrier
+    while time.monotonic() < deadline and client.scard(start_key + ":ready") < robots:
+        time.sleep(0.05)
     t0 = time.perf_counter()
-    threads = [threading.Thread(target=robot, args=(r,)) for r in range(robots)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    expected = {e for ids in recorded for e in ids}
+    client.set(start_key, "1")
+    for p in procs:
+        p.wait(timeout=900)
+    expected = set()
+    for f in id_files:
+        if os.path.exists(f):
+            expected |= set(open(f).read().split())
     deadline = time.monotonic() + 600
     while len(index) < len(expected) and time.monotonic() < deadline:
         time.sleep(0.005)
     elapsed = time.perf_counter() - t0
     stop.set()
     consumer_thread.join(5)
-    for a in actors:
-        a.close()
     indexed = [e.episode_id for e in index.episodes()]
-    return {"elapsed": elapsed, "expected": expected, "indexed": indexed, "stats": consumer.stats.as_dict()}
+    return {"elapsed": elapsed, "expected": expected, "indexed": indexed, "stats": consumer.stats.as_dict(),
+            "exit_codes": [p.returncode for p in procs]}
 
 
 def run(args) -> int:
@@ -93,7 +100,7 @@ def run(args) -> int:
         # Phase 2, freshness: the same fleet paced at half the throughput just measured, so the
         # figure is pipeline latency, not time spent queued behind a backlog.
         paced_rate = 0.5 * len(burst["indexed"]) / burst["elapsed"]
-        paced_n = [max(2, n // 4) for n in per_robot]
+        paced_n = [max(2, n // 4) for n in per_robot]  # a quarter of the episodes, paced
         paced = pipeline_phase(rs.url, settings, tmp, args.robots, paced_n, episode_bytes, "bench-paced",
                                interval_s=args.robots / paced_rate)
         lost = len(burst["expected"] - set(burst["indexed"])) + len(paced["expected"] - set(paced["indexed"]))
