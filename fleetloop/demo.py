@@ -49,14 +49,16 @@ def _pretrained(out: Path, store_uri: str, tasks: list[str], args) -> Path:
 
     key = {"tasks": tasks, "demos": args.demos_per_task, "steps": args.pretrain_steps, "images": args.images,
            "size": args.size, "seed": args.seed}
-    target = out / "pretrained"
+    # The offline buffer goes into this run's store every time (seconds; episode ids are
+    # deterministic, so a re-run rewrites the same episodes); pretraining is cached.
+    log.info("recording %d expert demonstrations per task for %s", args.demos_per_task, ",".join(tasks))
+    collect(store_uri, tasks, args.demos_per_task, seed=args.seed, images=args.images)
+    target = Path(args.pretrained_dir) if getattr(args, "pretrained_dir", None) else out / "pretrained"
     if (target / "model.safetensors").exists() and (target / "demo-key.json").exists() \
             and json.loads((target / "demo-key.json").read_text()) == key:
         log.info("using the cached pretrained policy in %s", target)
         return target
     t0 = time.time()
-    log.info("recording %d expert demonstrations per task for %s", args.demos_per_task, ",".join(tasks))
-    collect(store_uri, tasks, args.demos_per_task, seed=args.seed, images=args.images)
     parser = argparse.ArgumentParser()
     pretrain_mod.add_arguments(parser)
     argv = ["--store", store_uri, "--out", str(target), "--size", args.size, "--steps", str(args.pretrain_steps),
@@ -81,7 +83,7 @@ class Robot:
     """One simulated robot: an actor daemon (gRPC server, spool, uploader, policy slot) and a
     MetaWorld robot driving it over the robot link with a simulated human watching."""
 
-    def __init__(self, index: int, task: str, store, redis_url: str, spool_root: Path, images: bool,
+    def __init__(self, index: int, tasks: list[str], store, redis_url: str, spool_root: Path, images: bool,
                  control_hz, seed: int, indicator):
         import redis as redis_lib
 
@@ -97,7 +99,8 @@ class Robot:
         from fleetloop.policy.runtime import VLAPolicy
 
         self.robot_id = f"sim-{index:02d}"
-        self.task = task
+        # Robot i starts on task i and then rotates, so every task gets fleet time for any N.
+        self.tasks = tasks[index % len(tasks):] + tasks[:index % len(tasks)]
         client = redis_lib.Redis.from_url(redis_url, socket_timeout=10)
         slot = PolicySlot(PolicyRegistry(store, client), self.robot_id, poll_interval_s=2.0,
                           load_fn=lambda cfg, data, version: VLAPolicy.from_bytes(cfg, data, version))
@@ -114,10 +117,12 @@ class Robot:
                                   "steps": result.num_steps, "intervention_steps": result.intervention_steps,
                                   "autonomous_success": bool(result.success and not result.segments)})
 
-        env = SimEnv(task, images=images)
-        teleop = SimTeleoperator(ScriptedExpert(task, seed=seed), GatingConfig.style("attentive"), seed=seed)
-        self.sim = SimRobot(env, LinkedPolicy(self.link), teleop=teleop, callbacks=link_callbacks(self.link, on_end),
-                            execute_steps=4, indicator=None, control_hz=control_hz)
+        def sim_robot(task: str) -> SimRobot:
+            teleop = SimTeleoperator(ScriptedExpert(task, seed=seed), GatingConfig.style("attentive"), seed=seed)
+            return SimRobot(SimEnv(task, images=images), LinkedPolicy(self.link), teleop=teleop,
+                            callbacks=link_callbacks(self.link, on_end), execute_steps=4, control_hz=control_hz)
+
+        self.sims = {task: sim_robot(task) for task in self.tasks}
         self.seed = seed
         self.error: str | None = None
 
@@ -126,7 +131,7 @@ class Robot:
         k = 0
         while time.time() < deadline and not stop.is_set():
             try:
-                self.sim.run_episode(seed=self.seed * 10_000 + k)
+                self.sims[self.tasks[k % len(self.tasks)]].run_episode(seed=self.seed * 10_000 + k)
             except grpc.RpcError as e:
                 if e.code() == grpc.StatusCode.UNAVAILABLE:  # no policy yet: wait for the first version
                     time.sleep(0.5)
@@ -206,7 +211,23 @@ def _start_dashboard(redis_url: str, store, port: int):
     return server
 
 
+def time_to_success(episodes: list[dict], threshold: float = 0.8, window: int = 20):
+    """Wall time (s) when the rolling autonomous success over the last `window` episodes first
+    reaches `threshold` (window full), or None."""
+    return next((r[0] for r in _rolling(episodes, window) if r[4] >= window and r[1] >= threshold), None)
+
+
 def run(args) -> int:
+    results = run_demo(args)
+    print(json.dumps({t: {"before": v["before"]["success_rate"], "before_ci95": v["before"]["ci95"],
+                          "after": v["after"]["success_rate"], "after_ci95": v["after"]["ci95"],
+                          "significant": v["improved_significantly"]}
+                      for t, v in results["per_task"].items()}, indent=1))
+    print(f"wrote {Path(args.out) / 'results.json'} and {Path(args.out) / 'success.png'}")
+    return 0
+
+
+def run_demo(args) -> dict:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -241,7 +262,7 @@ def run(args) -> int:
         pretrained = _pretrained(out, store_uri, tasks, args)
         log.info("evaluating the pretrained policy: %d episodes per task", args.eval_episodes)
         before = _evaluate(VLAPolicy.from_checkpoint(pretrained, version="pretrained"), tasks, args.eval_episodes,
-                           args.images)
+                           args.images) if args.eval_episodes else {}
         log.info("before: %s", {t: v["success_rate"] for t, v in before.items()})
 
         learner = start_learner(store_uri, redis_url, args.algo, str(pretrained), run_name=f"demo-{args.algo}",
@@ -252,7 +273,7 @@ def run(args) -> int:
             dashboard = _start_dashboard(redis_url, store, args.dashboard_port)
         indicator = True if args.algo == "recap" else None  # RECAP deploys "advantage positive"
         for i in range(args.robots):
-            robots.append(Robot(i, tasks[i % len(tasks)], store, redis_url, out / "spool", args.images,
+            robots.append(Robot(i, tasks, store, redis_url, out / "spool", args.images,
                                 args.control_hz, seed=args.seed * 1000 + i + 1, indicator=indicator))
         t_loop = time.time()
         for r in robots:
@@ -278,7 +299,7 @@ def run(args) -> int:
         manifest, weights = registry.fetch(final_version)
         final_policy = VLAPolicy.from_bytes(manifest.config_json, weights, final_version)
         log.info("evaluating %s: %d episodes per task", final_version, args.eval_episodes)
-        after = _evaluate(final_policy, tasks, args.eval_episodes, args.images)
+        after = _evaluate(final_policy, tasks, args.eval_episodes, args.images) if args.eval_episodes else {}
 
         episodes = sorted((e for r in robots for e in r.episodes), key=lambda e: e["t"])
         per_task: dict = {t: [e for e in episodes if e["task"] == t] for t in tasks}
@@ -296,15 +317,16 @@ def run(args) -> int:
                 "loaded_to_swapped_s_p50": [s["loaded_to_swapped_s"].get("p50") for s in swap],
                 "swaps": [s["swaps"] for s in swap]},
             "robot_errors": {r.robot_id: r.error for r in robots if r.error},
+            "episodes": len(episodes),
+            "fleet_time_to_0_8_success_s": time_to_success(episodes),
         })
         for task in tasks:
             eps = per_task[task]
-            roll = _rolling(eps)
-            t08 = next((r[0] for r in roll if r[4] >= 10 and r[1] >= 0.8), None)
-            b, a = before[task], after[task]
+            t08 = time_to_success(eps, window=10)
+            b, a = before.get(task), after.get(task)
             results["per_task"][task] = {
                 "before": b, "after": a,
-                "improved_significantly": a["ci95"][0] > b["ci95"][1],
+                "improved_significantly": bool(a and b and a["ci95"][0] > b["ci95"][1]),
                 "episodes": len(eps),
                 "episodes_with_intervention": sum(e["intervention_steps"] > 0 for e in eps),
                 "intervention_step_rate": round(sum(e["intervention_steps"] for e in eps)
@@ -318,12 +340,7 @@ def run(args) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
         (out / "episodes.json").write_text(json.dumps(episodes))
         _plot(out / "success.png", per_task, before, after, args.minutes)
-        print(json.dumps({t: {"before": v["before"]["success_rate"], "before_ci95": v["before"]["ci95"],
-                              "after": v["after"]["success_rate"], "after_ci95": v["after"]["ci95"],
-                              "significant": v["improved_significantly"]}
-                          for t, v in results["per_task"].items()}, indent=1))
-        print(f"wrote {out / 'results.json'} and {out / 'success.png'}")
-        return 0
+        return results
     finally:
         for r in robots:
             try:

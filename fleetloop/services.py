@@ -51,6 +51,7 @@ class RedisServer:
     def __init__(self, port: int | None = None, data_dir: str | None = None, appendonly: bool = True):
         self.port = port or free_port()
         self.dir = Path(data_dir or tempfile.mkdtemp(prefix="fleetloop-redis-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
         self.proc: subprocess.Popen | None = None
 
@@ -63,7 +64,12 @@ class RedisServer:
                 "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
                 "--protected-mode", "no", "--logfile", str(self.dir / "redis.log")]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_port(self.port, self.proc, "redis-server")
+        try:
+            _wait_port(self.port, self.proc, "redis-server")
+        except RuntimeError as e:
+            log = self.dir / "redis.log"
+            tail = log.read_text()[-500:] if log.exists() else ""
+            raise RuntimeError(f"{e}; its log says: {tail}") from None
         return self
 
     def stop(self, kill: bool = False) -> None:
