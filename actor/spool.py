@@ -18,27 +18,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
+
+from fleetloop.files import write_atomic
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("drop-new", "drop-oldest")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def read_json(path: Path) -> dict | None:

@@ -7,13 +7,13 @@ or none of it (S3 PUT semantics; write-to-temp + rename locally). Episode commit
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator, Protocol
 from urllib.parse import urlparse
 
 from fleetloop.config import S3Settings
+from fleetloop.files import write_atomic
 
 
 class StoreError(Exception):
@@ -56,17 +56,7 @@ class LocalStore:
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_atomic(path, data)
 
     def get(self, key: str) -> bytes:
         try:

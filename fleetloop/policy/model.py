@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from fleetloop.files import write_atomic
 from fleetloop.policy.language import EMBED_DIM
 
 INDICATOR_UNSET, INDICATOR_NEGATIVE, INDICATOR_POSITIVE = 0, 1, 2
@@ -353,27 +353,16 @@ def _config_from_metadata(data: bytes) -> ModelConfig:
         raise CheckpointError(f"weights carry no usable fleetloop_config metadata ({e}); pass the config") from None
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(net: VLAPolicyNet, directory: str | os.PathLike, extra: Mapping | None = None) -> Path:
     """Write <dir>/model.safetensors and <dir>/config.json (model config, the weights' sha256,
     and free-form `extra` such as training steps). Weights first, config last."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     data = to_safetensors_bytes(net)
-    _atomic_write(d / WEIGHTS_FILE, data)
+    write_atomic(d / WEIGHTS_FILE, data)
     doc = {"format": CHECKPOINT_FORMAT, "model": net.config.to_dict(), "weights_sha256": sha256_hex(data),
            "weights_bytes": len(data), "extra": dict(extra or {})}
-    _atomic_write(d / CONFIG_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
+    write_atomic(d / CONFIG_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
     return d
 
 
