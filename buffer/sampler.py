@@ -31,8 +31,9 @@ from __future__ import annotations
 import math
 import re
 import threading
+import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import numpy as np
@@ -63,6 +64,7 @@ class SamplerConfig:
     w_max: float = 0.8
     loss_scale: float = 1.0    # losses are multiplied by this before the formula (1 = as in SOP)
     horizon: int = 8           # H: chunk length of the targets
+    refresh_s: float = 1.0     # newly indexed episodes join the pools at most this often
     seed: int = 0
 
     def __post_init__(self):
@@ -207,11 +209,39 @@ class _ClassPool:
         return float(self.cum[-1]) if len(self.cum) else 0.0
 
 
-@dataclass
 class _Pool:
-    entries: list
-    classes: dict[int, _ClassPool] = field(default_factory=dict)
-    frames: int = 0      # eligible frames
+    """The eligible frames of one (task, source) buffer, grouped by class. Append-only (the
+    index only ever adds episodes); the flat arrays are rebuilt lazily after appends."""
+
+    def __init__(self):
+        self.entries: list = []            # episodes with at least one eligible frame
+        self.version_num: list[int] = []   # their policy version numbers (-1: none)
+        self.frames = 0                    # eligible frames
+        self._parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self.classes: dict[int, _ClassPool] = {}
+        self._dirty = False
+
+    def add(self, entry, w: np.ndarray, c: np.ndarray) -> None:
+        nz = np.flatnonzero(w > 0)
+        if not len(nz):
+            return
+        ordinal = len(self.entries)
+        self.entries.append(entry)
+        self.version_num.append(version_number(entry.policy_version))
+        self.frames += len(nz)
+        for k in np.unique(c[nz]):
+            sel = nz[c[nz] == k]
+            self._parts.setdefault(int(k), []).append((np.full(len(sel), ordinal, np.int32), sel.astype(np.int32), w[sel]))
+        self._dirty = True
+
+    def finish(self) -> None:
+        if self._dirty:
+            for k, parts in self._parts.items():
+                if len(parts) > 1:  # keep one concatenated part: later appends stay cheap
+                    parts[:] = [tuple(np.concatenate(x) for x in zip(*parts))]
+                ep, t, w = parts[0]
+                self.classes[k] = _ClassPool(ep, t, np.cumsum(w))
+            self._dirty = False
 
     def draw(self, n: int, rng: np.random.Generator, mix: dict[int, float] | None) -> tuple[list, np.ndarray]:
         """n frames: a class by `mix` (renormalised over the classes present; None: by weight),
@@ -271,8 +301,10 @@ class BufferSampler:
         self.quarantined: set[str] = set()
         self._lock = threading.RLock()
         self._pools: dict[tuple[str, str], _Pool] = {}
-        self._built_for: tuple = ()
-        self._elig_cache: dict[str, tuple[tuple, np.ndarray, np.ndarray]] = {}
+        self._seen: dict[tuple[str, str], int] = {}   # episodes of the index already considered
+        self._seen_total = 0
+        self._built_index_version = self._built_weights_version = self._built_quarantined = -1
+        self._last_refresh = 0.0
         self._lang_cache: dict[str, np.ndarray] = {}
         self._staleness: deque = deque(maxlen=50)  # per-batch arrays of online staleness
         self.batches = 0
@@ -281,15 +313,10 @@ class BufferSampler:
     # ---- pools ----------------------------------------------------------------------------
 
     def _eligibility(self, entry) -> tuple[np.ndarray, np.ndarray]:
-        key = (entry.outcome, self.rules.weights_version)
-        hit = self._elig_cache.get(entry.episode_id)
-        if hit is not None and hit[0] == key:
-            return hit[1], hit[2]
         w = np.asarray(self.rules.frame_weights(entry), np.float64)
         c = np.asarray(self.rules.frame_classes(entry), np.int64)
         if w.shape != (entry.num_steps,) or c.shape != (entry.num_steps,):
             raise ValueError(f"algorithm returned per-frame arrays of the wrong length for {entry.episode_id}")
-        self._elig_cache[entry.episode_id] = (key, w, c)
         return w, c
 
     def _usable(self, entry) -> bool:
@@ -301,37 +328,44 @@ class BufferSampler:
         return True
 
     def refresh(self, force: bool = False) -> None:
-        """Rebuild the pools if the index or the algorithm's weights changed since last time."""
+        """Bring the pools up to date with the index: append the episodes that arrived since the
+        last refresh (at most every `refresh_s`, so a busy fleet does not make every batch pay
+        for it); rebuild from scratch when something changed in place (a relabel, new algorithm
+        weights, a quarantined episode)."""
         with self._lock:
-            want = (self.index.version, self.rules.weights_version, len(self.quarantined))
-            if not force and want == self._built_for:
+            idx_version = self.index.version
+            in_place = (self.rules.weights_version != self._built_weights_version
+                        or len(self.quarantined) != self._built_quarantined)
+            if not force and not in_place and idx_version == self._built_index_version:
                 return
-            self.skipped_no_images = 0
-            pools: dict[tuple[str, str], _Pool] = {}
+            now = time.monotonic()
+            if not (force or in_place) and self._pools and now - self._last_refresh < self.cfg.refresh_s:
+                return
+            # The index version counts adds and relabels: if it moved by exactly the number of
+            # new episodes, nothing changed in place and appending suffices.
+            appended_only = idx_version - self._built_index_version == len(self.index) - self._seen_total
+            if force or in_place or not appended_only:
+                self._pools, self._seen, self._seen_total, self.skipped_no_images = {}, {}, 0, 0
             for task in self.index.tasks():
                 for source in SOURCES:
-                    entries = [e for e in self.index.episodes(task, source) if self._usable(e)]
-                    ep_parts, t_parts, w_parts, c_parts, kept = [], [], [], [], []
-                    for e in entries:
-                        w, c = self._eligibility(e)
-                        nz = np.flatnonzero(w > 0)
-                        if not len(nz):
-                            continue
-                        ep_parts.append(np.full(len(nz), len(kept), np.int32))
-                        kept.append(e)
-                        t_parts.append(nz.astype(np.int32))
-                        w_parts.append(w[nz])
-                        c_parts.append(c[nz])
-                    if not kept:
+                    key = (task, source)
+                    entries = self.index.episodes(task, source)
+                    new = entries[self._seen.get(key, 0):]
+                    if not new:
                         continue
-                    ep, t, w, c = (np.concatenate(p) for p in (ep_parts, t_parts, w_parts, c_parts))
-                    pool = _Pool(entries=kept, frames=len(t))
-                    for k in np.unique(c):
-                        sel = c == k
-                        pool.classes[int(k)] = _ClassPool(ep[sel], t[sel], np.cumsum(w[sel]))
-                    pools[(task, source)] = pool
-            self._pools = pools
-            self._built_for = want
+                    pool = self._pools.get(key) or _Pool()
+                    for e in new:
+                        if self._usable(e):
+                            pool.add(e, *self._eligibility(e))
+                    pool.finish()
+                    if pool.entries:
+                        self._pools[key] = pool
+                    self._seen[key] = len(entries)
+                    self._seen_total += len(new)
+            self._built_index_version = idx_version
+            self._built_weights_version = self.rules.weights_version
+            self._built_quarantined = len(self.quarantined)
+            self._last_refresh = now
 
     def tasks(self) -> list[str]:
         """Tasks with at least one eligible frame (the M of 1/M)."""
@@ -358,7 +392,6 @@ class BufferSampler:
         """(entries, t, task index, online mask, task names) for batch_size frames, or empty
         lists when nothing is eligible yet."""
         with self._lock:
-            self.refresh()
             tasks = self.tasks()
             if not tasks:
                 return [], np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool), []
@@ -476,21 +509,15 @@ class BufferSampler:
         and of the online buffer's frames."""
         with self._lock:
             recent = np.concatenate(list(self._staleness)) if self._staleness else np.zeros(0)
-            buf_v, buf_n = [], []
-            for (task, source), pool in self._pools.items():
-                if source == ONLINE:
-                    for e in pool.entries:
-                        v = version_number(e.policy_version)
-                        if v >= 0:
-                            buf_v.append(v)
-                            buf_n.append(e.num_steps)
             out: dict[str, Any] = {"learner_version": self.learner_version}
             if len(recent):
                 out.update(sampled_mean=round(float(recent.mean()), 3), sampled_p50=float(np.percentile(recent, 50)),
                            sampled_p90=float(np.percentile(recent, 90)), sampled_max=int(recent.max()))
-            if buf_v and self.learner_version >= 0:
-                s = self.learner_version - np.asarray(buf_v)
-                out["buffer_mean"] = round(float(np.average(s, weights=buf_n)), 3)
+            online = [p for (_task, source), p in self._pools.items() if source == ONLINE]
+            v = np.concatenate([p.version_num for p in online]) if online else np.zeros(0)
+            if (v >= 0).any() and self.learner_version >= 0:  # per eligible episode of the online buffer
+                s = self.learner_version - v[v >= 0]
+                out["buffer_mean"] = round(float(s.mean()), 3)
                 out["buffer_max"] = int(s.max())
             return out
 
@@ -517,7 +544,7 @@ class BufferSampler:
             self.learner_version = int(state.get("learner_version", -1))
             self.quarantined = set(state.get("quarantined", []))
             self.batches = int(state.get("batches", 0))
-            self._built_for = ()
+            self._built_index_version = -1
 
 
 _BAD_PAYLOAD = {"EpisodeRejected", "UnidentifiedImageError", "DecodeError"}
