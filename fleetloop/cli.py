@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dashboard": ("fleetloop.dashboard.app", "run the operator dashboard (REST API + web page)"),
     "collect": ("fleetloop.actor.sim.collect", "record expert demonstrations into the store (offline buffer)"),
     "pretrain": ("fleetloop.policy.pretrain", "behaviour-clone the VLA on the offline demonstrations"),
-    "eval": ("fleetloop.actor.sim.evaluate", "evaluate a policy on simulated tasks (success with Wilson 95% intervals)"),
+    "eval": ("fleetloop.actor.sim.evaluate", "evaluate a policy on simulated tasks (success with Wilson 95%% intervals)"),
     "export": ("fleetloop.lerobot.export", "export fleet episodes as a LeRobot v3 dataset"),
     "import": ("fleetloop.lerobot.importer", "import a LeRobot v3 dataset into the offline buffer"),
     "bench": ("fleetloop.bench", "benchmarks that print JSON (ingest, policy, broadcast, scaling, ...)"),
