@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fleetloop.buffer.sampler import INDICATOR_UNSET
+from fleetloop.buffer.sampler import INDICATOR_UNSET, UniformRules  # noqa: F401 (re-exported)
 
 INDICATOR_NEGATIVE, INDICATOR_POSITIVE = 1, 2  # fleetloop.policy.model's codes
 
@@ -40,7 +40,7 @@ def register(name: str) -> Callable[[type], type]:
     return deco
 
 
-class Algorithm:
+class Algorithm(UniformRules):
     name: str = ""
     weights_version: int = 0                  # bump when frame_weights/classes change
     class_mix: dict[int, float] | None = None
@@ -54,17 +54,8 @@ class Algorithm:
     def bind(self, encode) -> None:
         """Receive the instruction encoder (instruction -> float32 [384]) if labels need it."""
 
-    def frame_weights(self, entry) -> np.ndarray:
-        return np.ones(entry.num_steps, np.float32)
-
-    def frame_classes(self, entry) -> np.ndarray:
-        return np.zeros(entry.num_steps, np.int8)
-
-    def action_labels(self, entry) -> np.ndarray:
-        return np.ones(entry.num_steps, bool)
-
-    def indicators(self, entry) -> np.ndarray:
-        return np.full(entry.num_steps, INDICATOR_UNSET, np.int64)
+    # frame_weights / frame_classes / action_labels / indicators default to UniformRules':
+    # every frame, equal weight, indicator unset. Algorithms override what they change.
 
     def refresh(self, index) -> bool:
         """Called by the replay service before sampling when the index changed (rate-limited).
