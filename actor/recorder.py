@@ -28,7 +28,7 @@ class _Episode:
     def __init__(self, episode_id: str):
         self.episode_id = episode_id
         self.steps: list[pb.Step] = []
-        self.chunk_sizes: list[int] = []   # steps per chunk handed to the writer
+        self.chunks_flushed = 0            # chunks handed to the writer (numbers the next one)
         self.num_steps = 0
         self.approx_bytes = 0
         self.segments: list[dict] = []     # intervention segments [start, end)
@@ -138,8 +138,8 @@ class EpisodeRecorder:
 
     def _flush(self, ep: _Episode) -> None:
         steps, ep.steps, ep.approx_bytes = ep.steps, [], 0
-        ep.chunk_sizes.append(len(steps))
-        self._jobs.put(("chunk", ep, (len(ep.chunk_sizes) - 1, steps)))
+        self._jobs.put(("chunk", ep, (ep.chunks_flushed, steps)))
+        ep.chunks_flushed += 1
 
     def _write_loop(self) -> None:
         while True:

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from envfile import env_example
 import redis
 import yaml
 
@@ -56,17 +57,6 @@ pytestmark = pytest.mark.timeout(240)
 
 
 # -- compose interpolation ---------------------------------------------------------------------
-
-def env_example() -> dict[str, str]:
-    out = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            assert sep, f".env.example: not KEY=value: {line!r}"
-            out[key] = value
-    return out
-
 
 _VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|([A-Za-z_][A-Za-z0-9_]*))")
 

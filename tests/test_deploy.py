@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
+from envfile import env_example
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,17 +66,6 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def load_compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text())
-
-
-def env_example() -> dict[str, str]:
-    out = {}
-    for line in ENV_EXAMPLE.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            assert sep, f".env.example: not KEY=value: {line!r}"
-            out[key] = value
-    return out
 
 
 # -- docker-compose.yml ----------------------------------------------------------------------
