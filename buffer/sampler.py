@@ -277,7 +277,8 @@ class BufferSampler:
 
     index:    fleetloop.buffer.index.FrameIndex (or anything with version/tasks()/episodes())
     rules:    the algorithm's FrameRules (default: uniform BC)
-    encode:   instruction -> float32 [384] (LanguageEncoder.encode); cached per instruction here
+    encode:   instruction -> the policy's instruction features (backend.instruction_featurizer:
+              a float32 [384] embedding, or token ids); cached per instruction here
     image_fn: (entry, t) -> {camera: HxWx3 uint8} (PayloadCache.images); needed iff cameras
     cameras:  the model's cameras, stacked on channels in this order (empty: state-only model)
     """
@@ -420,7 +421,8 @@ class BufferSampler:
         if e is None:
             if self.encode is None:
                 raise ValueError("BufferSampler needs encode= (LanguageEncoder.encode) to build batches")
-            e = self._lang_cache[instruction] = np.asarray(self.encode(instruction), np.float32)
+            e = np.asarray(self.encode(instruction))  # an embedding (float) or token ids (int)
+            e = self._lang_cache[instruction] = e.astype(np.float32) if e.dtype.kind == "f" else e
         return e
 
     def _image(self, entry, t: int) -> np.ndarray:

@@ -96,14 +96,14 @@ class Robot:
         from fleetloop.actor.spool import Spool
         from fleetloop.actor.weights import PolicySlot
         from fleetloop.policy.registry import PolicyRegistry
-        from fleetloop.policy.runtime import VLAPolicy
+        from fleetloop.policy.runtime import PolicyLoader
 
         self.robot_id = f"sim-{index:02d}"
         # Robot i starts on task i and then rotates, so every task gets fleet time for any N.
         self.tasks = tasks[index % len(tasks):] + tasks[:index % len(tasks)]
         client = redis_lib.Redis.from_url(redis_url, socket_timeout=10)
         slot = PolicySlot(PolicyRegistry(store, client), self.robot_id, poll_interval_s=2.0,
-                          load_fn=lambda cfg, data, version: VLAPolicy.from_bytes(cfg, data, version))
+                          load_fn=PolicyLoader())
         self.daemon = ActorDaemon(self.robot_id, store, client, Spool(spool_root / self.robot_id), slot,
                                   grpc_address="127.0.0.1:0", indicator=indicator).start()
         self.link = RobotLinkClient(self.daemon.address, self.robot_id, timeout_s=10.0)
@@ -238,7 +238,7 @@ def run_demo(args) -> dict:
     from fleetloop.buffer.store import open_store
     from fleetloop.learner.app import start_learner
     from fleetloop.policy.registry import PolicyRegistry
-    from fleetloop.policy.runtime import VLAPolicy
+    from fleetloop.policy.runtime import PolicyRuntime
     from fleetloop.services import RedisServer
 
     tasks = parse_task_list(args.tasks)
@@ -261,7 +261,7 @@ def run_demo(args) -> dict:
         t_start = time.time()
         pretrained = _pretrained(out, store_uri, tasks, args)
         log.info("evaluating the pretrained policy: %d episodes per task", args.eval_episodes)
-        before = _evaluate(VLAPolicy.from_checkpoint(pretrained, version="pretrained"), tasks, args.eval_episodes,
+        before = _evaluate(PolicyRuntime.from_checkpoint(pretrained, version="pretrained"), tasks, args.eval_episodes,
                            args.images) if args.eval_episodes else {}
         log.info("before: %s", {t: v["success_rate"] for t, v in before.items()})
 
@@ -297,7 +297,7 @@ def run_demo(args) -> dict:
         registry = PolicyRegistry(store, client)
         final_version = registry.latest_version()
         manifest, weights = registry.fetch(final_version)
-        final_policy = VLAPolicy.from_bytes(manifest.config_json, weights, final_version)
+        final_policy = PolicyRuntime.from_bytes(manifest.config_json, weights, final_version)
         log.info("evaluating %s: %d episodes per task", final_version, args.eval_episodes)
         after = _evaluate(final_policy, tasks, args.eval_episodes, args.images) if args.eval_episodes else {}
 

@@ -52,6 +52,8 @@ class LearnerConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     warmup_steps: int = 25
+    precision: str = "fp32"                 # "bf16": autocast on GPU learners
+    publish_trained_only: bool | None = None  # None: the backend's choice (LoRA: adapters + expert only)
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
@@ -118,7 +120,7 @@ def _train_worker(loop_cfg: dict) -> None:
     from fleetloop.learner.algorithms import make_algorithm
     from fleetloop.learner.checkpoint import CheckpointStore, arrays_to_safetensors
     from fleetloop.learner.core import CoreConfig, LearnerCore
-    from fleetloop.policy.model import from_safetensors_bytes, to_safetensors_bytes
+    from fleetloop.policy.backend import export_version, model_from_weights
     from fleetloop.policy.registry import PolicyRegistry
 
     cfg = LearnerConfig(**loop_cfg["config"])
@@ -131,17 +133,17 @@ def _train_worker(loop_cfg: dict) -> None:
 
     loaded = ckpts.load_latest()
     if loaded is not None:
-        net = from_safetensors_bytes(None, loaded.files["model"])
+        net = model_from_weights(loaded.files["model"])
         published = dict(loaded.state.get("published", {}))
     else:
-        net = from_safetensors_bytes(None, ray.get(loop_cfg["init_weights"]))
+        net = model_from_weights(ray.get(loop_cfg["init_weights"]))
         published = dict(loop_cfg["published"])
     torch.manual_seed(cfg.seed + rank)
     source = RemoteSource(replay, rank, cfg.batch_size)
     algorithm = make_algorithm(cfg.algo, **cfg.algo_options)  # learner side: its loss()
     core = LearnerCore(net, source, algorithm,
                        CoreConfig(batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps),
+                                  grad_clip=cfg.grad_clip, warmup_steps=cfg.warmup_steps, precision=cfg.precision),
                        device=ray.train.torch.get_device(), wrap=ray.train.torch.prepare_model)
     if loaded is not None:
         core.step = loaded.step
@@ -172,7 +174,8 @@ def _train_worker(loop_cfg: dict) -> None:
 
     def publish() -> None:
         t = time.perf_counter()
-        m = registry.publish(to_safetensors_bytes(core.net), core.net.config.to_json(),
+        v = export_version(core.net, cfg.publish_trained_only)
+        m = registry.publish(v.weights, v.config_json, backend=v.backend, base_sha256=v.base_sha256,
                              parent_version=published.get("version", ""), learner_step=core.step,
                              algorithm=cfg.algo,
                              metrics={"loss": float(np.mean(losses)) if losses else float("nan"),
@@ -186,7 +189,8 @@ def _train_worker(loop_cfg: dict) -> None:
         t = time.perf_counter()
         state, algo_tensors = ray.get(replay.export_state.remote())
         opt_bytes, opt_meta = core.optimizer_state()
-        key = ckpts.save(core.step, {"model": to_safetensors_bytes(core.net), "optimizer": opt_bytes,
+        # What trains is all a checkpoint needs (a LoRA model's base is named in its config).
+        key = ckpts.save(core.step, {"model": export_version(core.net).weights, "optimizer": opt_bytes,
                                      "algorithm": arrays_to_safetensors(algo_tensors)},
                          {**state, "optimizer": opt_meta, "published": published, "algo": cfg.algo,
                           "core": core.config_dict()})
@@ -227,11 +231,12 @@ def _train_worker(loop_cfg: dict) -> None:
 # ---- the driver -------------------------------------------------------------------------------
 
 def _init_weights(cfg: LearnerConfig) -> bytes:
-    from fleetloop.policy.model import load_checkpoint, to_safetensors_bytes
+    """The pretrained checkpoint's weights (verified), as the learner ships them."""
+    from fleetloop.policy.backend import export_version, load_checkpoint
     if not cfg.init_checkpoint:
         raise ValueError("no learner checkpoint to resume from and no init checkpoint given "
                          "(--init CHECKPOINT_DIR, e.g. the output of `fleetloop pretrain`)")
-    return to_safetensors_bytes(load_checkpoint(cfg.init_checkpoint))
+    return export_version(load_checkpoint(cfg.init_checkpoint)).weights
 
 
 class LearnerHandle:
@@ -340,7 +345,7 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
     from fleetloop.buffer.store import open_store
     from fleetloop.learner.checkpoint import CheckpointStore
     from fleetloop.learner.replay import ReplayService
-    from fleetloop.policy.model import from_safetensors_bytes
+    from fleetloop.policy.backend import instruction_featurizer, spec_from_config, weights_metadata
 
     cfg = dataclasses.replace(config or LearnerConfig(), **options)
     cfg.store_uri = store_uri or cfg.store_uri or fl_config.default_store_uri()
@@ -371,7 +376,9 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
         log.info("resuming from %s (step %d)", loaded.key, loaded.step)
     else:
         weights = _init_weights(cfg)
-    model_cfg = from_safetensors_bytes(None, weights).config
+    model_cfg = weights_metadata(weights)
+    spec = spec_from_config(model_cfg)
+    instruction_featurizer(model_cfg)  # fail here (e.g. a base not provisioned), not in the replay actor
 
     if not published:
         import redis as redis_lib
@@ -382,14 +389,16 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
         if current:
             published = {"version": current, "step": 0, "count": 0}
         elif cfg.publish_initial:  # robots need a version to run and to tag their episodes with
-            m = registry.publish(weights, model_cfg.to_json(), learner_step=0, algorithm="pretrain",
+            m = registry.publish(weights, json.dumps(model_cfg, sort_keys=True), learner_step=0, algorithm="pretrain",
+                                 backend=str(model_cfg.get("backend", "")),
+                                 base_sha256=_base_of(model_cfg, weights),
                                  metrics=make_algorithm(cfg.algo, **cfg.algo_options).inference_settings())
             published = {"version": m.version, "step": 0, "count": 0}
 
     replay_cfg = {"store_uri": cfg.store_uri, "redis_url": cfg.redis_url, "algo": cfg.algo,
                   "algo_options": cfg.algo_options, "sampler": {"seed": cfg.seed, **cfg.sampler,
-                                                                "horizon": model_cfg.horizon},
-                  "cameras": model_cfg.cameras if model_cfg.use_images else [], "image_size": model_cfg.image_size,
+                                                                "horizon": spec.horizon},
+                  "model_config": model_cfg, "cameras": list(spec.cameras), "image_size": spec.image_size,
                   "run_name": cfg.run_name, "stats_interval_s": cfg.stats_interval_s,
                   "checkpoint_prefix": cfg.checkpoint_prefix, "torch_threads": cfg.torch_threads}
     # Threaded (stats and loss reports need not queue behind a batch); restarted if it dies,
@@ -417,6 +426,14 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     return LearnerHandle(cfg, replay, trainer, started_ray)
+
+
+def _base_of(model_cfg: dict, weights: bytes) -> str:
+    """The base digest a weights blob needs: set iff the blob holds only trained tensors."""
+    from fleetloop.policy.backend import backend_class, backend_of
+    if not getattr(backend_class(backend_of(model_cfg)), "prefers_trained_only", False):
+        return ""
+    return str((model_cfg.get("base") or {}).get("sha256", ""))
 
 
 def config_json(cfg: LearnerConfig) -> str:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from fleetloop.buffer.sampler import BufferSampler, SampledBatch
-from fleetloop.policy.model import VLAPolicyNet
+from fleetloop.policy.backend import PolicyModel
 from fleetloop.policy.train import lr_factor, make_optimizer
 
 
@@ -32,6 +32,15 @@ class CoreConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     warmup_steps: int = 25    # the optimiser starts without moment estimates
+    precision: str = "fp32"   # "bf16": autocast the forward/backward (GPU learners); weights stay fp32
+
+    def __post_init__(self):
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {self.precision!r}")
+
+
+class ModelDoesNotFit(RuntimeError):
+    """The model, its optimiser state and a batch's activations do not fit the accelerator."""
 
 
 class BatchSource(Protocol):
@@ -56,7 +65,7 @@ class LossModule(nn.Module):
     """net + the algorithm's objective as one module's forward, so DistributedDataParallel
     (which only syncs gradients of work done inside forward) can wrap it."""
 
-    def __init__(self, net: VLAPolicyNet, algorithm=None):
+    def __init__(self, net: PolicyModel, algorithm=None):
         super().__init__()
         self.net = net
         self.algorithm = algorithm
@@ -85,7 +94,7 @@ class LearnerCore:
     wrap: e.g. ray.train.torch.prepare_model (moves to the device, wraps in DDP when there is
     more than one worker); applied to the LossModule."""
 
-    def __init__(self, net: VLAPolicyNet, source: BatchSource, algorithm=None, config: CoreConfig | None = None,
+    def __init__(self, net: PolicyModel, source: BatchSource, algorithm=None, config: CoreConfig | None = None,
                  device: str | torch.device = "cpu", wrap: Callable[[nn.Module], nn.Module] | None = None,
                  sync_timing: bool = False):
         self.cfg = config or CoreConfig()
@@ -96,6 +105,9 @@ class LearnerCore:
         module = LossModule(self.net, algorithm)
         self.module = wrap(module) if wrap else module
         self.opt = make_optimizer(self.net, self.cfg.lr, self.cfg.weight_decay)
+        self._trainable = self.net.trainable_parameters()
+        if not self._trainable:
+            raise ValueError("the model has no trainable parameters (everything frozen?)")
         self.step = 0
         self.samples = 0
         self.sync_timing = sync_timing and self.device.type == "cuda"
@@ -122,10 +134,14 @@ class LearnerCore:
         for g in self.opt.param_groups:
             g["lr"] = self.cfg.lr * lr_factor(self.step, 0, self.cfg.warmup_steps)
         self.module.train()
-        loss, metrics = self.module(tensors)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip or float("inf"))
+        try:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+                loss, metrics = self.module(tensors)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except torch.OutOfMemoryError as e:
+            raise self._does_not_fit(b, e) from None
+        gn = torch.nn.utils.clip_grad_norm_(self._trainable, self.cfg.grad_clip or float("inf"))
         self.opt.step()
         # Per-sample losses l_i for the adaptive mix: the model's loss is
         #   L = sum_i w_i l_i / sum_i w_i   so   dL/dw_i = (l_i - L) / sum_j w_j,
@@ -149,6 +165,18 @@ class LearnerCore:
             metrics["staleness_mean"] = float(st[st >= 0].mean())
         self.last_metrics = metrics
         return metrics
+
+    def _does_not_fit(self, batch_size: int, e: BaseException) -> ModelDoesNotFit:
+        params = self.net.num_parameters()
+        trained = self.net.num_parameters(trainable=True)
+        have = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        # weights (fp32) + AdamW's two moments and the gradient of what trains
+        need = 4 * params + 12 * trained
+        return ModelDoesNotFit(
+            f"out of memory on {self.device} at batch {batch_size}: {params / 1e6:.0f}M parameters "
+            f"({trained / 1e6:.1f}M trained) need ~{need / 2**30:.1f} GiB for weights and optimiser state "
+            f"before activations (device has {have / 2**30:.0f} GiB). Lower --batch-size, use LoRA "
+            f"(train fewer weights), precision bf16, gradient checkpointing, or more/larger GPUs. ({e})")
 
     def timing(self) -> dict:
         """Recent per-step time in sampling (waiting for data) vs in the training step."""

@@ -147,8 +147,8 @@ class LabelFollower:
 
 class ReplayService:
     """See the module docstring. `cfg` is a plain dict (it crosses to a Ray actor):
-    store_uri, redis_url, algo, algo_options, sampler (SamplerConfig fields), cameras,
-    image_size, run_name, checkpoint_prefix (restore from its latest checkpoint),
+    store_uri, redis_url, algo, algo_options, sampler (SamplerConfig fields), model_config (the
+    policy's config: its instruction features), cameras, image_size, run_name, checkpoint_prefix (restore from its latest checkpoint),
     stats_interval_s, torch_threads, consumer (bool), encode (tests: a stand-in encoder)."""
 
     def __init__(self, cfg: dict):
@@ -164,9 +164,14 @@ class ReplayService:
         if encode is None:
             from fleetloop.policy.language import get_encoder
             encode = get_encoder().encode
-        self.algorithm.bind(encode)
+        self.algorithm.bind(encode)  # the value function's language embedding (MiniLM)
+        # The policy's own instruction features (tiny: the same embedding; hf-vla: token ids).
+        featurize = encode
+        if cfg.get("model_config"):
+            from fleetloop.policy.backend import instruction_featurizer
+            featurize = instruction_featurizer(cfg["model_config"])
         self.sampler = BufferSampler(self.index, SamplerConfig(**cfg.get("sampler", {})), self.algorithm,
-                                     encode=encode, image_fn=self.payloads.images,
+                                     encode=featurize, image_fn=self.payloads.images,
                                      cameras=cfg.get("cameras", []), image_size=int(cfg.get("image_size", 64)))
         self.restored_from = self._restore(cfg.get("checkpoint_prefix"))
         self._lock = threading.RLock()   # sampling and labelling refreshes, one at a time

@@ -14,7 +14,7 @@ from fleetloop.policy.model import (INDICATOR_NEGATIVE, INDICATOR_POSITIVE, INDI
                                     ModelConfig, VLAPolicyNet, drop_indicator, from_safetensors_bytes, guide,
                                     load_checkpoint, random_shift, save_checkpoint, sha256_hex,
                                     to_safetensors_bytes)
-from fleetloop.policy.runtime import VLAPolicy
+from fleetloop.policy.runtime import PolicyLoader, PolicyRuntime
 from fleetloop.policy.train import make_optimizer, train_step
 
 torch.set_num_threads(1)
@@ -194,7 +194,7 @@ def test_save_load_bit_exact(tmp_path, tiny_img):
     batch = make_batch(net.config, 5)
     assert torch.equal(outputs(net, batch), outputs(loaded, batch))
     assert torch.equal(loaded.state_std, net.state_std)
-    policy = VLAPolicy.from_checkpoint(tmp_path / "ckpt", encoder=FakeEncoder())
+    policy = PolicyRuntime.from_checkpoint(tmp_path / "ckpt")
     assert policy.version == "v7"
 
 
@@ -236,7 +236,7 @@ def test_wrong_state_dim_is_a_clear_error(tiny_img):
     b = make_batch(cfg, 2)
     with pytest.raises(ValueError, match="state has 7 dims but this policy was built for state_dim=39"):
         tiny_img(torch.zeros(2, 7), b["lang"], b["indicator"], b["images"])
-    policy = VLAPolicy(tiny_img, encoder=FakeEncoder())
+    policy = PolicyRuntime(tiny_img)
     obs = Observation(images={"front": np.zeros((64, 64, 3), np.uint8)}, state=np.zeros(7, np.float32))
     with pytest.raises(ValueError, match="state has 7 dims"):
         policy.act(obs, "reach")
@@ -249,7 +249,7 @@ def test_wrong_state_dim_is_a_clear_error(tiny_img):
 # ---- runtime ------------------------------------------------------------------------------
 
 def test_runtime_act_and_swap(tiny_img):
-    policy = VLAPolicy(tiny_img, version="v1", encoder=FakeEncoder(), beta=2.0)
+    policy = PolicyRuntime(tiny_img, version="v1", beta=2.0)
     assert isinstance(policy, Policy) and (policy.horizon, policy.action_dim) == (8, 4)
     obs = Observation(images={"front": np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)},
                       state=np.random.default_rng(1).standard_normal(39).astype(np.float32))
@@ -257,13 +257,26 @@ def test_runtime_act_and_swap(tiny_img):
         chunk = policy.act(obs, "push the puck", indicator)
         assert chunk.shape == (8, 4) and chunk.dtype == np.float32
         assert np.all(np.abs(chunk) <= 1.0)
+    # PolicySlot's load_fn: each published tiny version is its own model (nothing shared).
     new = VLAPolicyNet(tiny_img.config)
-    data = to_safetensors_bytes(new)
+    loader = PolicyLoader()
+    v2 = loader(None, to_safetensors_bytes(new), "v2")
+    assert v2.version == "v2" and v2.model is not tiny_img and policy.model is tiny_img
+    with torch.no_grad():
+        new.head.bias.fill_(0.5)
+    np.testing.assert_allclose(loader(None, to_safetensors_bytes(new), "v3").act(obs, "push the puck"), 0.5, atol=0.2)
+    assert policy.act(obs, "push the puck").shape == (8, 4)  # v1 untouched
     with pytest.raises(CheckpointError):
-        policy.swap_weights(None, data, "v2", sha256="f" * 64)
-    assert policy.version == "v1"  # a bad blob leaves the running policy alone
-    policy.swap_weights(None, data, "v2", sha256=sha256_hex(data))
-    assert policy.version == "v2" and policy.net is not tiny_img
+        loader(None, b"\x00" * 64, "v4")
+
+
+def test_instruction_cache_is_bounded(tiny_img):
+    from fleetloop.policy import runtime
+    policy = PolicyRuntime(tiny_img)
+    obs = Observation(images={"front": np.zeros((64, 64, 3), np.uint8)}, state=np.zeros(39, np.float32))
+    for i in range(runtime.INSTRUCTION_CACHE_SIZE + 20):
+        policy.act(obs, f"instruction number {i}")
+    assert len(policy._lang) == runtime.INSTRUCTION_CACHE_SIZE
 
 
 # ---- language -----------------------------------------------------------------------------

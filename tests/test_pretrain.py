@@ -13,7 +13,7 @@ from fleetloop.cli import main
 from fleetloop.policy.data import ChunkDataset, load_demonstrations
 from fleetloop.policy.interface import Observation
 from fleetloop.policy.model import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from fleetloop.policy.runtime import VLAPolicy
+from fleetloop.policy.runtime import PolicyRuntime
 from fleetloop.proto.v1 import episode_pb2 as pb
 
 torch.set_num_threads(1)
@@ -82,7 +82,7 @@ def test_pretrain_cli_writes_loadable_checkpoint(store_uri, tmp_path, capsys):
 
     net = load_checkpoint(tmp_path / "ckpt")
     assert net.state_std.min() > 0 and not torch.equal(net.state_mean, torch.zeros(S))  # stats from the data
-    policy = VLAPolicy.from_checkpoint(tmp_path / "ckpt")
+    policy = PolicyRuntime.from_checkpoint(tmp_path / "ckpt")
     obs = Observation(images={"front": np.zeros((64, 64, 3), np.uint8)}, state=np.zeros(S, np.float32))
     assert policy.act(obs, "reach the goal", indicator=True).shape == (8, A)
 

@@ -120,10 +120,10 @@ def load_policy(spec: str, beta: Optional[float] = None) -> Policy:
 
     if not Path(spec).is_dir():
         raise FileNotFoundError(f"--policy {spec!r}: not 'expert' and not a checkpoint directory")
-    from fleetloop.policy.runtime import VLAPolicy
+    from fleetloop.policy.runtime import PolicyRuntime
 
     kwargs = {} if beta is None else {"beta": beta}
-    return VLAPolicy.from_checkpoint(spec, **kwargs)
+    return PolicyRuntime.from_checkpoint(spec, **kwargs)
 
 
 # ---- CLI ---------------------------------------------------------------------------------------

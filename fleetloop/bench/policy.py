@@ -1,6 +1,6 @@
 """`fleetloop bench policy --json`: act() latency and sustained control rate per size preset.
 
-Measures what a robot sees: one VLAPolicy.act() call (cached instruction embedding, one 64x64
+Measures what a robot sees: one PolicyRuntime.act() call (cached instruction embedding, one 64x64
 camera + 39-d state -> [H, A] chunk) with torch on 1 CPU thread. With chunking the robot
 executes k of the H actions per call, so the sustained control rate is k / latency.
 Also measures BC training throughput (samples/s) per preset, which bounds the online learner.
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from fleetloop.policy.interface import Observation
-from fleetloop.policy.model import SIZES, ModelConfig, VLAPolicyNet
+from fleetloop.policy.backend import PolicyModel, build_model
+from fleetloop.policy.model import SIZES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,10 +44,10 @@ def _time_calls(fn, n: int, warmup: int = 20) -> np.ndarray:
     return out * 1e3  # ms
 
 
-def _train_rate(cfg: ModelConfig, steps: int, batch: int, threads: int) -> float:
+def _train_rate(net: PolicyModel, steps: int, batch: int, threads: int) -> float:
     from fleetloop.policy.train import make_optimizer, train_step
     torch.set_num_threads(threads)
-    net = VLAPolicyNet(cfg)
+    cfg = net.config
     opt = make_optimizer(net)
     g = torch.Generator().manual_seed(0)
     b = {"state": torch.randn(batch, cfg.state_dim, generator=g), "lang": torch.randn(batch, cfg.lang_dim, generator=g),
@@ -65,7 +66,7 @@ def _train_rate(cfg: ModelConfig, steps: int, batch: int, threads: int) -> float
 
 def run(args) -> int:
     from fleetloop.policy.language import get_encoder
-    from fleetloop.policy.runtime import VLAPolicy
+    from fleetloop.policy.runtime import PolicyRuntime
 
     torch.set_num_threads(1)
     instruction = "pick up the puck and place it at the goal"
@@ -85,23 +86,25 @@ def run(args) -> int:
               "language": {"load_s": round(load_s, 3), "encode_uncached_p50_ms": round(float(np.median(lang_ms)), 3)},
               "sizes": {}}
     for size in args.sizes:
-        cfg = ModelConfig.preset(size, use_images=not args.state_only)
-        k = args.execute or max(1, cfg.horizon // 2)
         torch.manual_seed(0)
-        policy = VLAPolicy(VLAPolicyNet(cfg), version="bench", encoder=encoder, num_threads=1)
+        net = build_model("tiny", size=size, use_images=not args.state_only)
+        cfg = net.config
+        k = args.execute or max(1, cfg.horizon // 2)
+        policy = PolicyRuntime(net, version="bench", num_threads=1)
         plain = _time_calls(lambda: policy.act(obs, instruction), args.calls)
         policy.beta = args.beta
         guided = _time_calls(lambda: policy.act(obs, instruction, indicator=True), args.calls)
         p50, p99 = float(np.percentile(plain, 50)), float(np.percentile(plain, 99))
         gp50, gp99 = float(np.percentile(guided, 50)), float(np.percentile(guided, 99))
-        entry = {"params": policy.net.num_parameters(), "horizon": cfg.horizon, "execute_k": k,
+        entry = {"params": policy.model.num_parameters(), "horizon": cfg.horizon, "execute_k": k,
                  "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
                  "hz_p50": round(k / p50 * 1e3, 1), "hz_p99": round(k / p99 * 1e3, 1),
                  "guided_beta": args.beta, "guided_p50_ms": round(gp50, 3), "guided_p99_ms": round(gp99, 3),
                  "guided_hz_p99": round(k / gp99 * 1e3, 1),
                  "sustains_30hz": k / p99 * 1e3 >= 30}
         if args.train_steps > 0:
-            entry["train_samples_per_s"] = round(_train_rate(cfg, args.train_steps, args.train_batch,
+            entry["train_samples_per_s"] = round(_train_rate(build_model("tiny", size=size, use_images=not args.state_only),
+                                                             args.train_steps, args.train_batch,
                                                              args.train_threads), 1)
             entry["train_threads"] = args.train_threads
             torch.set_num_threads(1)

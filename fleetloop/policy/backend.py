@@ -233,6 +233,38 @@ def instruction_featurizer(config: str | Mapping) -> Callable[[str], np.ndarray]
     return backend_class(backend_of(cfg)).instruction_featurizer(cfg)
 
 
+def spec_from_config(config: str | Mapping) -> ObservationSpec:
+    """A model's ObservationSpec from its config alone (every backend's config carries the spec
+    fields; the tiny backend's `use_images: false` means no cameras)."""
+    c = parse_config(config)
+    try:
+        cameras = tuple(c.get("cameras") or ()) if c.get("use_images", True) else ()
+        return ObservationSpec(state_dim=int(c["state_dim"]), action_dim=int(c["action_dim"]),
+                               horizon=int(c["horizon"]), cameras=cameras, image_size=int(c.get("image_size", 64)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"model config lacks the observation spec ({e})") from None
+
+
+@dataclass
+class ExportedVersion:
+    """What the registry publishes for a model: weights, config, and what they need."""
+    weights: bytes
+    config_json: str
+    backend: str
+    base_sha256: str          # "" when the weights are self-contained
+
+
+def export_version(model: PolicyModel, trained_only: bool | None = None) -> ExportedVersion:
+    """A model as a publishable version. trained_only None: the backend's preference (LoRA
+    backends ship only adapters + expert; the base is named by its digest)."""
+    if trained_only is None:
+        trained_only = bool(getattr(model, "prefers_trained_only", False))
+    cfg = model.config_dict()
+    base = str((cfg.get("base") or {}).get("sha256", "")) if trained_only else ""
+    return ExportedVersion(model.export_weights(trained_only=trained_only), model.config_json(),
+                           model.backend if model.backend != DEFAULT_BACKEND else "", base)
+
+
 # ---- checkpoint directories -------------------------------------------------------------------
 
 def save_checkpoint(model: PolicyModel, directory: str | os.PathLike, extra: Mapping | None = None,
@@ -296,4 +328,4 @@ def select_tensors(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Te
 __all__ = ["BACKENDS", "CheckpointError", "ObservationSpec", "PolicyModel", "backend_class", "backend_names",
            "build_model", "instruction_featurizer", "load_checkpoint", "model_from_weights",
            "read_checkpoint_config", "register_backend", "save_checkpoint", "sha256_hex", "weights_metadata",
-           "field"]
+           "spec_from_config", "export_version", "ExportedVersion"]

@@ -18,7 +18,7 @@ import torch
 
 from fleetloop.buffer.codec import EpisodeRejected, LoadedEpisode, decode_image, read_episode, read_manifest
 from fleetloop.buffer.store import ObjectStore
-from fleetloop.policy.model import INDICATOR_UNSET
+from fleetloop.policy.backend import INDICATOR_UNSET
 from fleetloop.proto.v1 import episode_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,8 @@ class ChunkDataset:
     """In-memory samples, one per step: state, language index, chunk target, mask, indicator,
     weight and (optionally) the image. Language embeddings are stored once per instruction.
 
-    `encode` maps a list of instructions to float32 [N, 384] (LanguageEncoder.encode_many)."""
+    `encode` maps a list of instructions to the model's instruction features [N, ...] (float32
+    embeddings for the tiny backend, token ids for hf-vla: see PolicyModel.featurize_instruction)."""
 
     def __init__(self, episodes: Sequence[EpisodeData], horizon: int,
                  encode: Callable[[list[str]], np.ndarray], use_images: bool = False,
@@ -135,7 +136,8 @@ class ChunkDataset:
         if not episodes:
             raise ValueError("no episodes to train on")
         self.instructions = sorted({e.instruction for e in episodes})
-        self.lang_table = torch.from_numpy(np.asarray(encode(self.instructions), dtype=np.float32))
+        table = np.asarray(encode(self.instructions))  # embeddings (float) or token ids (int)
+        self.lang_table = torch.from_numpy(table.astype(np.float32) if table.dtype.kind == "f" else table)
         lang_index = {s: i for i, s in enumerate(self.instructions)}
         states, chunks, masks, lang, ind, w, imgs = [], [], [], [], [], [], []
         for e in episodes:

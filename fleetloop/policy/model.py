@@ -16,24 +16,19 @@ Checkpoints are safetensors (weights + buffers) plus config.json; never pickle.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from fleetloop.files import write_atomic
+from fleetloop.policy.backend import (CONFIG_FILE, WEIGHTS_FILE, INDICATOR_NEGATIVE, INDICATOR_POSITIVE,  # noqa: F401
+                                      INDICATOR_UNSET, CheckpointError, ObservationSpec, PolicyModel,
+                                      load_checkpoint, model_from_weights, read_checkpoint_config,
+                                      register_backend, save_checkpoint, sha256_hex)
 from fleetloop.policy.language import EMBED_DIM
-
-INDICATOR_UNSET, INDICATOR_NEGATIVE, INDICATOR_POSITIVE = 0, 1, 2
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-CHECKPOINT_FORMAT = "fleetloop-vla/1"
 
 # Width/depth per size preset. "tiny" trains at thousands of samples/s on one CPU core
 # (state-only); "small" is the robot default with images; "base" is meant for a GPU learner.
@@ -42,11 +37,6 @@ SIZES: dict[str, dict[str, Any]] = {
     "small": dict(embed_dim=128, hidden_dim=512, depth=3, cnn_channels=[32, 64, 64, 64]),
     "base": dict(embed_dim=256, hidden_dim=1024, depth=4, cnn_channels=[32, 64, 128, 256]),
 }
-
-
-class CheckpointError(Exception):
-    """A checkpoint or weights blob that cannot be loaded: missing file, hash mismatch,
-    corrupt bytes, or weights that do not fit the config."""
 
 
 @dataclass
@@ -172,7 +162,10 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | No
 
 # ---- the network ------------------------------------------------------------------------
 
-class VLAPolicyNet(nn.Module):
+@register_backend("tiny")
+class VLAPolicyNet(PolicyModel):
+    """The "tiny" backend: trained in full, every tensor is "trained"."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
@@ -296,101 +289,78 @@ class VLAPolicyNet(nn.Module):
             }
         return loss, metrics
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    # -- the policy seam (fleetloop.policy.backend.PolicyModel) --
+
+    @classmethod
+    def build(cls, size: str = "tiny", **fields) -> "VLAPolicyNet":
+        return cls(ModelConfig.preset(size, **fields))
+
+    @classmethod
+    def from_config(cls, config: Mapping, tensors: Mapping[str, torch.Tensor]) -> "VLAPolicyNet":
+        try:
+            cfg = ModelConfig.from_dict({k: v for k, v in config.items() if k != "backend"})
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"bad tiny model config: {e}") from None
+        net = cls(cfg)
+        net.load_weights(tensors)
+        return net
+
+    @classmethod
+    def instruction_featurizer(cls, config: Mapping):
+        from fleetloop.policy.language import get_encoder
+        return get_encoder().encode
+
+    @property
+    def spec(self) -> ObservationSpec:
+        c = self.config
+        return ObservationSpec(state_dim=c.state_dim, action_dim=c.action_dim, horizon=c.horizon,
+                               cameras=tuple(c.cameras) if c.use_images else (), image_size=c.image_size)
+
+    def config_dict(self) -> dict:
+        return self.config.to_dict()
+
+    def featurize_instruction(self, instruction: str) -> np.ndarray:
+        from fleetloop.policy.language import get_encoder
+        return get_encoder().encode(instruction)
+
+    @torch.no_grad()
+    def sample_actions(self, inputs: Mapping[str, torch.Tensor], beta: float = 1.0) -> torch.Tensor:
+        chunk = self.predict(inputs["state"], inputs["lang"], inputs["indicator"],
+                             inputs.get("images") if self.config.use_images else None, beta=beta)
+        clip = self.config.action_clip
+        return chunk.clamp(-clip, clip) if clip > 0 else chunk
+
+    def set_normalization(self, state_mean, state_std, action_mean=None, action_std=None) -> None:
+        """Proprio only: the head regresses raw actions (already in [-1, 1] on MetaWorld)."""
+        self.set_state_stats(state_mean, state_std)
+
+    def export_weights(self, trained_only: bool = False) -> bytes:
+        """Deterministic (same weights -> same bytes -> same sha256): safetensors orders tensors
+        by dtype and name, but not metadata keys, hence a single metadata entry. Everything is
+        trained, so trained_only changes nothing."""
+        from safetensors.torch import save
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+        return save(tensors, metadata={"fleetloop_config": self.config.to_json()})
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], trained_only: bool = False) -> None:
+        try:
+            self.load_state_dict(dict(tensors), strict=True)
+        except RuntimeError as e:
+            cfg = self.config
+            raise CheckpointError(f"weights do not fit config (size={cfg.size}, state_dim={cfg.state_dim}, "
+                                  f"use_images={cfg.use_images}): {e}") from None
 
 
-# ---- weights and checkpoints --------------------------------------------------------------
+# ---- weights (the seam's functions do the rest: fleetloop.policy.backend) ---------------------
 
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _tensors(net: VLAPolicyNet) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-
-
-def to_safetensors_bytes(net: VLAPolicyNet) -> bytes:
-    """Weights + buffers as one safetensors blob; the config rides along in the metadata.
-    Deterministic (same weights -> same bytes -> same sha256): safetensors orders tensors by
-    dtype and name, but not metadata keys, hence a single metadata entry."""
-    from safetensors.torch import save
-    return save(_tensors(net), metadata={"fleetloop_config": net.config.to_json()})
+def to_safetensors_bytes(net: PolicyModel) -> bytes:
+    """Every tensor of `net` as one safetensors blob, its config in the metadata."""
+    return net.export_weights()
 
 
 def from_safetensors_bytes(config: ModelConfig | Mapping | str | None, data: bytes,
-                           sha256: str | None = None, device: str | torch.device = "cpu") -> VLAPolicyNet:
-    """Rebuild a net from a weights blob. `sha256`, if given, must match the bytes (the actor
-    checks what the learner published). `config` None reads it from the blob's metadata.
-    Returns the net in eval mode."""
-    if sha256 is not None and sha256_hex(data) != sha256.lower():
-        raise CheckpointError(f"weights sha256 mismatch: expected {sha256}, got {sha256_hex(data)}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-    try:
-        tensors = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"corrupt safetensors weights ({len(data)} bytes): {e}") from None
-    if config is None:
-        config = _config_from_metadata(data)
-    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_json(config)
-    net = VLAPolicyNet(cfg)
-    try:
-        net.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit config (size={cfg.size}, state_dim={cfg.state_dim}, "
-                              f"use_images={cfg.use_images}): {e}") from None
-    return net.to(device).eval()
-
-
-def _config_from_metadata(data: bytes) -> ModelConfig:
-    # safetensors layout: 8-byte little-endian header length, then a JSON header.
-    try:
-        n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + n]).get("__metadata__", {})
-        return ModelConfig.from_json(meta["fleetloop_config"])
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"weights carry no usable fleetloop_config metadata ({e}); pass the config") from None
-
-
-def save_checkpoint(net: VLAPolicyNet, directory: str | os.PathLike, extra: Mapping | None = None) -> Path:
-    """Write <dir>/model.safetensors and <dir>/config.json (model config, the weights' sha256,
-    and free-form `extra` such as training steps). Weights first, config last."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    data = to_safetensors_bytes(net)
-    write_atomic(d / WEIGHTS_FILE, data)
-    doc = {"format": CHECKPOINT_FORMAT, "model": net.config.to_dict(), "weights_sha256": sha256_hex(data),
-           "weights_bytes": len(data), "extra": dict(extra or {})}
-    write_atomic(d / CONFIG_FILE, json.dumps(doc, indent=1, sort_keys=True).encode())
-    return d
-
-
-def read_checkpoint_config(directory: str | os.PathLike) -> dict:
-    """The parsed config.json of a checkpoint dir (keys: format, model, weights_sha256, extra)."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found: not a fleetloop checkpoint directory")
-    try:
-        doc = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if doc.get("format") != CHECKPOINT_FORMAT or "model" not in doc:
-        raise CheckpointError(f"{path}: unknown checkpoint format {doc.get('format')!r}, expected {CHECKPOINT_FORMAT}")
-    return doc
-
-
-def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu") -> VLAPolicyNet:
-    """Load a checkpoint written by save_checkpoint, verifying the weights' sha256."""
-    doc = read_checkpoint_config(directory)
-    path = Path(directory) / WEIGHTS_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} not found (config.json present: incomplete checkpoint)")
-    try:
-        cfg = ModelConfig.from_dict(doc["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory}: bad model config: {e}") from None
-    try:
-        return from_safetensors_bytes(cfg, path.read_bytes(), sha256=doc.get("weights_sha256"), device=device)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+                           sha256: str | None = None, device: str | torch.device = "cpu") -> PolicyModel:
+    """Rebuild a model from a weights blob (see backend.model_from_weights)."""
+    if isinstance(config, ModelConfig):
+        config = config.to_dict()
+    return model_from_weights(data, config, sha256=sha256, device=device)

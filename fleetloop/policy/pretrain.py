@@ -1,6 +1,11 @@
-"""`fleetloop pretrain`: behaviour cloning of the VLA on the demonstrations in a store.
+"""`fleetloop pretrain`: behaviour cloning of a policy on the demonstrations in a store.
 
   fleetloop pretrain --store file:///tmp/store --out ckpt/ --size tiny --steps 2000 --batch-size 256
+  fleetloop pretrain --backend hf-vla --base /models/smolvlm --set lora_rank=16 --out ckpt/ ...
+
+Any backend (fleetloop.policy.backend): the tiny model by default; `--backend hf-vla --base DIR`
+puts a flow-matching action expert on a local Hugging Face VLM and trains LoRA adapters + the
+expert (the checkpoint then holds only those, naming the base by its digest).
 
 Reads every demonstration manifest under episodes/ (optionally only --tasks), builds chunk
 targets, sets the proprio normaliser from the data, trains with AdamW (warmup + cosine), and
@@ -17,17 +22,23 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
-from fleetloop.policy.model import (INDICATOR_POSITIVE, INDICATOR_UNSET, SIZES, ModelConfig, VLAPolicyNet,
-                                    save_checkpoint)
+from fleetloop.policy.backend import (INDICATOR_POSITIVE, INDICATOR_UNSET, backend_names, build_model,
+                                      save_checkpoint)
+from fleetloop.policy.model import SIZES
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from fleetloop.config import default_store_uri
     p.add_argument("--store", default=default_store_uri(), help="store URI (file:///path or s3://bucket/prefix)")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    p.add_argument("--backend", default="tiny", choices=backend_names(), help="policy backend")
+    p.add_argument("--size", default="tiny", choices=sorted(SIZES), help="tiny backend: size preset")
+    p.add_argument("--base", help="hf-vla backend: a local Hugging Face VLM checkpoint directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend setting (value parsed as JSON when it can be), e.g. lora_rank=32")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -59,7 +70,6 @@ def _detect_cameras(store, tasks) -> list[str]:
 def pretrain(args) -> dict:
     from fleetloop.buffer.store import open_store
     from fleetloop.policy.data import ChunkDataset, batch_to, load_demonstrations, state_stats
-    from fleetloop.policy.language import get_encoder
     from fleetloop.policy.train import lr_factor, make_optimizer, seed_everything, train_step
 
     if args.threads:
@@ -74,17 +84,17 @@ def pretrain(args) -> dict:
     if not episodes:
         raise SystemExit(f"no demonstrations in {args.store}" + (f" for tasks {args.tasks}" if args.tasks else "")
                          + ": record some with `fleetloop collect` first")
-    encoder = get_encoder()
     indicator = INDICATOR_POSITIVE if args.demo_indicator == "positive" else INDICATOR_UNSET
-    data = ChunkDataset(episodes, args.horizon, encoder.encode_many, use_images=bool(cameras),
-                        default_indicator=indicator)
-    print(f"pretrain: {len(episodes)} demonstrations, {len(data)} samples, {len(data.instructions)} "
-          f"instructions, cameras={cameras or 'none (state-only)'}, loaded in {time.time() - t0:.1f}s", flush=True)
-
-    cfg = ModelConfig.preset(args.size, state_dim=data.state_dim, action_dim=data.action_dim, horizon=args.horizon,
-                             use_images=bool(cameras), cameras=cameras or ["front"])
-    net = VLAPolicyNet(cfg)
-    net.set_state_stats(*state_stats(episodes))
+    state_dim, action_dim = episodes[0].states.shape[1], episodes[0].actions.shape[1]
+    image_size = int(episodes[0].images.shape[-1]) if cameras else 64
+    net = _build(args, state_dim, action_dim, cameras, image_size)
+    data = ChunkDataset(episodes, args.horizon, lambda xs: np.stack([net.featurize_instruction(x) for x in xs]),
+                        use_images=bool(cameras), default_indicator=indicator)
+    print(f"pretrain: {net.backend} backend, {len(episodes)} demonstrations, {len(data)} samples, "
+          f"{len(data.instructions)} instructions, cameras={cameras or 'none (state-only)'}, "
+          f"loaded in {time.time() - t0:.1f}s", flush=True)
+    actions = np.concatenate([e.actions for e in episodes]).astype(np.float64)
+    net.set_normalization(*state_stats(episodes), actions.mean(0), actions.std(0))
     net.to(device)
     opt = make_optimizer(net, args.lr, args.weight_decay)
     warmup = min(100, max(1, args.steps // 10))
@@ -99,13 +109,43 @@ def pretrain(args) -> dict:
             print(f"step {step + 1}/{args.steps}  loss {sum(window) / len(window):.4f}  l1 {metrics['l1']:.4f}  "
                   f"lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} samples/s", flush=True)
             window = []
-    summary = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "size": args.size,
+    summary = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "backend": net.backend,
+               "size": args.size if net.backend == "tiny" else None,
+               "parameters": net.num_parameters(), "trainable_parameters": net.num_parameters(trainable=True),
                "episodes": len(episodes), "samples": len(data), "tasks": sorted({e.task_id for e in episodes}),
                "instructions": data.instructions, "final_loss": metrics.get("loss"),
                "train_seconds": round(time.time() - t_train, 2), "store": args.store, "version": "pretrain"}
     save_checkpoint(net.cpu(), args.out, extra=summary)
-    print(f"wrote checkpoint {args.out} ({net.num_parameters()} parameters)", flush=True)
+    print(f"wrote checkpoint {args.out} ({net.num_parameters()} parameters, "
+          f"{net.num_parameters(trainable=True)} trained)", flush=True)
     return summary
+
+
+def _settings(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _build(args, state_dim: int, action_dim: int, cameras: list[str], image_size: int):
+    settings = _settings(args.set)
+    if args.backend == "tiny":
+        return build_model("tiny", size=args.size, state_dim=state_dim, action_dim=action_dim,
+                           horizon=args.horizon, use_images=bool(cameras), cameras=cameras or ["front"], **settings)
+    if not args.base:
+        raise SystemExit(f"--backend {args.backend} needs --base DIR (a local Hugging Face checkpoint directory)")
+    if not cameras:
+        raise SystemExit(f"--backend {args.backend} is a vision-language model: it needs camera images "
+                         "(drop --state-only; record demonstrations with cameras)")
+    return build_model(args.backend, base_dir=args.base, state_dim=state_dim, action_dim=action_dim,
+                       horizon=args.horizon, cameras=cameras, image_size=image_size, **settings)
 
 
 def run(args) -> int:

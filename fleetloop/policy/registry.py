@@ -228,10 +228,12 @@ class PolicyRegistry:
     # ---- learner side ---------------------------------------------------------------------
 
     def publish(self, weights: bytes, config_json: str, parent_version: str = "", learner_step: int = 0,
-                algorithm: str = "", metrics: Optional[dict] = None, move_pointer: bool = True) -> ppb.PolicyManifest:
+                algorithm: str = "", metrics: Optional[dict] = None, move_pointer: bool = True,
+                backend: str = "", base_sha256: str = "") -> ppb.PolicyManifest:
         """Store a new version (weights, then manifest = commit), index it, move the fleet pointer
         (unless pinned or move_pointer=False) and notify. Retrying after a failure is safe: it
-        makes a new version; a half-written one is never visible (no manifest)."""
+        makes a new version; a half-written one is never visible (no manifest). backend and
+        base_sha256: see PolicyManifest (fleetloop.policy.backend.export_version gives them)."""
         if not isinstance(weights, (bytes, bytearray, memoryview)) or not len(weights):
             raise ValueError("weights must be non-empty bytes (a safetensors blob)")
         weights = bytes(weights)
@@ -240,7 +242,8 @@ class PolicyRegistry:
         m = ppb.PolicyManifest(
             version=version, parent_version=parent_version or "", learner_step=int(learner_step),
             created_ns=time.time_ns(), weights_key=weights_key(version), weights_sha256=sha256_hex(weights),
-            weights_bytes=len(weights), config_json=config_json, algorithm=algorithm or "")
+            weights_bytes=len(weights), config_json=config_json, algorithm=algorithm or "",
+            backend=backend or "", base_sha256=base_sha256 or "")
         for k, v in (metrics or {}).items():
             m.metrics[str(k)] = float(v)
         self.store.put(m.weights_key, weights)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from fleetloop.policy.model import VLAPolicyNet
+from fleetloop.policy.backend import PolicyModel
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -18,7 +18,7 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def make_optimizer(net: VLAPolicyNet, lr: float = 1e-3, weight_decay: float = 1e-4) -> torch.optim.Optimizer:
+def make_optimizer(net: PolicyModel, lr: float = 1e-3, weight_decay: float = 1e-4) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms and embeddings (the usual split)."""
     decay, no_decay = [], []
     for name, p in net.named_parameters():
@@ -40,14 +40,14 @@ def lr_factor(step: int, total: int, warmup: int = 100, floor: float = 0.1) -> f
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train_step(net: VLAPolicyNet, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
+def train_step(net: PolicyModel, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
                grad_clip: float = 1.0) -> dict[str, float]:
     """One gradient step on net.loss(batch); returns its metrics plus the gradient norm."""
     net.train()
     loss, metrics = net.loss(batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    gn = torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    gn = torch.nn.utils.clip_grad_norm_(net.trainable_parameters(), grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     metrics["grad_norm"] = float(gn)
     return metrics
