@@ -18,6 +18,12 @@ encoder, adapters): robots holding the parent download only the changed blocks. 
 saving is bytes, not seconds (hashing and loading the full model still dominate).
 
 --mode processes runs each robot in its own process (no shared GIL). Prints one JSON object.
+
+--backend vla: the versions are a real VLA's (fleetloop.policy.hf_vla: a Hugging Face VLM base
++ flow-matching expert, LoRA), loaded by robots through the real PolicyLoader: every robot holds
+the base (provisioned, verified by digest) and the fleet first gets one full push of the model,
+then LoRA versions that carry only the adapters + expert (`update_mb` vs `full_mb`,
+`update_share`), each timed publish -> loaded like the full push.
 """
 from __future__ import annotations
 
@@ -44,6 +50,11 @@ def add_arguments(p) -> None:
                    help="share of tensors changed in the last (delta) version; 0 skips that phase")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the fleet")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
+    p.add_argument("--backend", choices=("bytes", "vla"), default="bytes",
+                   help="bytes: a random --model-mb blob; vla: a real VLA's full and LoRA versions")
+    p.add_argument("--base", help="vla: a local Hugging Face VLM directory (default: a tiny random one)")
+    p.add_argument("--family", default="idefics3", help="vla without --base: idefics3 or paligemma")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="vla: a backend setting")
 
 
 class BenchPolicy:
@@ -72,21 +83,24 @@ def _settings(endpoint: str, create_bucket: bool = False):
     return S3Settings(endpoint_url=endpoint, access_key="test", secret_key="test", create_bucket=create_bucket)
 
 
-def _make_slot(redis_url: str, endpoint: str, robot_id: str):
+def _make_slot(redis_url: str, endpoint: str, robot_id: str, backend: str = "bytes"):
     import redis
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.buffer.store import S3Store
     from fleetloop.policy.registry import PolicyRegistry
     client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
     registry = PolicyRegistry(S3Store(BUCKET, "", _settings(endpoint)), client)
+    if backend == "vla":  # what a robot runs: verify, build once on its base, then overlay adapters
+        from fleetloop.policy.runtime import PolicyLoader
+        return PolicySlot(registry, robot_id, PolicyLoader(), poll_interval_s=5.0, keep_base=False)
     return PolicySlot(registry, robot_id, load_fn, poll_interval_s=5.0)
 
 
-def _process_actor(redis_url: str, endpoint: str, robot_id: str, cmd_q, result_q) -> None:
+def _process_actor(redis_url: str, endpoint: str, robot_id: str, cmd_q, result_q, backend: str = "bytes") -> None:
     """One robot in its own process. Commands: ("await", version) -> reports its status once
     that version is loaded; ("swap",) -> begin_episode(); None -> exit."""
     import safetensors.torch  # noqa: F401  (as in run(): import torch before timing)
-    slot = _make_slot(redis_url, endpoint, robot_id).start()
+    slot = _make_slot(redis_url, endpoint, robot_id, backend).start()
     while (cmd := cmd_q.get()) is not None:
         if cmd[0] == "swap":
             slot.begin_episode()
@@ -120,16 +134,17 @@ def _process_raw_get(endpoint: str, key: str, verify_load: bool, start_evt, resu
 class Fleet:
     """N actors as threads or processes; await(version) -> one last_load dict per actor."""
 
-    def __init__(self, mode: str, n: int, redis_url: str, endpoint: str):
+    def __init__(self, mode: str, n: int, redis_url: str, endpoint: str, backend: str = "bytes"):
         self.mode, self.n = mode, n
         if mode == "threads":
-            self.slots = [_make_slot(redis_url, endpoint, f"robot-{i:03d}").start() for i in range(n)]
+            self.slots = [_make_slot(redis_url, endpoint, f"robot-{i:03d}", backend).start() for i in range(n)]
         else:
             ctx = mp.get_context("spawn")
             self.result_q = ctx.Queue()
             self.cmd_qs = [ctx.Queue() for _ in range(n)]
             self.procs = [ctx.Process(target=_process_actor, daemon=True,
-                                      args=(redis_url, endpoint, f"robot-{i:03d}", self.cmd_qs[i], self.result_q))
+                                      args=(redis_url, endpoint, f"robot-{i:03d}", self.cmd_qs[i], self.result_q,
+                                            backend))
                           for i in range(n)]
             for p in self.procs:
                 p.start()
@@ -228,6 +243,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run(args) -> int:
+    if args.backend == "vla":
+        return run_vla(args)
     import redis
     from safetensors.numpy import save
 
@@ -294,6 +311,79 @@ def run(args) -> int:
                     "publish_s": round(delta_publish_s, 3), "p50_s": _pct(dlat, 50), "p99_s": _pct(dlat, 99),
                     "bytes_moved": dmoved, "via_delta": via.count("delta"),
                 }
+        finally:
+            fleet.close()
+            client.close()
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def run_vla(args) -> int:
+    """Full push of a VLA, then LoRA (adapters + expert) versions on top of the same base."""
+    import tempfile
+
+    import redis
+    import torch
+
+    from fleetloop.buffer.store import S3Store
+    from fleetloop.policy.backend import build_model, export_version
+    from fleetloop.policy.pretrain import _settings as parse_settings
+    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.services import MotoS3Server, RedisServer
+
+    os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(1 << 34))
+    tmp = tempfile.mkdtemp(prefix="fleetloop-bench-broadcast-")
+    base = args.base
+    if not base:
+        from fleetloop.policy.hf_vla.tiny import make_tiny_base
+        base = str(make_tiny_base(args.family, os.path.join(tmp, f"tiny-{args.family}")))
+    torch.manual_seed(0)
+    model = build_model("hf-vla", base_dir=base, state_dim=39, action_dim=4, horizon=8, cameras=["front"],
+                        image_size=64, **parse_settings(args.set))
+    full = export_version(model, trained_only=False)
+    result: dict = {"backend": "hf-vla", "family": model.config_dict()["base"]["family"],
+                    "actors": args.actors, "mode": args.mode, "rounds": args.rounds,
+                    "params": model.num_parameters(), "trainable_params": model.num_parameters(trainable=True)}
+    with MotoS3Server() as s3, RedisServer(appendonly=False) as rs:
+        client = redis.Redis.from_url(rs.url)
+        learner = PolicyRegistry(S3Store(BUCKET, "", _settings(s3.endpoint, create_bucket=True)), client,
+                                 delta=False)
+        fleet = Fleet(args.mode, args.actors, rs.url, s3.endpoint, backend="vla")
+        try:
+            _wait_subscribers(client, args.actors)
+            t0 = time.perf_counter()
+            m = learner.publish(full.weights, full.config_json, backend=full.backend, learner_step=0, algorithm="bench")
+            full_publish_s = time.perf_counter() - t0
+            statuses = fleet.await_version(m.version, args.timeout)
+            fleet.begin_episode()
+            f_lat, f_moved, _ = _latencies(statuses, m.version)
+            lat, moved, publish_s, update_bytes = [], 0, [], 0
+            for r in range(args.rounds):
+                with torch.no_grad():  # stands in for a learner update: every trained tensor moves
+                    for p in model.trainable_parameters():
+                        p.add_(torch.randn_like(p) * 1e-3)
+                v = export_version(model, trained_only=True)
+                update_bytes = len(v.weights)
+                t0 = time.perf_counter()
+                m = learner.publish(v.weights, v.config_json, backend=v.backend, base_sha256=v.base_sha256,
+                                    parent_version=m.version, learner_step=25 * (r + 1), algorithm="bench")
+                publish_s.append(time.perf_counter() - t0)
+                statuses = fleet.await_version(m.version, args.timeout)
+                fleet.begin_episode()
+                r_lat, r_moved, _ = _latencies(statuses, m.version)
+                lat += r_lat
+                moved += r_moved
+            result.update({
+                "full_mb": round(len(full.weights) / 1e6, 3), "update_mb": round(update_bytes / 1e6, 3),
+                "update_share": round(update_bytes / len(full.weights), 4),
+                "full_push": {"p50_s": _pct(f_lat, 50), "p99_s": _pct(f_lat, 99), "publish_s": round(full_publish_s, 3),
+                              "bytes_per_load": f_moved // len(f_lat)},
+                "update": {"p50_s": _pct(lat, 50), "p99_s": _pct(lat, 99), "max_s": round(max(lat), 3),
+                           "publish_s": round(float(np.median(publish_s)), 3),
+                           "bytes_per_load": moved // len(lat), "loaded": len(lat)},
+                "base_sha256": full.config_json and m.base_sha256, "cpus": os.cpu_count(),
+            })
+            result["update_vs_full_p99"] = round(result["update"]["p99_s"] / max(1e-9, result["full_push"]["p99_s"]), 3)
         finally:
             fleet.close()
             client.close()

@@ -1,4 +1,7 @@
 """`fleetloop bench learner --size base --device cuda --json`: learner training throughput.
+`fleetloop bench learner --backend vla --device cpu --json`: the same for a VLA (a pretrained
+Hugging Face VLM + flow-matching action expert with LoRA; --base DIR, or a tiny random model of
+--family built on the spot), adding peak GPU memory and MFU.
 
 Times LearnerCore (what each Ray Train worker runs) on synthetic episodes in a frame index,
 without Ray or Redis:
@@ -43,10 +46,20 @@ def _map_source_tree() -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", default="base", help="model size preset (tiny, small, base)")
+    p.add_argument("--backend", default="tiny", choices=["tiny", "vla", "hf-vla"],
+                   help="policy backend (vla = hf-vla)")
+    p.add_argument("--size", default="base", help="tiny backend: model size preset (tiny, small, base)")
+    p.add_argument("--base", help="vla backend: a local Hugging Face VLM directory (default: a tiny random one)")
+    p.add_argument("--family", default="idefics3", help="vla backend without --base: idefics3 or paligemma")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="vla backend setting")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the device's dense bf16 peak for MFU (0: looked up from the GPU name)")
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     p.add_argument("--json", action="store_true", help="print only the JSON object")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=0, help="0: 256 (tiny) or 32 (vla)")
+    p.add_argument("--horizon", type=int, default=8)
     p.add_argument("--steps", type=int, default=30, help="timed steps per phase")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--state-only", action="store_true")
@@ -120,7 +133,7 @@ def _build_index(args, cfg, tmp: str):
     """(index, image_fn) with synthetic episodes; images per --images."""
     import numpy as np
     rng = np.random.default_rng(0)
-    use_images = cfg.use_images
+    use_images = bool(cfg.cameras)
     if use_images and args.images == "store":
         from fleetloop.buffer.codec import commit_episode, encode_chunk, encode_image, read_episode
         from fleetloop.buffer.index import FrameIndex, PayloadCache, entry_from_loaded
@@ -213,15 +226,18 @@ def bench(args) -> dict:
     _map_source_tree()
     from fleetloop.buffer.sampler import BufferSampler, SamplerConfig, UniformRules
     from fleetloop.learner.core import CoreConfig, LearnerCore, LocalSource
-    from fleetloop.policy.model import ModelConfig, VLAPolicyNet
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
-    cfg = ModelConfig.preset(args.size, use_images=not args.state_only)
+    if not args.batch_size:
+        args.batch_size = 256 if args.backend == "tiny" else 32
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     tmp = tempfile.mkdtemp(prefix="fleetloop-bench-learner-")
+    net = _make_model(args, tmp)
+    cfg = net.spec
     t0 = time.perf_counter()
     index, image_fn = _build_index(args, cfg, tmp)
     build_s = time.perf_counter() - t0
@@ -230,21 +246,30 @@ def bench(args) -> dict:
         rules = HGDagger()
     else:
         rules = UniformRules()
-    lang = {f"do task {m}": np.random.default_rng(m).standard_normal(cfg.lang_dim).astype(np.float32)
-            for m in range(args.tasks)}
-    sampler = BufferSampler(index, SamplerConfig(horizon=cfg.horizon), rules, encode=lang.__getitem__,
-                            image_fn=image_fn, cameras=cfg.cameras if cfg.use_images else [], image_size=cfg.image_size)
+    if net.backend == "tiny":  # a stand-in embedding per instruction (no MiniLM needed here)
+        lang = {f"do task {m}": np.random.default_rng(m).standard_normal(net.config.lang_dim).astype(np.float32)
+                for m in range(args.tasks)}
+        encode = lang.__getitem__
+    else:
+        encode = net.featurize_instruction
+    sampler = BufferSampler(index, SamplerConfig(horizon=cfg.horizon), rules, encode=encode,
+                            image_fn=image_fn, cameras=list(cfg.cameras), image_size=cfg.image_size)
     sampler.set_learner_version("v000010")
-    net = VLAPolicyNet(cfg)
-    core_cfg = CoreConfig(batch_size=args.batch_size)
+    core_cfg = CoreConfig(batch_size=args.batch_size, precision=precision)
     local = LocalSource(sampler, args.batch_size)
-    out: dict = {"size": args.size, "device": str(device), "params": net.num_parameters(),
-                 "batch_size": args.batch_size, "use_images": cfg.use_images,
-                 "images": args.images if cfg.use_images else None, "torch_threads": torch.get_num_threads(),
+    out: dict = {"backend": net.backend, "size": args.size if net.backend == "tiny" else None,
+                 "device": str(device), "params": net.num_parameters(),
+                 "trainable_params": net.num_parameters(trainable=True), "precision": precision,
+                 "batch_size": args.batch_size, "use_images": bool(cfg.cameras),
+                 "images": args.images if cfg.cameras else None, "torch_threads": torch.get_num_threads(),
                  "frames_indexed": int(sum(e.num_steps for e in index.episodes())), "index_build_s": round(build_s, 2),
                  "torch": torch.__version__, "python": platform.python_version()}
+    if net.backend != "tiny":
+        out["model"] = {k: v for k, v in net.config_dict().items() if k not in ("base",)}
+        out["base"] = net.config_dict().get("base")
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
+        torch.cuda.reset_peak_memory_stats(device)
 
     def run(source, steps):
         core = LearnerCore(net, source, rules, core_cfg, device=device, sync_timing=True)
@@ -263,6 +288,17 @@ def bench(args) -> dict:
     batches = [sampler.sample(args.batch_size) for _ in range(8)]
     timing, rate = run(_Replay(batches), args.steps)
     out["step_only"] = {"samples_per_s": round(rate, 1), "step_ms": timing["train_ms"]}
+    out["samples_per_s"] = out["step_only"]["samples_per_s"]  # the headline: the learner step's rate
+    out["step_ms"] = timing["train_ms"]
+    flops = net.flops_per_sample()
+    out["model_tflop_per_sample"] = round(flops / 1e12, 6)
+    out["achieved_tflops"] = round(flops * rate / 1e12, 4)
+    if device.type == "cuda":
+        out["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        peak = args.peak_tflops or _peak_tflops(out["gpu"], precision)
+        if peak:
+            out["peak_tflops"] = peak
+            out["mfu"] = round(flops * rate / (peak * 1e12), 4)
     # 2. serial: sample then step
     timing, rate = run(local, args.steps)
     out["serial"] = {"samples_per_s": round(rate, 1), "sample_ms": timing["sample_ms"], "step_ms": timing["train_ms"],
@@ -280,6 +316,35 @@ def bench(args) -> dict:
     return out
 
 
+# Dense peak TFLOP/s by GPU name (bf16 / fp32), from the vendors' data sheets.
+_PEAKS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5), "L40S": (362.0, 91.6),
+          "A10G": (125.0, 31.2), "L4": (121.0, 30.3), "RTX 4090": (165.0, 82.6)}
+
+
+def _peak_tflops(gpu_name: str, precision: str) -> float | None:
+    for key, (bf16, fp32) in _PEAKS.items():
+        if key.lower() in gpu_name.lower():
+            return bf16 if precision == "bf16" else fp32
+    return None
+
+
+def _make_model(args, tmp: str):
+    """The model to time, built through the policy seam."""
+    if args.backend == "tiny":
+        from fleetloop.policy.backend import build_model
+        return build_model("tiny", size=args.size, use_images=not args.state_only, horizon=args.horizon)
+    from fleetloop.policy.backend import build_model
+    from fleetloop.policy.pretrain import _settings
+    base = args.base
+    if not base:
+        from fleetloop.policy.hf_vla.tiny import make_tiny_base
+        base = str(make_tiny_base(args.family, Path(tmp) / f"tiny-{args.family}"))
+    if args.state_only:
+        raise SystemExit("--backend vla needs images (drop --state-only)")
+    return build_model("hf-vla", base_dir=base, state_dim=39, action_dim=4, horizon=args.horizon,
+                       cameras=["front"], image_size=64, **_settings(args.set))
+
+
 def run(args) -> int:
     result = bench(args)
     if args.json:
@@ -287,6 +352,6 @@ def run(args) -> int:
     else:
         print(json.dumps(result, indent=1))
         verdict = "data loading starves the step" if result["data_bound"] else "the step is the bottleneck"
-        print(f"{args.size} on {result['device']}: step {result['step_only']['samples_per_s']:.0f} samples/s, "
+        print(f"{result['backend']} {args.size if result['backend'] == 'tiny' else ''} on {result['device']}: step {result['step_only']['samples_per_s']:.0f} samples/s, "
               f"sampler {result['loader_samples_per_s']} samples/s -> {verdict}")
     return 0

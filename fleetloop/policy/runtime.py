@@ -194,8 +194,11 @@ class PolicyLoader:
         if self._shared is not None and self._shared[0] == key:
             shared = self._shared[1]
             check_overlay(shared.model, tensors)  # names and shapes, before it can reach a swap
-            return PolicyRuntime(shared, overlay=tensors, **kw)
+            if len(tensors) < len(shared.model.state_dict()):
+                return PolicyRuntime(shared, overlay=tensors, **kw)
         model = cls.from_config(cfg, tensors).to(self.device).eval()
+        if len(tensors) >= len(model.state_dict()):  # a full push: self-contained, nothing to share
+            return PolicyRuntime(model, **kw)
         shared = _SharedModel(model)
         self._shared = (key, shared)
         return PolicyRuntime(shared, overlay=tensors, **kw)
