@@ -1,0 +1,46 @@
+"""`fleetloop vla ...`: bases for the hf-vla backend.
+
+    fleetloop vla make-tiny --family idefics3|paligemma --out DIR   a tiny random base (tests, CPU demos)
+    fleetloop vla provision SRC [--bases DIR]                      copy + verify a base; prints its path
+    fleetloop vla digest DIR                                       the content digest checkpoints name"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def default_bases_root() -> Path:
+    from fleetloop.policy.hf_vla.base import ENV_BASE_DIRS
+    dirs = [p for p in os.environ.get(ENV_BASE_DIRS, "").split(":") if p]
+    return Path(dirs[0]) if dirs else Path.home() / ".fleetloop" / "bases"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="vla_command", metavar="ACTION", required=True)
+    p = sub.add_parser("make-tiny", help="write a tiny random VLM base (save_pretrained) to --out")
+    p.add_argument("--family", choices=("idefics3", "paligemma"), required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("provision", help="copy a local HF base into the bases directory and verify it")
+    p.add_argument("src")
+    p.add_argument("--bases", default=None, help="bases root (default: first of $FLEETLOOP_BASE_DIRS, "
+                                                 "else ~/.fleetloop/bases)")
+    p = sub.add_parser("digest", help="print a base directory's sha256 digest")
+    p.add_argument("dir")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fleetloop.policy.hf_vla.base import base_digest, provision_base
+    if args.vla_command == "make-tiny":
+        from fleetloop.policy.hf_vla.tiny import make_tiny_base
+        out = make_tiny_base(args.family, args.out, seed=args.seed)
+        print(json.dumps({"path": str(out), "family": args.family, "sha256": base_digest(out)}))
+    elif args.vla_command == "provision":
+        root = Path(args.bases) if args.bases else default_bases_root()
+        path = provision_base(args.src, root)
+        print(json.dumps({"path": str(path), "sha256": base_digest(path)}))
+    elif args.vla_command == "digest":
+        print(base_digest(args.dir))
+    return 0
