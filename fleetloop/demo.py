@@ -33,7 +33,14 @@ def add_arguments(p) -> None:
     p.add_argument("--eval-episodes", type=int, default=30, help="evaluation episodes per task, before and after")
     p.add_argument("--images", action="store_true",
                    help="give the policy the 64x64 camera too (about 10x slower on a CPU)")
-    p.add_argument("--size", default="tiny", help="model size preset")
+    p.add_argument("--size", default="tiny", help="tiny backend: model size preset")
+    p.add_argument("--backend", default="tiny", choices=["tiny", "hf-vla"],
+                   help="policy backend: fleetloop's tiny model, or a Hugging Face VLM + flow-matching expert "
+                        "with LoRA (implies --images)")
+    p.add_argument("--base", help="hf-vla: a local Hugging Face VLM directory (default: a tiny random model "
+                                  "of --vla-family built in OUT/base, for a CPU run of the whole loop)")
+    p.add_argument("--vla-family", default="idefics3", help="hf-vla without --base: idefics3 or paligemma")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hf-vla: a backend setting")
     p.add_argument("--publish-every", type=int, default=25, help="K: learner steps per published version")
     p.add_argument("--control-hz", type=float, default=None, help="pace each robot in real time (default: as fast as the CPU goes)")
     p.add_argument("--dashboard-port", type=int, default=8080, help="0: a free port; -1: no dashboard")
@@ -48,7 +55,7 @@ def _pretrained(out: Path, store_uri: str, tasks: list[str], args) -> Path:
     from fleetloop.policy import pretrain as pretrain_mod
 
     key = {"tasks": tasks, "demos": args.demos_per_task, "steps": args.pretrain_steps, "images": args.images,
-           "size": args.size, "seed": args.seed}
+           "size": args.size, "seed": args.seed, "backend": args.backend, "base": args.base, "set": args.set}
     # The offline buffer goes into this run's store every time (seconds; episode ids are
     # deterministic, so a re-run rewrites the same episodes); pretraining is cached.
     log.info("recording %d expert demonstrations per task for %s", args.demos_per_task, ",".join(tasks))
@@ -65,6 +72,10 @@ def _pretrained(out: Path, store_uri: str, tasks: list[str], args) -> Path:
             "--seed", str(args.seed), "--threads", "1", "--tasks", *tasks]
     if not args.images:
         argv.append("--state-only")
+    if args.backend != "tiny":
+        argv += ["--backend", args.backend, "--base", args.base, "--batch-size", "32", "--lr", "3e-4"]
+        for kv in args.set:
+            argv += ["--set", kv]
     pretrain_mod.pretrain(parser.parse_args(argv))
     (target / "demo-key.json").write_text(json.dumps(key))
     log.info("pretrained in %.0fs", time.time() - t0)
@@ -244,6 +255,14 @@ def run_demo(args) -> dict:
     tasks = parse_task_list(args.tasks)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if args.backend != "tiny":
+        args.images = True  # a vision-language model sees the camera
+        if not args.base:  # no weights can be downloaded: a tiny random model of a real family
+            from fleetloop.policy.hf_vla.tiny import make_tiny_base
+            target = out / f"base-{args.vla_family}"
+            if not (target / "config.json").exists():
+                make_tiny_base(args.vla_family, target, seed=args.seed)
+            args.base = str(target)
     store_uri = (out / "store").as_uri()
     redis_server = None
     redis_url = config.default_redis_url()
@@ -267,6 +286,7 @@ def run_demo(args) -> dict:
 
         learner = start_learner(store_uri, redis_url, args.algo, str(pretrained), run_name=f"demo-{args.algo}",
                                 publish_every=args.publish_every, torch_threads=1, ray_num_cpus=2,
+                                batch_size=128 if args.backend == "tiny" else 32,
                                 seed=args.seed)
         learner.wait_ready(timeout=300)
         if args.dashboard_port >= 0:
