@@ -11,9 +11,15 @@ end.json names it yet. The spool is bounded by `max_bytes`. When a chunk would n
 explicit: "drop-new" (default) abandons the episode being recorded and keeps everything already
 waiting; "drop-oldest" deletes the oldest sealed, not yet uploaded episodes to make room. Either
 way it is logged and counted (`dropped_episodes`), and the robot keeps running.
+
+A disk that is really full (ENOSPC, EDQUOT) takes the same path as a full budget: SpoolFull,
+the episode is dropped with a one-line warning. `bytes` counts what is on disk: a write that
+fails takes back what it counted and removes what it left, so a disk that fills up once does
+not make the spool refuse every later episode.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -39,6 +45,30 @@ class SpoolFull(Exception):
     pass
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _write_counted(spool: "Spool", path: Path, data: bytes, atomic: bool = False) -> None:
+    """Write `data` to `path`; its bytes must already be counted in spool.bytes. On failure the
+    count is taken back and a partial file removed; a full disk raises SpoolFull."""
+    try:
+        if atomic:
+            write_atomic(path, data)
+        else:
+            path.write_bytes(data)
+    except OSError as e:
+        if not atomic:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        with spool._lock:
+            spool.bytes = max(0, spool.bytes - len(data))
+        if e.errno in _DISK_FULL:
+            raise SpoolFull(f"disk under spool {spool.root} is full: {e.strerror}") from None
+        raise
+
+
 class Spool:
     def __init__(self, root: str | os.PathLike, max_bytes: int = 2 * 1024 ** 3, on_full: str = "drop-new"):
         if on_full not in POLICIES:
@@ -56,11 +86,16 @@ class Spool:
     # -- recording side ---------------------------------------------------------------------
     def begin(self, episode_id: str, meta: dict) -> Path:
         d = self.root / episode_id
-        d.mkdir(parents=True, exist_ok=False)
+        try:
+            d.mkdir(parents=True, exist_ok=False)
+        except OSError as e:
+            if e.errno in _DISK_FULL:
+                raise SpoolFull(f"disk under spool {self.root} is full: {e.strerror}") from None
+            raise
         data = json.dumps(meta).encode()
-        (d / "meta.json").write_bytes(data)
         with self._lock:
             self.bytes += len(data)
+        _write_counted(self, d / "meta.json", data)
         return d
 
     def write_chunk(self, episode_id: str, index: int, data: bytes) -> None:
@@ -73,13 +108,13 @@ class Spool:
                 if self.bytes + need > self.max_bytes:
                     raise SpoolFull(f"spool {self.root} full ({self.bytes} of {self.max_bytes} bytes)")
             self.bytes += need
-        (self.root / episode_id / f"chunk-{index:05d}.flc").write_bytes(data)
+        _write_counted(self, self.root / episode_id / f"chunk-{index:05d}.flc", data)
 
     def seal(self, episode_id: str, end: dict) -> None:
         data = json.dumps(end).encode()
-        write_atomic(self.root / episode_id / "end.json", data)
         with self._lock:
             self.bytes += len(data)
+        _write_counted(self, self.root / episode_id / "end.json", data, atomic=True)
         self.sealed_event.set()
 
     def drop(self, episode_id: str, why: str) -> None:
@@ -121,11 +156,34 @@ class Spool:
         return self.root / episode_id
 
     def remove(self, episode_id: str) -> None:
+        """Delete an episode's directory, uncounting exactly the files that went away."""
         d = self.root / episode_id
-        size = _dir_size(d)
-        shutil.rmtree(d, ignore_errors=True)
+        freed = 0
+        try:
+            files = list(d.iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            files = []
+        for f in files:
+            try:
+                size = f.stat().st_size
+                f.unlink()
+                freed += size
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.warning("spool: could not delete %s: %s", f, e)
+        try:
+            d.rmdir()
+        except OSError:
+            pass
         with self._lock:
-            self.bytes = max(0, self.bytes - size)
+            self.bytes = max(0, self.bytes - freed)
+
+    def recount(self) -> int:
+        """Recompute `bytes` from the disk (the accounting check the tests use)."""
+        with self._lock:
+            self.bytes = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+            return self.bytes
 
     def backlog(self) -> dict:
         return {"episodes": len(self.sealed()), "bytes": self.bytes, "max_bytes": self.max_bytes,

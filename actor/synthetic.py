@@ -50,6 +50,7 @@ class SyntheticActor:
         self.uploader = Uploader(self.spool, open_store(store_uri), self.client)
         self.stop = threading.Event()
         self.thread = self.uploader.start_thread(self.stop)
+        self.dropped: list[str] = []   # episodes the spool refused (full): not in the ids file
 
     def record(self, episodes: int, episode_bytes: int, seed: int = 0, task_id: str = "synthetic-v0",
                on_end=None) -> list[str]:
@@ -61,10 +62,17 @@ class SyntheticActor:
             for step in synthetic_steps(rng, episode_bytes, noise=noise):
                 self.recorder.add_step(step)
             episode_id, _n = self.recorder.end(pb.OUTCOME_SUCCESS, pb.LABEL_SOURCE_ROBOT, "synthetic")
-            ids.append(episode_id)
             if on_end:
                 self.recorder.flush()  # report only what is durable in the spool
+                if self.recorder.was_dropped(episode_id):
+                    self.dropped.append(episode_id)  # the spool refused it: never committed
+                    continue
                 on_end(episode_id)
+            ids.append(episode_id)
+        if not on_end:  # the same rule for the returned ids: only what the spool holds
+            self.recorder.flush()
+            self.dropped.extend(e for e in ids if self.recorder.was_dropped(e))
+            ids = [e for e in ids if not self.recorder.was_dropped(e)]
         return ids
 
     def wait_drained(self, timeout: float = 120.0) -> bool:
@@ -94,8 +102,10 @@ def main(argv=None) -> int:
     p.add_argument("--drain-only", action="store_true", help="only upload what the spool holds, then exit")
     p.add_argument("--start-key", help="wait until this Redis key exists before recording (a start barrier)")
     p.add_argument("--interval-s", type=float, default=0.0, help="pace: one episode per interval")
+    p.add_argument("--spool-max-mb", type=float, default=4096.0, help="the spool's byte budget")
+    p.add_argument("--dropped-file", help="append each episode the spool dropped here")
     a = p.parse_args(argv)
-    actor = SyntheticActor(a.robot_id, a.store, a.redis, a.spool)
+    actor = SyntheticActor(a.robot_id, a.store, a.redis, a.spool, spool_max_bytes=int(a.spool_max_mb * 1e6))
     if a.start_key:
         actor.client.sadd(a.start_key + ":ready", a.robot_id)
         while not actor.client.exists(a.start_key):
@@ -114,7 +124,10 @@ def main(argv=None) -> int:
             actor.record(1, a.episode_kb * 1024, seed=a.seed * 100_003 + k, on_end=note)
     ok = actor.wait_drained()
     actor.close()
-    print(json.dumps({"uploaded": actor.uploader.uploaded, "drained": ok}))
+    if a.dropped_file and actor.dropped:
+        with open(a.dropped_file, "a") as f:
+            f.write("".join(e + "\n" for e in actor.dropped))
+    print(json.dumps({"uploaded": actor.uploader.uploaded, "drained": ok, "dropped": len(actor.dropped)}))
     return 0 if ok else 1
 
 
