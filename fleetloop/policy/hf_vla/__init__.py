@@ -266,7 +266,11 @@ class HFVLAPolicy(PolicyModel):
                 p.data = p.data.float()
         if s["gradient_checkpointing"]:
             # only active in train() mode; non-reentrant so frozen inputs need no requires_grad hack
-            self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kw = {"use_reentrant": False}
+            if hasattr(self.vlm, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                self.vlm.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                self.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
     # ---- the seam's classmethods --------------------------------------------------------------------
 
