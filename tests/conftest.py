@@ -38,3 +38,12 @@ def s3_server():
 def s3_settings(s3_server):
     env = s3_server.env()
     return S3Settings(endpoint_url=env["FLEETLOOP_S3_ENDPOINT"], access_key="test", secret_key="test")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (starting one costs seconds)."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

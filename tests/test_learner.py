@@ -195,14 +195,6 @@ def test_resume_restores_step_optimizer_and_sampler(tmp_path):
 
 # ---- end to end on Ray -------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def write_episode(store, eid: str, task: str, steps: int, seed: int, kind: int, version: str = "",
                   intervention: tuple[int, int] | None = None, outcome: int = pb.OUTCOME_SUCCESS) -> str:
     rng = np.random.default_rng(seed)

@@ -106,7 +106,8 @@ def pretrain(args) -> dict:
         window.append(metrics["loss"])
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             rate = (step + 1) * args.batch_size / (time.time() - t_train)
-            print(f"step {step + 1}/{args.steps}  loss {sum(window) / len(window):.4f}  l1 {metrics['l1']:.4f}  "
+            extra = "".join(f"  {k} {metrics[k]:.4f}" for k in ("l1", "mse") if k in metrics)
+            print(f"step {step + 1}/{args.steps}  loss {sum(window) / len(window):.4f}{extra}  "
                   f"lr {opt.param_groups[0]['lr']:.2e}  {rate:.0f} samples/s", flush=True)
             window = []
     summary = {"steps": args.steps, "batch_size": args.batch_size, "seed": args.seed, "backend": net.backend,
