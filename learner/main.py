@@ -46,6 +46,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers (DDP)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="bf16 autocast (default: bf16 with --gpu, else fp32)")
+    p.add_argument("--publish", choices=["auto", "trained", "full"], default="auto",
+                   help="what a version holds: only the trained weights on a named base (LoRA: adapters + "
+                        "expert), every weight, or the backend's choice")
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--max-updates-per-s", type=float, default=None, help="cap the learner step rate")
@@ -67,7 +72,9 @@ def run(args) -> int:
         num_workers=args.num_workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
         torch_threads=args.torch_threads, max_updates_per_s=args.max_updates_per_s, max_steps=args.max_steps,
         sampler={"window": args.window, "alpha": args.alpha}, ray_address=args.ray_address,
-        ray_num_cpus=args.ray_num_cpus, seed=args.seed)
+        ray_num_cpus=args.ray_num_cpus, seed=args.seed,
+        precision=args.precision or ("bf16" if args.gpu else "fp32"),
+        publish_trained_only={"auto": None, "trained": True, "full": False}[args.publish])
     handle = start_learner(args.store, args.redis, args.algo, args.init_checkpoint, config=cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
