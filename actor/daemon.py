@@ -7,7 +7,10 @@
   Heartbeat --> Redis hash fleetloop:robot:<id> (what the dashboard shows)
 
 The robot side stays thin: the daemon serves action chunks from whichever policy the slot
-holds and records what the robot reports. Every call is answered without waiting on the
+holds and records what the robot reports. With inference="async" (the default) the next chunk is
+computed in the background while the robot executes the current one, and Act answers with the
+rows of the newest chunk from the robot's current step on (fleetloop.actor.inference,
+docs/robot-inference.md); inference="sync" computes every chunk on the Act call. Every call is answered without waiting on the
 network; a robot that goes silent mid-episode gets its episode closed as incomplete by the
 watchdog instead of leaving it open forever.
 """
@@ -23,16 +26,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import grpc
-import numpy as np
 import redis
 
 from fleetloop import config
+from fleetloop.actor.inference import BadObservation, InferenceScheduler, InferenceSettings
 from fleetloop.actor.recorder import EpisodeRecorder
 from fleetloop.actor.spool import Spool
 from fleetloop.actor.uploader import Uploader, recover_unsealed
-from fleetloop.buffer.codec import check_id, decode_image
+from fleetloop.buffer.codec import check_id
 from fleetloop.buffer.store import ObjectStore
-from fleetloop.policy.interface import Observation, Policy
+from fleetloop.policy.interface import Policy
 from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.proto.v1 import policy_pb2
 from fleetloop.proto.v1 import robot_link_pb2 as rl
@@ -84,11 +87,6 @@ class RobotCounters:
     intervention_steps: int = 0
 
 
-def observation_from_proto(obs: rl.Observation) -> Observation:
-    images = {img.camera or f"cam{i}": decode_image(img) for i, img in enumerate(obs.images)}
-    return Observation(images=images, state=np.asarray(obs.state, dtype=np.float32))
-
-
 def _finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
 
@@ -128,21 +126,24 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
             kind = request.kind or pb.EPISODE_KIND_ROLLOUT
             episode_id = self.d.recorder.start(request.task_id, request.instruction, version, kind=kind)
             self.d.open_episode = OpenEpisode(episode_id, request.task_id, request.instruction, policy, version)
+            self.d.inference.begin_episode(episode_id, policy, request.instruction, self.d.indicator)
         return rl.StartEpisodeResponse(episode_id=episode_id, policy_version=version)
 
     def Act(self, request, context):
         ep = self._episode(request.episode_id, context)
         if not _finite(request.observation.state):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "observation.state contains NaN or inf")
-        try:
-            obs = observation_from_proto(request.observation)
-        except (ValueError, OSError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad observation image: {e}")
-        try:
-            chunk = np.asarray(ep.policy.act(obs, ep.instruction, self.d.indicator), dtype=np.float32)
+        try:  # time-aligned rows of the newest chunk (or a fresh one: first Act, sync mode, stall)
+            served = self.d.inference.act(ep.episode_id, request.observation)
+        except KeyError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"episode {request.episode_id!r} ended during the call")
+        except BadObservation as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except ValueError as e:  # e.g. wrong state dimension for this policy
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy rejected the observation: {e}")
-        return rl.ActResponse(horizon=chunk.shape[0], action_dim=chunk.shape[1], actions=chunk.ravel().tolist(),
+        rows = served.actions
+        return rl.ActResponse(horizon=served.horizon, action_dim=rows.shape[1], actions=rows.ravel().tolist(),
+                              rows=rows.shape[0], first_step=served.first_step, chunk_step=served.chunk_step,
                               policy_version=ep.policy_version, takeover_requested=self.d.takeover_requested,
                               paused=self.d.paused)
 
@@ -158,6 +159,7 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
         with self.d.lock:
             self.d.recorder.add_step(step)
             n = self.d.recorder.num_steps
+        self.d.inference.on_step(ep.episode_id, request.observation)  # step count; may start an inference
         self.d.counters.steps += 1
         self.d.counters.intervention_steps += int(step.intervention)
         return rl.ReportStepResponse(steps_recorded=n, takeover_requested=self.d.takeover_requested,
@@ -187,17 +189,35 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
     def Status(self, request, context):
         src = self.d.policy_source.status()
         backlog = self.d.spool.backlog()
+        inf = self.d.inference.status()
+        stats = rl.InferenceStats(mode=inf["mode"], chunks_computed=inf["chunks_computed"],
+                                  chunks_used=inf["chunks_used"], stalls=inf["stalls"],
+                                  chunk_age_steps_max=inf["chunk_age_steps_max"] or 0,
+                                  control_period_ms=inf["control_period_ms"], sync_computes=inf["sync_computes"],
+                                  chunks_discarded=inf["chunks_discarded"])
+        for k in ("latency_ms_p50", "latency_ms_p99", "chunk_age_steps_p50"):
+            if inf[k] is not None:
+                setattr(stats, k, inf[k])
         return rl.StatusResponse(robot_id=self.d.robot_id, policy_version=src.get("current_version") or "",
                                  pending_version=src.get("pending_version") or "", spool_episodes=backlog["episodes"],
                                  spool_bytes=backlog["bytes"], takeover_requested=self.d.takeover_requested,
-                                 paused=self.d.paused)
+                                 paused=self.d.paused, inference=stats)
 
 
 class ActorDaemon:
     def __init__(self, robot_id: str, store: ObjectStore, redis_client: redis.Redis, spool: Spool,
                  policy_source, grpc_address: str = "127.0.0.1:50051", episode_idle_timeout_s: float = 30.0,
                  heartbeat_interval_s: float = 2.0, indicator: Optional[bool] = None, chunk_steps: int = 256,
-                 chunk_bytes: int = 4 << 20):
+                 chunk_bytes: int = 4 << 20, inference: str = "async", inference_lead_steps: int = 2,
+                 inference_replan_steps: Optional[int] = None, inference_inline_below_ms: float = 5.0,
+                 control_hz: float = 30.0):
+        """inference: "async" (compute the next chunk in the background while the robot executes
+        the current one) or "sync" (every Act computes). inference_lead_steps: start the next
+        chunk when the current one has no more than expected-latency + this many steps left.
+        inference_replan_steps: also refresh the chunk every this many steps (None: only when
+        running low). inference_inline_below_ms: a policy faster than this runs on the Act
+        call itself, from the freshest observation. control_hz: the robot's control rate assumed
+        until measured from ReportStep spacing. See fleetloop.actor.inference."""
         self.robot_id = check_id("robot id", robot_id)
         self.store, self.redis, self.spool = store, redis_client, spool
         self.policy_source = policy_source
@@ -207,6 +227,9 @@ class ActorDaemon:
         recover_unsealed(spool)  # before any recording: close what a crash left open
         self.recorder = EpisodeRecorder(spool, robot_id, chunk_steps=chunk_steps, chunk_bytes=chunk_bytes)
         self.uploader = Uploader(spool, store, redis_client)
+        self.inference = InferenceScheduler(InferenceSettings(
+            mode=inference, lead_steps=inference_lead_steps, replan_steps=inference_replan_steps,
+            inline_below_ms=inference_inline_below_ms, control_hz=control_hz))
         self.lock = threading.RLock()
         self.open_episode: Optional[OpenEpisode] = None
         self.takeover_requested = False
@@ -224,6 +247,7 @@ class ActorDaemon:
                            labelled_by: str = "", incomplete: bool = False, why: str = "") -> tuple[str, int, bool]:
         ep = self.open_episode
         self.open_episode = None
+        self.inference.end_episode(ep.episode_id)  # drops its chunks; an inference in flight is discarded
         if incomplete:
             log.warning("episode %s closed incomplete: %s", ep.episode_id, why)
         episode_id, n = self.recorder.end(outcome, source, labelled_by, incomplete=incomplete)
@@ -296,7 +320,7 @@ class ActorDaemon:
             "spool": self.spool.backlog(), "uploads_failed": self.uploader.failures,
             "upload_error": self.uploader.last_error or "", "counters": c.__dict__,
             "swap": {k: v for k, v in src.items() if k not in ("current_version", "pending_version")},
-            "last_command": self.last_command,
+            "last_command": self.last_command, "inference": self.inference.status(),
         }
 
     def heartbeat(self) -> None:
@@ -321,6 +345,7 @@ class ActorDaemon:
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> "ActorDaemon":
         self.policy_source.start()
+        self.inference.start()
         for target, name in ((self._heartbeat_loop, "heartbeat"), (self._control_loop, "control")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -356,6 +381,7 @@ class ActorDaemon:
         while self.spool.sealed() and time.monotonic() < deadline:
             time.sleep(0.05)
         self._stop.set()
+        self.inference.stop()
         self.policy_source.stop()
         for t in self._threads:
             t.join(timeout=5)

@@ -34,6 +34,11 @@ class RobotLinkClient:
         self.policy_version = ""
         self.takeover_requested = False
         self.paused = False
+        # from the last act(): the policy's H, the episode step row 0 is for, and the step of the
+        # observation the chunk was computed from (first_step - chunk_step rows were already past)
+        self.horizon = 0
+        self.first_step = 0
+        self.chunk_step = 0
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout_s)
@@ -45,10 +50,17 @@ class RobotLinkClient:
         return r.episode_id
 
     def act(self, obs: Observation) -> np.ndarray:
+        """The actions to execute from now on, time-aligned: an [n, A] array whose row 0 is the
+        action for the current step (the step after the last report_step), row 1 for the next,
+        ... n <= H: with asynchronous inference the chunk may have been computed a few steps ago
+        from an older observation, and the rows for steps already past are dropped. Execute at
+        most the rows returned (reporting each step), then call act() again."""
         r = self.stub.Act(rl.ActRequest(episode_id=self.episode_id, observation=observation_to_proto(obs, self.image_encoding)),
                           timeout=self.timeout_s)
         self.takeover_requested, self.paused = r.takeover_requested, r.paused
-        return np.asarray(r.actions, dtype=np.float32).reshape(r.horizon, r.action_dim)
+        rows = r.rows or r.horizon  # a daemon without the field sends whole chunks
+        self.horizon, self.first_step, self.chunk_step = r.horizon, r.first_step, r.chunk_step
+        return np.asarray(r.actions, dtype=np.float32).reshape(rows, r.action_dim)
 
     def report_step(self, obs: Observation, action, intervention: bool, policy_chunk=None, operator: str = "") -> None:
         r = self.stub.ReportStep(rl.ReportStepRequest(
@@ -82,7 +94,11 @@ class RobotLinkClient:
 
 class LinkedPolicy:
     """The Policy protocol over the robot link: the daemon runs the network, this side only
-    ships observations. Honours an operator's pause by waiting (bounded) before acting."""
+    ships observations. Honours an operator's pause by waiting (bounded) before acting.
+
+    act() returns the daemon's time-aligned rows ([n, A], n <= horizon; row 0 for the current
+    step), not necessarily a whole [H, A] chunk: a broker executes at most those rows (and at
+    most its k) before asking again -- ChunkBroker does."""
 
     def __init__(self, client: RobotLinkClient, max_pause_s: float = 600.0):
         self.client, self.max_pause_s = client, max_pause_s
@@ -100,7 +116,7 @@ class LinkedPolicy:
             time.sleep(0.1)
             waited += 0.1
             chunk = self.client.act(obs)
-        self.horizon, self.action_dim = chunk.shape
+        self.horizon, self.action_dim = self.client.horizon or chunk.shape[0], chunk.shape[1]
         return chunk
 
 

@@ -16,7 +16,8 @@ recorder or the real network path:
 
 Step semantics: `obs` is the observation the action was decided from, `action` what was
 executed (the human's action on intervention steps), `policy_chunk` the [H, A] chunk the policy
-produced at this step, or None on steps that replay an earlier chunk. An intervention segment
+produced at this step (over the robot link: its time-aligned rows, possibly fewer than H), or None
+on steps that replay an earlier chunk. An intervention segment
 still open at the end of an episode is closed by `end` (no `on_handback`).
 
 Policy versions: `policy.version` is read after `start()`, so a policy whose version is fixed
@@ -87,7 +88,11 @@ class ChunkBroker:
     """Plays a policy's action chunks open-loop: executes the first `execute_steps` actions of
     each [H, A] chunk, then asks the policy again from the newest observation. Executing fewer
     than H keeps the robot reactive; executing all H saves inference (k = H is ACT's default,
-    openpi-style brokers re-plan after part of the chunk)."""
+    openpi-style brokers re-plan after part of the chunk).
+
+    A chunk may have fewer than H rows -- a LinkedPolicy returns the daemon's time-aligned rows
+    (row 0 for this step) under asynchronous inference: the broker executes min(k, rows) of them
+    and asks again when it has executed k or the rows run out."""
 
     def __init__(self, policy: Policy, execute_steps: Optional[int] = None, action_dim: Optional[int] = None):
         self.policy = policy
