@@ -105,6 +105,9 @@ class ActorConfig:
     chunk_steps: int = DEFAULT_CHUNK_STEPS
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     policy_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
+    policy_device: str = "auto"      # where the policy runs: cpu, cuda, cuda:N; auto = cuda when present
+    policy_bases: str = ""           # colon-separated dirs holding provisioned VLA bases (FLEETLOOP_BASE_DIRS)
+    inference: str = "async"         # async: the next chunk is computed while the robot executes this one
     source: str = "defaults"   # "<file> + environment", for messages
 
     def __repr__(self) -> str:  # never print a password
@@ -304,6 +307,18 @@ def check_on_full(value: str) -> str:
     return value
 
 
+def check_device(value: str) -> str:
+    if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise ValueError(f"{value!r} is not a device; accepted: auto, cpu, cuda or cuda:N")
+
+
+def check_inference(value: str) -> str:
+    if value not in ("async", "sync"):
+        raise ValueError(f"{value!r} is not an inference mode; accepted: \"async\" or \"sync\"")
+    return value
+
+
 def check_grpc_address(value: str) -> str:
     accepted = "use host:port (e.g. 127.0.0.1:50051), [ipv6]:port or unix:/absolute/path"
     if value.startswith("unix:"):
@@ -371,6 +386,9 @@ KEYS: tuple[_Key, ...] = (
     _Key("recording", "chunk_steps", "chunk_steps", parse_int, ("FLEETLOOP_CHUNK_STEPS",)),
     _Key("recording", "chunk_size", "chunk_bytes", parse_size, ("FLEETLOOP_CHUNK_SIZE",)),
     _Key("policy", "poll_interval", "policy_poll_interval_s", parse_duration, ("FLEETLOOP_POLICY_POLL_INTERVAL",)),
+    _Key("policy", "device", "policy_device", _chain(parse_str, check_device), ("FLEETLOOP_POLICY_DEVICE",)),
+    _Key("policy", "bases", "policy_bases", parse_str, ("FLEETLOOP_BASE_DIRS",)),
+    _Key("policy", "inference", "inference", _chain(parse_str, check_inference), ("FLEETLOOP_INFERENCE",)),
 )
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
 ENV_VARS = tuple(e for k in KEYS for e in k.env)

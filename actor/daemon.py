@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 import time
 from concurrent import futures
@@ -417,14 +418,19 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> A
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.buffer.store import open_store
     from fleetloop.policy.registry import PolicyRegistry
-    from fleetloop.policy.runtime import VLAPolicy
+    from fleetloop.policy.runtime import PolicyLoader, PolicyRuntime
 
     store = open_store(cfg.store_uri, cfg.s3_settings())
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=3)
     spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, on_full=cfg.spool_on_full)
-    initial = VLAPolicy.from_checkpoint(initial_policy_dir) if initial_policy_dir else None
-    slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id,
-                      load_fn=lambda config_json, data, version: VLAPolicy.from_bytes(config_json, data, version),
+    if cfg.policy_bases:  # where the VLA backend looks for provisioned bases
+        os.environ["FLEETLOOP_BASE_DIRS"] = cfg.policy_bases
+    device = cfg.policy_device
+    if device == "auto":
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    initial = PolicyRuntime.from_checkpoint(initial_policy_dir, device=device) if initial_policy_dir else None
+    slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=PolicyLoader(device=device),
                       initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s)
     return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address,
-                       chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes)
+                       chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes, inference=cfg.inference)
