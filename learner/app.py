@@ -61,9 +61,13 @@ class LearnerConfig:
     max_updates_per_s: float | None = None  # None: as fast as it goes
     max_steps: int | None = None            # stop by itself after this many steps (tests, benches)
     sampler: dict = field(default_factory=dict)  # SamplerConfig fields: window, alpha, w_min, ...
+    buffer: dict = field(default_factory=dict)   # BufferLimits fields: max_frames, max_bytes, max_age_s
+    reconcile_interval_s: float = 300.0     # store-vs-index scan period (also on any sign of Redis data loss)
     publish_initial: bool = True            # publish the init weights if the registry has no version
     stats_interval_s: float = 1.0
     max_failures: int = 3                   # worker-group restarts Ray Train may do
+    lease_ttl_s: float = 15.0               # the learner lease (learner/lease.py): expiry after the driver dies
+    lease_wait_s: float = 60.0              # how long a new learner waits for an old one's lease to expire
     ray_address: str | None = None
     ray_num_cpus: int | None = None         # for a local cluster started here
     storage_path: str | None = None         # Ray Train's run directory (we checkpoint to the store)
@@ -129,7 +133,11 @@ def _train_worker(loop_cfg: dict) -> None:
     rank = ctx.get_world_rank()
     replay = loop_cfg["replay"]
     store = open_store(cfg.store_uri)
-    ckpts = CheckpointStore(store, cfg.checkpoint_prefix, keep=cfg.keep_checkpoints)
+    lease = None
+    if loop_cfg.get("lease"):  # fencing: every publish and checkpoint checks it (learner/lease.py)
+        from fleetloop.learner.lease import Lease
+        lease = Lease.from_spec(loop_cfg["lease"])
+    ckpts = CheckpointStore(store, cfg.checkpoint_prefix, keep=cfg.keep_checkpoints, fence=lease)
 
     loaded = ckpts.load_latest()
     if loaded is not None:
@@ -154,19 +162,27 @@ def _train_worker(loop_cfg: dict) -> None:
     registry = None
     if rank == 0:
         client = redis.Redis.from_url(cfg.redis_url, socket_timeout=30, socket_connect_timeout=5)
-        registry = PolicyRegistry(store, client)
+        registry = PolicyRegistry(store, client, fence=lease)
         if published.get("version"):
             replay.published.remote(published["version"], published.get("step", 0), published.get("count", 0))
     losses: list[float] = []
     extra: dict = {}
 
     errors: dict[str, int] = {}
+    fenced_out: list[str] = []  # set when the lease is lost: this worker must stop writing
 
     def guarded(fn) -> None:
         """Publishing and checkpointing are side effects: a store or Redis hiccup is logged and
-        counted, and the next one retries; training goes on."""
+        counted, and the next one retries; training goes on. A lost lease stops the worker."""
+        from fleetloop.learner.lease import LeaseLost
+        if fenced_out:
+            return
         try:
             fn()
+        except LeaseLost as e:
+            fenced_out.append(str(e))
+            log.error("ALERT rank %d fenced out at step %d (%s): no more publishes or checkpoints",
+                      rank, core.step, e)
         except Exception as e:  # noqa: BLE001
             errors[fn.__name__] = errors.get(fn.__name__, 0) + 1
             extra["errors"] = dict(errors)
@@ -202,6 +218,9 @@ def _train_worker(loop_cfg: dict) -> None:
         t0 = time.monotonic()
         if cfg.max_steps is not None and core.step >= cfg.max_steps:
             break  # every rank decides this at the same step
+        if fenced_out or (lease is not None and core.step % cfg.publish_every == 0 and not _lease_held(lease)):
+            fenced_out.append(fenced_out[0] if fenced_out else "lease lost")
+            break  # a zombie (its driver died): stop training too
         metrics = core.train_step()
         if metrics is None:
             if source.stopped:
@@ -220,12 +239,22 @@ def _train_worker(loop_cfg: dict) -> None:
         wait = min_period - (time.monotonic() - t0)
         if wait > 0:
             time.sleep(wait)
+    if fenced_out:
+        log.error("rank %d stops: fenced out (%s)", rank, fenced_out[0])
+        return
     if rank == 0:
         replay.set_status.remote("finishing")
         if core.step > last_publish_step:
             guarded(publish)  # what was learned since the last publish reaches the fleet
         guarded(checkpoint)
         replay.record_step.remote({**core.last_metrics, **core.timing(), **extra, "samples": 0})
+
+
+def _lease_held(lease) -> bool:
+    try:
+        return lease.held()
+    except Exception:  # noqa: BLE001 -- Redis unreachable: the next publish's check decides
+        return True
 
 
 # ---- the driver -------------------------------------------------------------------------------
@@ -243,11 +272,15 @@ class LearnerHandle:
     """A running learner. stats() reads the replay actor; stop() finishes the current step on
     every worker, publishes and checkpoints, and tears the actors down."""
 
-    def __init__(self, cfg: LearnerConfig, replay, trainer, started_ray: bool):
+    def __init__(self, cfg: LearnerConfig, replay, trainer, started_ray: bool, renewer=None):
         self.config = cfg
         self.replay = replay
         self.trainer = trainer
         self._started_ray = started_ray
+        self._renewer = renewer  # LeaseRenewer of this learner's lease (renewed from start_learner on)
+        self.lease = renewer.lease if renewer is not None else None
+        if renewer is not None:
+            renewer.on_lost = self._lease_lost
         self.error: BaseException | None = None
         self.result = None
         self._thread = threading.Thread(target=self._fit, name="learner-fit", daemon=True)
@@ -266,6 +299,14 @@ class LearnerHandle:
                 ray.get(self.replay.set_status.remote("failed", repr(e)))
             except Exception:  # noqa: BLE001
                 pass
+
+    def _lease_lost(self) -> None:
+        import ray
+        try:
+            ray.get(self.replay.set_status.remote("fenced", "lease lost to another learner"), timeout=10)
+            self.replay.request_stop.remote()
+        except Exception:  # noqa: BLE001
+            pass
 
     @property
     def running(self) -> bool:
@@ -327,6 +368,9 @@ class LearnerHandle:
             log.warning("replay actor: %s", e)
             self._final = {"status": "failed", "error": repr(e)}
         ray.kill(self.replay)
+        if self._renewer is not None:
+            self._renewer.stop()
+            self.lease.release()
         if self._started_ray:
             ray.shutdown()
         return self._final
@@ -367,6 +411,19 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
         ray.init(address=address, **kw)
         started_ray = True
 
+    # The lease first: nothing below writes unless this learner holds it (learner/lease.py).
+    import redis as redis_lib
+    from fleetloop.learner.lease import Lease
+    lease = Lease(redis_lib.Redis.from_url(cfg.redis_url, socket_timeout=10, socket_connect_timeout=5),
+                  cfg.run_name, ttl_s=cfg.lease_ttl_s)
+    try:
+        lease.acquire(wait_s=cfg.lease_wait_s)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
+    from fleetloop.learner.lease import LeaseRenewer
+    renewer = LeaseRenewer(lease).start()  # from now on: rebuilding a big index outlasts the TTL
     store = open_store(cfg.store_uri)
     loaded = CheckpointStore(store, cfg.checkpoint_prefix, keep=cfg.keep_checkpoints).load_latest()
     published: dict = {}
@@ -381,10 +438,8 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
     instruction_featurizer(model_cfg)  # fail here (e.g. a base not provisioned), not in the replay actor
 
     if not published:
-        import redis as redis_lib
-
         from fleetloop.policy.registry import PolicyRegistry
-        registry = PolicyRegistry(store, redis_lib.Redis.from_url(cfg.redis_url))
+        registry = PolicyRegistry(store, redis_lib.Redis.from_url(cfg.redis_url), fence=lease)
         current = registry.pointer().get("version") or registry.latest_version()
         if current:
             published = {"version": current, "step": 0, "count": 0}
@@ -400,7 +455,8 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
                                                                 "horizon": spec.horizon},
                   "model_config": model_cfg, "cameras": list(spec.cameras), "image_size": spec.image_size,
                   "run_name": cfg.run_name, "stats_interval_s": cfg.stats_interval_s,
-                  "checkpoint_prefix": cfg.checkpoint_prefix, "torch_threads": cfg.torch_threads}
+                  "checkpoint_prefix": cfg.checkpoint_prefix, "torch_threads": cfg.torch_threads,
+                  "buffer": dict(cfg.buffer), "reconcile_interval_s": cfg.reconcile_interval_s}
     # Threaded (stats and loss reports need not queue behind a batch); restarted if it dies,
     # rebuilding its index from the store and its state from the newest checkpoint.
     replay = ray.remote(ReplayService).options(num_cpus=0, max_concurrency=4, max_restarts=3).remote(replay_cfg)
@@ -410,6 +466,8 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
             ray.get(replay.published.remote(published["version"], published.get("step", 0), published.get("count", 0)))
     except BaseException:
         ray.kill(replay)
+        renewer.stop()
+        lease.release()
         if started_ray:
             ray.shutdown()
         raise
@@ -418,14 +476,14 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"config": asdict(cfg), "replay": replay, "init_weights": ray.put(weights),
-                           "published": published},
+                           "published": published, "lease": lease.spec(cfg.redis_url)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
                                                            **({"GPU": 1} if cfg.use_gpu else {})}),
         run_config=RunConfig(name=f"fleetloop-{cfg.run_name}-{int(time.time())}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
-    return LearnerHandle(cfg, replay, trainer, started_ray)
+    return LearnerHandle(cfg, replay, trainer, started_ray, renewer=renewer)
 
 
 def _base_of(model_cfg: dict, weights: bytes) -> str:

@@ -95,10 +95,17 @@ class LoadedCheckpoint:
 
 
 class CheckpointStore:
-    def __init__(self, store, prefix: str = "learner/default", keep: int = 3):
+    def __init__(self, store, prefix: str = "learner/default", keep: int = 3, fence=None):
+        """fence: the learner's lease (fleetloop.learner.lease.Lease) or None; checked before
+        state.json, LATEST and pruning, so a learner that lost its lease cannot commit or delete."""
         if keep < 1:
             raise ValueError("keep must be >= 1")
         self.store, self.prefix, self.keep = store, prefix.strip("/"), keep
+        self.fence = fence
+
+    def _fenced(self) -> None:
+        if self.fence is not None:
+            self.fence.check()
 
     @property
     def latest_key(self) -> str:
@@ -115,10 +122,13 @@ class CheckpointStore:
             digests[name] = {"sha256": _sha(data), "bytes": len(data)}
         doc = json.dumps({"format": FORMAT, "step": int(step), "created_ns": time.time_ns(), "files": digests,
                           **state}, sort_keys=True).encode()
+        self._fenced()
         self.store.put(f"{key}/state.json", doc)
         # The commit point: only now does a reader see the new checkpoint.
+        self._fenced()
         self.store.put(self.latest_key, json.dumps({"checkpoint": key, "step": int(step),
                                                     "state_sha256": _sha(doc)}).encode())
+        self._fenced()
         self._prune(keep_key=key)
         return key
 

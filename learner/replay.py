@@ -34,11 +34,13 @@ import redis
 from fleetloop import config
 from fleetloop.buffer.codec import EpisodeRejected, read_episode
 from fleetloop.buffer.consumer import DataConsumer
-from fleetloop.buffer.index import EpisodeEntry, FrameIndex, PayloadCache, entry_from_loaded
+from fleetloop.buffer.index import BufferLimits, EpisodeEntry, FrameIndex, PayloadCache, entry_from_loaded
+from fleetloop.buffer.reconcile import Reconciler
 from fleetloop.buffer.sampler import BufferSampler, SamplerConfig
 from fleetloop.buffer.store import StoreError, open_store
 from fleetloop.learner.algorithms import make_algorithm
 from fleetloop.learner.checkpoint import CheckpointStore, arrays_from_safetensors
+from fleetloop.learner.status import stale_after_s
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,9 @@ class ReplayService:
         self.cfg = cfg
         self.store = open_store(cfg["store_uri"])
         self.redis = redis.Redis.from_url(cfg["redis_url"], socket_timeout=10, socket_connect_timeout=5)
-        self.index = FrameIndex()
+        # The online buffer is bounded by cfg["buffer"] (BufferLimits: max_frames, max_bytes,
+        # max_age_s; eviction policy in buffer/index.py); the store keeps everything.
+        self.index = FrameIndex(BufferLimits(**cfg.get("buffer", {})))
         self.payloads = PayloadCache(self.store, max_bytes=int(cfg.get("payload_cache_mb", 256)) * 1024 * 1024)
         self.algorithm = make_algorithm(cfg.get("algo", "hg-dagger"), **cfg.get("algo_options", {}))
         encode = cfg.get("encode")
@@ -200,6 +204,12 @@ class ReplayService:
                                          consumer_name=f"learner-{cfg.get('run_name', 'default')}",
                                          fetch_workers=int(cfg.get("fetch_workers", 4)))
             self._threads.append(self.consumer.start_thread(self._stop_event))
+        # Self-healing: committed episodes whose events Redis lost are found in the store.
+        self.reconciler = Reconciler(self.store, self.index, name="learner", client=self.redis,
+                                     on_indexed=self.labels.on_indexed, group=config.CONSUMER_GROUP,
+                                     interval_s=float(cfg.get("reconcile_interval_s", 300.0)),
+                                     check_s=float(cfg.get("reconcile_check_s", 5.0)))
+        self._threads.append(self.reconciler.start_thread(self._stop_event, initial=False))
         for name, target in (("labels", self.labels.run), ("learner-stats", self._stats_loop)):
             t = threading.Thread(target=target, args=(self._stop_event,), name=name, daemon=True)
             t.start()
@@ -312,9 +322,12 @@ class ReplayService:
             "labels": {"applied": self.labels.applied, "pending": len(self.labels.pending),
                        "invalid": self.labels.invalid},
             "algo": self.algorithm.stats(), "rebuild": self.rebuild, "restored_from": self.restored_from,
+            "reconcile": self.reconciler.stats() if getattr(self, "reconciler", None) else None,
             "quarantined": s["quarantined"], "errors": learner.get("errors", {}),
             "last_checkpoint": learner.get("last_checkpoint"), "uptime_s": round(time.time() - self.started_at, 1),
             "updated_ns": time.time_ns(),
+            # readers call it "stale" past this (learner/status.py): a dead learner writes no "stopped"
+            "stale_after_s": stale_after_s(float(self.cfg.get("stats_interval_s", 1.0))),
         }
         return out
 
@@ -329,6 +342,7 @@ class ReplayService:
     def _stats_loop(self, stop: threading.Event) -> None:
         interval = float(self.cfg.get("stats_interval_s", 1.0))
         while not stop.wait(interval):
+            self.index.enforce()  # an age limit moves with the clock, not only on add
             self.write_stats()
 
 

@@ -202,6 +202,12 @@ class Dashboard:
             self.consumer.rewind()
         self._stop.clear()
         self._threads = [self.consumer.start_thread(self._stop)]
+        # The store is the record of truth: rebuild the view from it at start (an old store behind
+        # a new or emptied Redis) and whenever Redis looks reset (buffer/reconcile.py).
+        from fleetloop.buffer.reconcile import Reconciler
+        self.reconciler = Reconciler(self.store, self.index, name="dashboard", client=self.redis,
+                                     on_indexed=self._on_indexed, group=self.group)
+        self._threads.append(self.reconciler.start_thread(self._stop))
         t = threading.Thread(target=self._follow_labels, name="dashboard-labels", daemon=True)
         t.start()
         self._threads.append(t)
@@ -711,7 +717,11 @@ class Dashboard:
             step_rate = (window[-1][1] - window[0][1]) / (window[-1][0] - window[0][0])
         updated = _num(stats.get("updated_ns"))
         age_s = round(max(0.0, (time.time_ns() - updated) / 1e9), 1) if updated else None
-        return {"available": bool(stats), "fresh": bool(stats) and (age_s is None or age_s <= LEARNER_STALE_S),
+        fresh = bool(stats) and (age_s is None or age_s <= (_num(stats.get("stale_after_s")) or LEARNER_STALE_S))
+        if stats and not fresh and stats.get("status") not in ("stopped", "failed", "fenced"):
+            # a learner that died wrote no final status: do not go on showing "training"
+            stats["reported_status"], stats["status"] = stats.get("status"), "stale"
+        return {"available": bool(stats), "fresh": fresh,
                 "age_s": age_s, "step": step, "step_rate": step_rate,
                 "samples_per_s": _num(stats.get("samples_per_s")), "stats": stats}
 

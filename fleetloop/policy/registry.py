@@ -217,10 +217,15 @@ class PolicyRegistry:
     delta=True also stores the delta form when the parent's bytes are at hand (the previous
     publish by this instance) and the delta is small enough to be worth a second object."""
 
-    def __init__(self, store: ObjectStore, redis_client: redis.Redis, delta: bool = True):
+    def __init__(self, store: ObjectStore, redis_client: redis.Redis, delta: bool = True, fence=None):
         self.store = store
         self.redis = redis_client
         self.delta = delta
+        # fence: the learner's lease (fleetloop.learner.lease.Lease) or None. When set, a version
+        # number is reserved only while the lease is ours and it is checked again before the
+        # commit and the pointer move: a zombie learner raises LeaseLost and writes nothing.
+        self.fence = fence
+        self._reserved: Optional[str] = None  # a number reserved by a publish that failed
         self._manifests: dict[str, ppb.PolicyManifest] = {}  # immutable once committed
         self._last_published: tuple[str, bytes] | None = None
         self._lock = threading.Lock()
@@ -231,14 +236,74 @@ class PolicyRegistry:
                 algorithm: str = "", metrics: Optional[dict] = None, move_pointer: bool = True,
                 backend: str = "", base_sha256: str = "") -> ppb.PolicyManifest:
         """Store a new version (weights, then manifest = commit), index it, move the fleet pointer
-        (unless pinned or move_pointer=False) and notify. Retrying after a failure is safe: it
-        makes a new version; a half-written one is never visible (no manifest). backend and
+        (unless pinned or move_pointer=False) and notify. Version numbers are assigned only on a
+        successful publish: a publish that fails before its manifest is committed gives its
+        number back (or this instance reuses it next time), so versions stay contiguous; a
+        half-written one is never visible (no manifest). backend and
         base_sha256: see PolicyManifest (fleetloop.policy.backend.export_version gives them)."""
         if not isinstance(weights, (bytes, bytearray, memoryview)) or not len(weights):
             raise ValueError("weights must be non-empty bytes (a safetensors blob)")
         weights = bytes(weights)
         json.loads(config_json)  # fail here, not on 1000 robots
-        version = self._next_version()
+        version = self._reserve_version()
+        try:
+            m = self._publish_as(version, weights, config_json, parent_version, learner_step, algorithm,
+                                 metrics, backend, base_sha256)
+        except BaseException:
+            self._give_back(version)  # no committed manifest: the number is not used up
+            raise
+        # Committed: from here on the version exists. Redis-side bookkeeping that fails is logged,
+        # not raised (reindex() and the next publish repair it), so the caller counts it.
+        try:
+            self._index(m)
+            if move_pointer:
+                if self.fence is not None:
+                    self.fence.check()
+                self._move_pointer(version, "publish", only_if_unpinned=True)
+            self._notify(version)
+        except redis.RedisError as e:
+            log.warning("published %s but could not record/announce it in Redis: %s", version, e)
+        return m
+
+    def _reserve_version(self) -> str:
+        """The next version number; a number a failed publish of this instance gave up is reused
+        (if nothing was committed under it)."""
+        with self._lock:
+            reserved, self._reserved = self._reserved, None
+        if reserved:
+            try:
+                if not self.store.exists(manifest_key(reserved)):
+                    return reserved
+            except BaseException:
+                with self._lock:
+                    self._reserved = reserved
+                raise
+        return self._next_version()
+
+    def _give_back(self, version: str) -> None:
+        """Undo a reservation: DECR the counter if nothing was reserved after it; otherwise keep
+        the number for this instance's next publish."""
+        seq = _seq(version)
+        try:
+            if self.fence is not None:
+                undone = self.fence.decr_if(SEQ_KEY, seq)
+            else:
+                def tx(pipe):
+                    cur = int(pipe.get(SEQ_KEY) or 0)
+                    pipe.multi()
+                    if cur == seq:
+                        pipe.decr(SEQ_KEY)
+                    return cur == seq
+                undone = self.redis.transaction(tx, SEQ_KEY, value_from_callable=True)
+        except redis.RedisError:
+            undone = False
+        if not undone:
+            with self._lock:
+                self._reserved = version
+
+    def _publish_as(self, version: str, weights: bytes, config_json: str, parent_version: str,
+                    learner_step: int, algorithm: str, metrics: Optional[dict], backend: str,
+                    base_sha256: str) -> ppb.PolicyManifest:
         m = ppb.PolicyManifest(
             version=version, parent_version=parent_version or "", learner_step=int(learner_step),
             created_ns=time.time_ns(), weights_key=weights_key(version), weights_sha256=sha256_hex(weights),
@@ -248,22 +313,25 @@ class PolicyRegistry:
             m.metrics[str(k)] = float(v)
         self.store.put(m.weights_key, weights)
         self._maybe_store_delta(m, weights)
+        if self.fence is not None:
+            self.fence.check()
         self.store.put(manifest_key(version), manifest_to_bytes(m))  # the commit point
         with self._lock:
             self._manifests[version] = m
             self._last_published = (version, weights)
-        self._index(m)
-        if move_pointer:
-            self._move_pointer(version, "publish", only_if_unpinned=True)
-        self._notify(version)
         return m
 
     def _next_version(self) -> str:
         """INCR gives monotonic versions. If Redis lost the counter (restart without persistence),
         a committed version could be overwritten: bump the counter past the store's highest."""
-        seq = int(self.redis.incr(SEQ_KEY))
+        seq = int(self.fence.incr_if_held(SEQ_KEY) if self.fence is not None else self.redis.incr(SEQ_KEY))
         version = f"v{seq:06d}"
-        if not self.store.exists(manifest_key(version)):
+        try:
+            taken = self.store.exists(manifest_key(version))
+        except BaseException:
+            self._give_back(version)  # the store is down: nothing can be published now
+            raise
+        if not taken:
             return version
         highest = max((int(k.split("/")[1][1:]) for k in self.store.list("policies/")
                        if k.endswith("/manifest.json") and _VERSION_RE.match(k.split("/")[1])), default=0)
