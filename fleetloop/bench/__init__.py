@@ -12,6 +12,7 @@ BENCHMARKS = {
     "broadcast": "fleetloop.bench.broadcast",
     "scaling": "fleetloop.bench.scaling",
     "learner": "fleetloop.bench.learner",
+    "fleet": "fleetloop.bench.fleet",
 }
 
 
