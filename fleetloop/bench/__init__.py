@@ -12,6 +12,7 @@ BENCHMARKS = {
     "broadcast": "fleetloop.bench.broadcast",
     "scaling": "fleetloop.bench.scaling",
     "learner": "fleetloop.bench.learner",
+    "rollout": "fleetloop.bench.rollout",
     "fleet": "fleetloop.bench.fleet",
 }
 

@@ -1,0 +1,755 @@
+"""Safe continuous deployment: a new version runs on a few canary robots first; the fleet moves to
+it only when the evidence says it is not worse than the version the fleet runs, and a worse one
+is taken off the canaries by itself. Docs: docs/rollout.md.
+
+The pieces
+  RolloutSettings   thresholds and canary choice (flags, FLEETLOOP_ROLLOUT_* variables, defaults)
+  EvidenceBook      per (version, task): autonomous success, interventions, episode length, from
+                    the episodes the fleet records; operator labels override the robot's outcome
+  EvidenceFollower  feeds the book from Redis: the episode stream (the manifest copy each event
+                    carries; a plain XREAD cursor, no consumer group: it takes nothing from the
+                    learner or the dashboard) and the label stream
+  sprt()            the test: Wald's sequential probability ratio test on autonomous success,
+                    per task against the fleet version's rate, log-likelihood ratios summed
+  RolloutGate       the state machine on the registry's public steering (pin_fleet, set_canary,
+                    clear_canary, promote) under a Redis lock, shared by the gate thread (automatic
+                    decisions) and the dashboard (manual promote / reject, on / off)
+  GateService       the thread: follow evidence, tick the gate (run by `fleetloop learner` and
+                    `fleetloop up` unless --rollout off; the demo does not run it)
+
+How the gate keeps robots off untested versions: while it is on it holds the fleet pointer PINNED
+(registry.pin_fleet), so the learner's publishes never move the fleet; a candidate reaches robots
+only through the canary entry, and the fleet only through promote(). Robots resolve pin > canary >
+fleet (registry.resolve) and swap between episodes (actor/weights.py), unchanged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterable, Optional
+
+import redis
+
+from fleetloop import config
+from fleetloop.policy.registry import PolicyRegistry, RegistryError, UnknownVersion, _seq
+
+log = logging.getLogger(__name__)
+
+NS = "fleetloop:rollout"
+ENABLED_KEY = NS + ":enabled"        # "1" / "0": the switch (absent = on while a gate runs)
+STATE_KEY = NS + ":state"            # hash: baseline, candidate, since_ns, refs (JSON), gate_seen_ns, note
+DECISIONS_KEY = NS + ":decisions"    # list: JSON decisions, newest last (capped)
+DECIDED_KEY = NS + ":decided"        # hash: version -> decision (promote | reject | expire)
+COUNTERS_KEY = NS + ":counters"      # hash: "<decision>|<by kind>" -> count (Prometheus counters)
+EVIDENCE_KEY = NS + ":evidence"      # string: JSON evidence snapshot the gate writes each tick
+SETTINGS_KEY = NS + ":settings"      # string: JSON of the running gate's settings
+LOCK_KEY = NS + ":lock"
+ROBOTS_SET = config.HEARTBEAT_PREFIX + "all"
+DECISIONS_MAX = 5000
+GATE = "rollout-gate"                # the `by` of the gate's own registry moves
+
+_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else ("" if v is None else str(v))
+
+
+# ---- settings -------------------------------------------------------------------------------
+
+@dataclass
+class RolloutSettings:
+    """Every threshold of the gate. From code, `fleetloop learner --rollout-*` flags, or
+    FLEETLOOP_ROLLOUT_<NAME> variables (from_env)."""
+    enabled: bool = True            # the default when no operator has switched it (ENABLED_KEY)
+    canary_robots: tuple = ()       # named canaries; empty: a fraction of the online robots
+    canary_fraction: float = 0.25   # of the robots with a fresh heartbeat: ceil(f*N), >= 1, <= N-1
+    margin: float = 0.15            # "worse" = autonomous success lower by this much (absolute)
+    alpha: float = 0.05             # P(promote | candidate is `margin` worse on every task)
+    beta: float = 0.10              # P(refuse  | candidate as good as the fleet's version)
+    min_episodes: int = 5           # candidate episodes (with a known outcome) before any decision
+    max_episodes: int = 400         # ... and at most: then it expires (not promoted)
+    max_wait_s: float = 1800.0      # a candidate older than this on the canaries expires
+    min_baseline: int = 10          # fleet-version episodes on a task before that task counts
+    baseline_window: int = 200      # newest fleet-version episodes per task used as the reference
+    lookback_s: float = 6 * 3600.0  # how far back the episode stream is read at start
+    online_after_s: float = 10.0    # a heartbeat younger than this: the robot is online
+    tick_s: float = 0.2             # the gate's loop period (and XREAD block)
+
+    def __post_init__(self):
+        if isinstance(self.canary_robots, str):
+            self.canary_robots = tuple(r for r in self.canary_robots.split(",") if r)
+        self.canary_robots = tuple(self.canary_robots)
+        if not 0.0 < self.canary_fraction < 1.0:
+            raise ValueError("canary_fraction must be in (0, 1)")
+        if not 0.0 < self.margin < 1.0:
+            raise ValueError("margin must be in (0, 1)")
+        if not (0.0 < self.alpha < 0.5 and 0.0 < self.beta < 0.5):
+            raise ValueError("alpha and beta must be in (0, 0.5)")
+        if self.min_episodes < 1 or self.max_episodes < self.min_episodes or self.min_baseline < 1:
+            raise ValueError("need 1 <= min_episodes <= max_episodes and min_baseline >= 1")
+
+    @property
+    def upper(self) -> float:
+        """log A: the log-likelihood ratio at which the candidate is promoted."""
+        return math.log((1 - self.beta) / self.alpha)
+
+    @property
+    def lower(self) -> float:
+        """log B: the log-likelihood ratio at which the candidate is refused."""
+        return math.log(self.beta / (1 - self.alpha))
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "RolloutSettings":
+        env = os.environ if environ is None else environ
+        kw = {}
+        for f in fields(cls):
+            raw = env.get("FLEETLOOP_ROLLOUT_" + f.name.upper())
+            if raw is None:
+                continue
+            if f.name == "enabled":
+                kw[f.name] = raw.strip().lower() not in ("0", "false", "no", "off")
+            elif f.name == "canary_robots":
+                kw[f.name] = raw
+            elif f.type in ("int",):
+                kw[f.name] = int(raw)
+            else:
+                kw[f.name] = float(raw)
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["canary_robots"] = list(self.canary_robots)
+        d["promote_at_llr"], d["refuse_at_llr"] = round(self.upper, 4), round(self.lower, 4)
+        return d
+
+
+# ---- evidence -------------------------------------------------------------------------------
+
+@dataclass
+class EpisodeRecord:
+    episode_id: str
+    version: str
+    task_id: str
+    robot_id: str
+    outcome: str            # success | failure | unknown: the robot's, or an operator's label
+    intervened: bool        # a human drove at least one step
+    steps: int
+    ended_ns: int
+    labelled_by: str = ""
+
+    @property
+    def autonomous(self) -> Optional[bool]:
+        """Success without any human-driven step; None when the outcome is unknown."""
+        if self.outcome == "unknown":
+            return None
+        return self.outcome == "success" and not self.intervened
+
+
+@dataclass
+class Tally:
+    episodes: int = 0
+    known: int = 0          # episodes with a known outcome
+    autonomous: int = 0     # successes without intervention
+    intervened: int = 0
+    steps: int = 0
+
+    def add(self, r: EpisodeRecord) -> None:
+        self.episodes += 1
+        a = r.autonomous
+        if a is not None:
+            self.known += 1
+            self.autonomous += a
+        self.intervened += r.intervened
+        self.steps += r.steps
+
+    def as_dict(self) -> dict:
+        from fleetloop.stats import wilson_interval
+        lo, hi = wilson_interval(self.autonomous, self.known)
+        return {"episodes": self.episodes, "known": self.known, "autonomous_success": self.autonomous,
+                "autonomous_success_rate": round(self.autonomous / self.known, 4) if self.known else None,
+                "autonomous_success_ci95": [round(lo, 4), round(hi, 4)],
+                "intervention_rate": round(self.intervened / self.episodes, 4) if self.episodes else None,
+                "mean_steps": round(self.steps / self.episodes, 2) if self.episodes else None}
+
+
+class EvidenceBook:
+    """Thread-safe per-(version, task) evidence, deduplicated by episode id. Labels may arrive
+    before or after their episode; the newest label wins."""
+
+    def __init__(self, max_per_version_task: int = 5000):
+        self._lock = threading.Lock()
+        self._episodes: dict[str, EpisodeRecord] = {}
+        self._by_vt: dict[tuple[str, str], deque] = {}
+        self._labels: dict[str, tuple[int, str, str]] = {}  # episode_id -> (labelled_ns, outcome, by)
+        self.max_per_vt = max_per_version_task
+        self.changes = 0
+
+    def add(self, r: EpisodeRecord) -> bool:
+        with self._lock:
+            if r.episode_id in self._episodes:
+                return False
+            label = self._labels.get(r.episode_id)
+            if label:
+                r.outcome, r.labelled_by = label[1], label[2]
+            q = self._by_vt.setdefault((r.version, r.task_id), deque())
+            q.append(r.episode_id)
+            self._episodes[r.episode_id] = r
+            while len(q) > self.max_per_vt:
+                self._episodes.pop(q.popleft(), None)
+            self.changes += 1
+            return True
+
+    def label(self, episode_id: str, outcome: str, by: str = "", labelled_ns: int = 0) -> None:
+        if outcome not in ("success", "failure", "unknown"):
+            return
+        with self._lock:
+            old = self._labels.get(episode_id)
+            if old and old[0] > labelled_ns:
+                return
+            self._labels[episode_id] = (labelled_ns, outcome, by)
+            r = self._episodes.get(episode_id)
+            if r is not None:
+                r.outcome, r.labelled_by = outcome, by
+                self.changes += 1
+
+    def records(self, version: str, task_id: Optional[str] = None, newest: Optional[int] = None) -> list[EpisodeRecord]:
+        with self._lock:
+            keys = [(v, t) for (v, t) in self._by_vt if v == version and (task_id is None or t == task_id)]
+            out = []
+            for k in keys:
+                ids = list(self._by_vt[k])
+                if newest is not None:
+                    ids = ids[-newest:]
+                out.extend(self._episodes[i] for i in ids if i in self._episodes)
+            return out
+
+    def tally(self, version: str, task_id: Optional[str] = None, newest: Optional[int] = None) -> Tally:
+        t = Tally()
+        for r in self.records(version, task_id, newest):
+            t.add(r)
+        return t
+
+    def tasks(self, version: str) -> list[str]:
+        with self._lock:
+            return sorted({t for (v, t) in self._by_vt if v == version})
+
+    def versions(self) -> list[str]:
+        with self._lock:
+            return sorted({v for (v, _t) in self._by_vt}, key=_seq)
+
+    def __len__(self) -> int:
+        return len(self._episodes)
+
+
+def record_from_manifest(m) -> Optional[EpisodeRecord]:
+    """An EpisodeManifest (fleetloop.v1) -> the gate's record; None for demonstrations and
+    episodes without a policy version (they say nothing about a version)."""
+    from fleetloop.proto.v1 import episode_pb2 as pb
+    if m.kind == pb.EPISODE_KIND_DEMONSTRATION or not m.policy_version:
+        return None
+    outcome = {pb.OUTCOME_SUCCESS: "success", pb.OUTCOME_FAILURE: "failure"}.get(m.outcome, "unknown")
+    if m.incomplete and m.outcome_source != pb.LABEL_SOURCE_OPERATOR:
+        outcome = "unknown"  # cut short by a disconnect: no evidence either way
+    labelled_by = m.outcome_labelled_by if m.outcome_source == pb.LABEL_SOURCE_OPERATOR else ""
+    return EpisodeRecord(m.episode_id, m.policy_version, m.task_id, m.robot_id, outcome,
+                         intervened=any(s.end_step > s.start_step for s in m.interventions),
+                         steps=int(m.num_steps), ended_ns=int(m.ended_ns), labelled_by=labelled_by)
+
+
+class EvidenceFollower:
+    """Feeds an EvidenceBook from Redis: the episode stream (each event carries a copy of the
+    committed manifest; when it does not, the manifest is read from the store) and the label
+    stream. A plain XREAD cursor: no consumer group, so it takes no event from anyone and a
+    restart simply re-reads the last `lookback_s` of the stream (ids are millisecond times)."""
+
+    def __init__(self, client: redis.Redis, book: EvidenceBook, store=None, lookback_s: float = 6 * 3600.0):
+        self.redis, self.book, self.store = client, book, store
+        start_ms = max(0, int(time.time() * 1000 - lookback_s * 1000))
+        self._cursors = {config.EPISODE_STREAM: f"{start_ms}-0", config.LABEL_STREAM: "0-0"}
+        self.read = self.skipped = 0
+
+    def poll(self, block_ms: int = 200, count: int = 1000) -> int:
+        res = self.redis.xread(dict(self._cursors), count=count, block=block_ms or None)
+        n = 0
+        for stream, messages in res or []:
+            stream = _s(stream)
+            for msg_id, f in messages:
+                self._cursors[stream] = _s(msg_id)
+                f = {_s(k): _s(v) for k, v in (f or {}).items()}
+                if stream == config.LABEL_STREAM:
+                    self.book.label(f.get("episode_id", ""), f.get("outcome", ""), f.get("by", ""),
+                                    int(f.get("labelled_ns") or 0))
+                else:
+                    self._episode(f)
+                n += 1
+        return n
+
+    def drain(self) -> int:
+        """Read everything there is now (no blocking)."""
+        total = 0
+        while True:
+            n = self.poll(block_ms=0)
+            total += n
+            if n == 0:
+                return total
+
+    def _episode(self, f: dict) -> None:
+        from google.protobuf import json_format
+
+        from fleetloop.buffer.codec import read_manifest
+        from fleetloop.proto.v1 import episode_pb2 as pb
+        try:
+            if f.get("manifest_json"):
+                # Only the fields the gate needs are read; verifying chunks is the consumer's job.
+                m = json_format.Parse(f["manifest_json"], pb.EpisodeManifest(), ignore_unknown_fields=True)
+                if not m.episode_id:
+                    raise ValueError("manifest without an episode id")
+            elif self.store is not None and f.get("manifest_key"):
+                m = read_manifest(self.store, f["manifest_key"])
+            else:
+                self.skipped += 1
+                return
+        except Exception as e:  # a bad event is the consumer's to dead-letter; here it is no evidence
+            self.skipped += 1
+            log.warning("rollout: episode event %s unreadable (%s); not counted", f.get("episode_id"), e)
+            return
+        r = record_from_manifest(m)
+        if r is not None:
+            self.read += self.book.add(r)
+
+
+# ---- the test -------------------------------------------------------------------------------
+
+def reference_rate(t: Tally) -> float:
+    """The fleet version's autonomous success on a task, smoothed (Laplace) so 0/n and n/n still
+    give a usable hypothesis."""
+    return (t.autonomous + 1) / (t.known + 2)
+
+
+def hypotheses(p_ref: float, margin: float) -> tuple[float, float]:
+    """(p0, p1): H1 'not worse' = the reference rate, H0 'worse' = margin below it."""
+    p1 = min(max(p_ref, 0.02), 0.98)
+    p0 = max(p1 - margin, 0.01)
+    return p0, p1
+
+
+def sprt(candidate: dict[str, Tally], refs: dict[str, float], s: RolloutSettings) -> dict:
+    """Wald's SPRT on autonomous success, summed over tasks with a frozen reference rate.
+    Returns {llr, n, decision: promote|refuse|continue, per_task}."""
+    llr, n, per_task = 0.0, 0, {}
+    for task, t in sorted(candidate.items()):
+        if task not in refs:
+            per_task[task] = {**t.as_dict(), "reference": None, "llr": None}
+            continue
+        p0, p1 = hypotheses(refs[task], s.margin)
+        k, f = t.autonomous, t.known - t.autonomous
+        part = k * math.log(p1 / p0) + f * math.log((1 - p1) / (1 - p0))
+        llr += part
+        n += t.known
+        per_task[task] = {**t.as_dict(), "reference": round(refs[task], 4), "h0": round(p0, 4), "h1": round(p1, 4),
+                          "llr": round(part, 4)}
+    decision = "continue"
+    if n >= s.min_episodes:
+        if llr >= s.upper:
+            decision = "promote"
+        elif llr <= s.lower:
+            decision = "refuse"
+    return {"llr": round(llr, 4), "n": n, "decision": decision, "per_task": per_task}
+
+
+# ---- the gate -------------------------------------------------------------------------------
+
+class GateBusy(RuntimeError):
+    """Another gate step holds the lock (the dashboard answers 409)."""
+
+
+class RolloutGate:
+    """The gate's state machine. Durable state lives in Redis (STATE_KEY ...), so the gate thread
+    and any dashboard see and change the same thing; every change runs under LOCK_KEY.
+
+    States: off (ENABLED_KEY = 0), holding (fleet pinned at `baseline`, no candidate), testing
+    (`candidate` on the canaries). Transitions: candidate chosen (the NEWEST undecided version
+    newer than the baseline), promote (evidence or an operator), refuse (evidence or an operator),
+    expire (max_episodes / max_wait_s without a decision)."""
+
+    def __init__(self, registry: PolicyRegistry, settings: Optional[RolloutSettings] = None,
+                 book: Optional[EvidenceBook] = None):
+        self.registry, self.redis = registry, registry.redis
+        self.settings = settings or RolloutSettings()
+        self.book = book
+        self._metrics_lock = threading.Lock()
+
+    # -- lock ------------------------------------------------------------------------------
+    def _locked(self, fn, wait_s: float = 5.0):
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait_s
+        while not self.redis.set(LOCK_KEY, token, nx=True, px=15_000):
+            if time.monotonic() > deadline:
+                raise GateBusy("the rollout gate is busy (another step holds its lock); try again")
+            time.sleep(0.02)
+        try:
+            return fn()
+        finally:
+            self.redis.eval(_UNLOCK, 1, LOCK_KEY, token)
+
+    # -- state -----------------------------------------------------------------------------
+    def enabled(self) -> bool:
+        raw = self.redis.get(ENABLED_KEY)
+        return self.settings.enabled if raw is None else _s(raw) == "1"
+
+    def state(self) -> dict:
+        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(STATE_KEY).items()}
+        return {"baseline": raw.get("baseline") or None, "candidate": raw.get("candidate") or None,
+                "since_ns": int(raw.get("since_ns") or 0), "refs": json.loads(raw.get("refs") or "{}"),
+                "canary_robots": json.loads(raw.get("canary_robots") or "[]"),
+                "gate_seen_ns": int(raw.get("gate_seen_ns") or 0), "note": raw.get("note", "")}
+
+    def decided(self) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in self.redis.hgetall(DECIDED_KEY).items()}
+
+    def decisions(self, limit: int = 50) -> list[dict]:
+        return [json.loads(_s(e)) for e in reversed(self.redis.lrange(DECISIONS_KEY, -limit, -1))]
+
+    def _record(self, decision: str, version: str, by: str, reason: str, evidence: Optional[dict] = None,
+                **extra) -> dict:
+        entry = {"ts_ns": time.time_ns(), "decision": decision, "version": version, "by": by,
+                 "reason": reason, "evidence": evidence, **extra}
+        kind = "gate" if by == GATE else "operator"
+        pipe = self.redis.pipeline()
+        pipe.rpush(DECISIONS_KEY, json.dumps(entry, allow_nan=False, default=str))
+        pipe.ltrim(DECISIONS_KEY, -DECISIONS_MAX, -1)
+        if version and decision in ("promote", "refuse", "expire", "abandon"):
+            pipe.hset(DECIDED_KEY, version, decision)
+        pipe.hincrby(COUNTERS_KEY, f"{decision}|{kind}", 1)
+        pipe.execute()
+        log.info("rollout: %s %s by %s: %s", decision, version, by, reason)
+        return entry
+
+    def _set_state(self, **kv) -> None:
+        mapping = {k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else ("" if v is None else str(v)))
+                   for k, v in kv.items()}
+        self.redis.hset(STATE_KEY, mapping=mapping)
+
+    # -- canaries --------------------------------------------------------------------------
+    def online_robots(self) -> list[str]:
+        ids = sorted(_s(r) for r in self.redis.smembers(ROBOTS_SET))
+        if not ids:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in ids:
+            pipe.hget(config.HEARTBEAT_PREFIX + rid, "status")
+        now, out = time.time_ns(), []
+        for rid, raw in zip(ids, pipe.execute(raise_on_error=False)):
+            try:
+                hb = json.loads(raw) if isinstance(raw, (bytes, str)) and raw else None
+            except ValueError:
+                hb = None
+            if hb and (now - int(hb.get("last_seen_ns") or 0)) / 1e9 <= self.settings.online_after_s:
+                out.append(rid)
+        return out
+
+    def choose_canaries(self) -> tuple[list[str], float]:
+        """(robot_ids, fraction) for set_canary: named robots if configured; else ceil(f*N) of the
+        online robots (at least 1, at most N-1, the same ones each time: registry.canary_member's
+        hash order); with no heartbeats at all, the registry's stable fraction of robot ids."""
+        s = self.settings
+        if s.canary_robots:
+            return sorted(s.canary_robots), 0.0
+        online = self.online_robots()
+        if not online:
+            return [], s.canary_fraction
+        import hashlib
+        k = max(1, min(len(online) - 1, math.ceil(s.canary_fraction * len(online)))) if len(online) > 1 else 1
+        ranked = sorted(online, key=lambda r: hashlib.sha256(r.encode()).digest())
+        return sorted(ranked[:k]), 0.0
+
+    # -- one step --------------------------------------------------------------------------
+    def tick(self) -> Optional[dict]:
+        """One gate step (the gate thread calls it every tick_s). Returns a decision made, if any."""
+        return self._locked(self._tick)
+
+    def _tick(self) -> Optional[dict]:
+        st = self.state()
+        self._set_state(gate_seen_ns=time.time_ns())
+        if not self.enabled():
+            return None
+        reg = self.registry
+        pointer = reg.pointer()
+        if not pointer.get("version"):  # nothing current yet: the first version needs no evidence
+            latest = reg.latest_version()
+            if not latest:
+                return None
+            reg.pin_fleet(latest, by=GATE)
+            self._set_state(baseline=latest, candidate="", since_ns=0, refs={}, note="bootstrap")
+            return self._record("promote", latest, GATE, "bootstrap: no version was current")
+        current = pointer["version"]
+        if not pointer.get("pinned"):
+            # Hold the fleet: from here on publishes do not move it (an operator who unpinned it
+            # while the gate is on gets it held again where it now is).
+            reg.pin_fleet(current, by=GATE)
+        canary = reg.canary()
+        cand = st["candidate"]
+        if st["baseline"] != current:
+            # The pointer moved outside the gate (an operator's promote / pin / rollback): that
+            # version is the reference from now on.
+            if st["baseline"]:
+                note = f"fleet moved {st['baseline']} -> {current} outside the gate"
+                self._record("observe", current, "operator", note)
+            if cand and cand == current:  # the candidate itself was promoted by hand
+                self._set_state(baseline=current, candidate="", since_ns=0, refs={}, note="")
+                if canary and canary["version"] == cand:
+                    reg.clear_canary(by=GATE)
+                return None
+            self._set_state(baseline=current, refs={})
+            st["baseline"], st["refs"] = current, {}
+        if cand:
+            if not canary or canary["version"] != cand:
+                # An operator changed or cleared the canary: this test is over, nothing promoted.
+                self._set_state(candidate="", since_ns=0, refs={}, note="canary changed outside the gate")
+                return self._record("abandon", cand, "operator", "the canary was changed or cleared outside the gate")
+            return self._judge(st, cand)
+        if canary:  # an operator's own canary: leave it alone until it is cleared
+            self._set_state(note=f"paused: operator canary on {canary['version']}")
+            return None
+        nxt = self.next_candidate(current)
+        if nxt:
+            robots, fraction = self.choose_canaries()
+            reg.set_canary(nxt, robot_ids=robots, fraction=fraction or None, by=GATE)
+            self._set_state(candidate=nxt, since_ns=time.time_ns(), refs={}, canary_robots=robots,
+                            note="")
+            return self._record("canary", nxt, GATE, f"newest undecided version on the canaries "
+                                                     f"({', '.join(robots) if robots else f'fraction {fraction}'})",
+                                robots=robots, fraction=fraction)
+        self._set_state(note="")
+        self._write_evidence(st)
+        return None
+
+    def _write_evidence(self, st: dict) -> Optional[dict]:
+        if self.book is None:
+            return None
+        ev = self.evidence(st)
+        self.redis.set(EVIDENCE_KEY, json.dumps({**ev, "ts_ns": time.time_ns()}, allow_nan=False, default=str))
+        return ev
+
+    def next_candidate(self, baseline: str) -> Optional[str]:
+        """The NEWEST version newer than the baseline that no decision covers: versions published
+        while a test ran are skipped, so a version every few seconds cannot starve the gate."""
+        latest = self.registry.latest_version()
+        if not latest or _seq(latest) <= _seq(baseline) or self.redis.hexists(DECIDED_KEY, latest):
+            return None  # nothing newer, or the newest is decided: wait for the learner's next one
+        return latest
+
+    def evidence(self, st: Optional[dict] = None) -> dict:
+        """The running test's evidence (needs the book: the gate process). Freezes each task's
+        reference rate the first time the fleet version has min_baseline episodes on it."""
+        s = self.settings
+        st = st or self.state()
+        base, cand, refs = st["baseline"], st["candidate"], dict(st["refs"])
+        out = {"baseline": base, "candidate": cand, "since_ns": st["since_ns"], "settings": s.as_dict()}
+        if self.book is None or not base:
+            return out
+        base_tasks = {t: self.book.tally(base, t, newest=s.baseline_window) for t in self.book.tasks(base)}
+        out["baseline_evidence"] = {t: x.as_dict() for t, x in base_tasks.items()}
+        out["baseline_total"] = self.book.tally(base).as_dict()
+        if not cand:
+            return out
+        cand_tasks = {t: self.book.tally(cand, t) for t in self.book.tasks(cand)}
+        frozen = False
+        for t in cand_tasks:
+            bt = base_tasks.get(t)
+            if t not in refs and bt is not None and bt.known >= s.min_baseline:
+                refs[t] = reference_rate(bt)
+                frozen = True
+        if frozen:
+            self._set_state(refs=refs)
+        test = sprt(cand_tasks, refs, s)
+        out.update({"candidate_total": self.book.tally(cand).as_dict(), "test": test, "refs": refs})
+        return out
+
+    def _judge(self, st: dict, cand: str) -> Optional[dict]:
+        s = self.settings
+        ev = self._write_evidence(st)
+        test = ev.get("test") if ev else None
+        if test is None:
+            return None
+        summary = {"llr": test["llr"], "n": test["n"], "promote_at": round(s.upper, 4), "refuse_at": round(s.lower, 4),
+                   "per_task": test["per_task"]}
+        age_s = (time.time_ns() - st["since_ns"]) / 1e9 if st["since_ns"] else 0.0
+        if test["decision"] == "promote":
+            return self._promote(cand, GATE, f"not worse than {st['baseline']}: SPRT log-LR {test['llr']} >= "
+                                             f"{s.upper:.3f} after {test['n']} episodes", summary)
+        if test["decision"] == "refuse":
+            return self._refuse(cand, GATE, f"worse than {st['baseline']}: SPRT log-LR {test['llr']} <= "
+                                            f"{s.lower:.3f} after {test['n']} episodes", summary)
+        if test["n"] >= s.max_episodes or age_s >= s.max_wait_s:
+            return self._refuse(cand, GATE, f"inconclusive after {test['n']} episodes / {age_s:.0f} s "
+                                            f"(log-LR {test['llr']}); not promoted", summary, decision="expire")
+        return None
+
+    def _promote(self, version: str, by: str, reason: str, evidence=None) -> dict:
+        reg = self.registry
+        st = self.state()
+        reg.promote(version, by=by)  # the fleet stays pinned, now on `version`
+        canary = reg.canary()
+        if canary and canary["version"] in (version, st["candidate"]):
+            reg.clear_canary(by=by)
+        if st["candidate"] and st["candidate"] != version:
+            self._record("abandon", st["candidate"], by, f"test ended: {version} was promoted instead")
+        self._set_state(baseline=version, candidate="", since_ns=0, refs={}, note="")
+        return self._record("promote", version, by, reason, evidence)
+
+    def _refuse(self, version: str, by: str, reason: str, evidence=None, decision: str = "refuse") -> dict:
+        reg = self.registry
+        canary = reg.canary()
+        if canary and canary["version"] == version:
+            reg.clear_canary(by=by)  # the canaries go back to the fleet's version at their next episode
+        st = self.state()
+        if st["candidate"] == version:
+            self._set_state(candidate="", since_ns=0, refs={}, note="")
+        return self._record(decision, version, by, reason, evidence)
+
+    # -- operator actions (the dashboard) ---------------------------------------------------
+    def manual_promote(self, version: str, by: str, reason: str = "") -> dict:
+        """Promote `version` now (the candidate, or any version), whatever the evidence says."""
+        def op():
+            self.registry.manifest(version)  # UnknownVersion -> 404
+            st = self.state()
+            ev = self._last_evidence() if st["candidate"] == version else None
+            return self._promote(version, by, reason or "promoted by an operator", ev)
+        return self._locked(op)
+
+    def manual_reject(self, version: str, by: str, reason: str = "") -> dict:
+        """Refuse `version`: off the canaries now, never promoted by the gate."""
+        def op():
+            self.registry.manifest(version)
+            if self.registry.pointer().get("version") == version:
+                raise RegistryError(f"{version} is the fleet's current version; roll back instead")
+            st = self.state()
+            ev = self._last_evidence() if st["candidate"] == version else None
+            return self._refuse(version, by, reason or "refused by an operator", ev)
+        return self._locked(op)
+
+    def set_enabled(self, on: bool, by: str) -> dict:
+        """Switch the gate. Off: the canary it set is cleared and the fleet unpinned (it follows the
+        learner's publishes again, SOP-style). On: the next tick holds the fleet where it is."""
+        def op():
+            was = self.enabled()
+            self.redis.set(ENABLED_KEY, "1" if on else "0")
+            if was and not on:
+                st = self.state()
+                canary = self.registry.canary()
+                if st["candidate"] and canary and canary["version"] == st["candidate"]:
+                    self.registry.clear_canary(by=by)
+                if self.registry.pointer().get("pinned"):
+                    self.registry.unpin_fleet(follow_latest=True, by=by)
+                self._set_state(candidate="", since_ns=0, refs={}, note="off")
+            if was != on:
+                self._record("enable" if on else "disable", "", by, f"gate switched {'on' if on else 'off'}")
+            return self.status()
+        return self._locked(op)
+
+    def _last_evidence(self) -> Optional[dict]:
+        raw = self.redis.get(EVIDENCE_KEY)
+        if not raw:
+            return None
+        ev = json.loads(raw)
+        return {"test": ev.get("test"), "candidate_total": ev.get("candidate_total")}
+
+    def status(self, decisions: int = 20) -> dict:
+        st = self.state()
+        raw = self.redis.get(EVIDENCE_KEY)
+        ev = json.loads(raw) if raw else None
+        if ev and (ev.get("candidate") != st["candidate"] or ev.get("baseline") != st["baseline"]):
+            ev = None  # from an earlier test
+        settings = self.redis.get(SETTINGS_KEY)
+        seen = st["gate_seen_ns"]
+        return {"enabled": self.enabled(), "gate_running": bool(seen) and (time.time_ns() - seen) / 1e9 < 10.0,
+                "gate_seen_ns": seen, "baseline": st["baseline"], "candidate": st["candidate"],
+                "candidate_since_ns": st["since_ns"], "canary_robots": st["canary_robots"], "note": st["note"],
+                "settings": json.loads(settings) if settings else self.settings.as_dict(),
+                "evidence": ev, "decisions": self.decisions(decisions),
+                "counters": {_s(k): int(v) for k, v in self.redis.hgetall(COUNTERS_KEY).items()}}
+
+
+# ---- the service thread -----------------------------------------------------------------------
+
+class GateService:
+    """The gate in a process: follow the evidence, tick the gate. start() holds the fleet before
+    returning (so a learner started after it can never move the fleet to an untested version)."""
+
+    def __init__(self, registry: PolicyRegistry, settings: Optional[RolloutSettings] = None, store=None):
+        self.settings = settings or RolloutSettings()
+        self.book = EvidenceBook()
+        self.gate = RolloutGate(registry, self.settings, self.book)
+        self.follower = EvidenceFollower(registry.redis, self.book, store=store, lookback_s=self.settings.lookback_s)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.errors = 0
+
+    def start(self) -> "GateService":
+        r = self.gate.redis
+        r.set(SETTINGS_KEY, json.dumps(self.settings.as_dict()))
+        if r.get(ENABLED_KEY) is None:
+            r.set(ENABLED_KEY, "1" if self.settings.enabled else "0")
+        self.follower.drain()
+        self.gate.tick()
+        self._thread = threading.Thread(target=self._run, name="rollout-gate", daemon=True)
+        self._thread.start()
+        return self
+
+    def step(self, block_ms: Optional[int] = None) -> Optional[dict]:
+        self.follower.poll(block_ms=int(self.settings.tick_s * 1000) if block_ms is None else block_ms)
+        return self.gate.tick()
+
+    def _run(self) -> None:
+        backoff = 0.2
+        while not self._stop.is_set():
+            try:
+                self.step()
+                backoff = 0.2
+            except GateBusy:
+                continue
+            except (redis.RedisError, OSError, RegistryError, UnknownVersion) as e:
+                self.errors += 1
+                log.warning("rollout gate: %s: %s; retrying in %.1fs", type(e).__name__, e, backoff)
+                self._stop.wait(backoff)
+                backoff = min(5.0, backoff * 2)
+            except Exception:
+                self.errors += 1
+                log.exception("rollout gate step failed")
+                self._stop.wait(backoff)
+                backoff = min(5.0, backoff * 2)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+
+
+def add_arguments(p) -> None:
+    """The gate's flags on `fleetloop learner` / `fleetloop up`."""
+    p.add_argument("--rollout", choices=["on", "off"], default=None,
+                   help="gate new versions on canary evidence before the fleet gets them (default on; "
+                        "FLEETLOOP_ROLLOUT_ENABLED); off: every publish goes to every robot (SOP)")
+    p.add_argument("--rollout-canary", default=None, metavar="ROBOT,ROBOT",
+                   help="named canary robots (default: --rollout-canary-fraction of the online robots)")
+    p.add_argument("--rollout-canary-fraction", type=float, default=None, help="default 0.25")
+    p.add_argument("--rollout-margin", type=float, default=None,
+                   help="autonomous success this much lower counts as worse (default 0.15)")
+
+
+def settings_from_args(args) -> RolloutSettings:
+    on = getattr(args, "rollout", None)
+    return RolloutSettings.from_env(enabled=None if on is None else on == "on",
+                                    canary_robots=getattr(args, "rollout_canary", None),
+                                    canary_fraction=getattr(args, "rollout_canary_fraction", None),
+                                    margin=getattr(args, "rollout_margin", None))
