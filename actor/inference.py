@@ -260,6 +260,7 @@ class InferenceScheduler:
                     return served
                 self.counters.stalls += 1
                 source = "stall"
+                ep.last_launched_step = max(ep.last_launched_step, t)  # not this observation twice
                 # the policy fell behind by more than H steps: wait for the one in flight if its
                 # rows reach this step, else compute now
                 while (ep.inflight_t0 is not None and self._ep is ep and not self._stop.is_set()

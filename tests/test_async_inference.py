@@ -118,9 +118,11 @@ def test_slow_policy_at_30hz_never_stalls_and_actions_are_time_aligned(make_daem
     c = RobotLinkClient(d.address, "robot-1")
     c.start_episode("reach-v3", "reach")
     act_s, executed, answers = drive(c, 120)
-    # no Act after the first waits for the 100 ms policy (allow one hiccup on a busy machine)
+    # no Act after the first waits for the 100 ms policy (a hiccup or two on a busy machine aside;
+    # in sync mode every one of them would)
     slow = [round(x * 1000) for x in act_s if x > 0.05]
-    assert len(slow) <= 1, f"Act calls slower than 50 ms: {slow} of {len(act_s)}"
+    assert len(slow) <= max(2, len(act_s) // 10), f"Act calls slower than 50 ms: {slow} of {len(act_s)}"
+    assert sorted(act_s)[len(act_s) // 2] < 0.03
     # time-aligned: the action executed at step t is the row for step t, of chunks computed in order
     assert executed[:, 0].tolist() == list(range(120))
     assert np.all(np.diff(executed[:, 1]) >= 0), "a chunk older than one already executed came back"
@@ -131,7 +133,7 @@ def test_slow_policy_at_30hz_never_stalls_and_actions_are_time_aligned(make_daem
     st = c.status().inference
     assert st.mode == "async" and st.chunks_computed >= 5 and st.chunks_used >= 5
     assert 90 <= st.latency_ms_p50 <= 1000 and st.latency_ms_p99 >= st.latency_ms_p50
-    assert 20 <= st.control_period_ms <= 60 and st.stalls <= 1
+    assert 20 <= st.control_period_ms <= 60 and st.stalls <= 3
     assert st.chunk_age_steps_max >= 3  # ~3 steps of latency: chunks are adopted a few steps old
     c.end_episode(pb.OUTCOME_SUCCESS)
     # the heartbeat shows the timing to the fleet
@@ -147,7 +149,7 @@ def test_slow_policy_at_30hz_never_stalls_and_actions_are_time_aligned(make_daem
 
 
 def test_chunk_from_previous_episode_is_never_used(make_daemon):
-    old, new = StepPolicy(latency_s=0.3, number=1), StepPolicy(latency_s=0.1, number=2)
+    old, new = StepPolicy(latency_s=0.5, number=1), StepPolicy(latency_s=0.1, number=2)
     d = make_daemon(SwapSource([old, new]))
     c = RobotLinkClient(d.address, "robot-1")
     c.start_episode("reach-v3", "reach")
