@@ -63,6 +63,8 @@ class LearnerConfig:
     sampler: dict = field(default_factory=dict)  # SamplerConfig fields: window, alpha, w_min, ...
     buffer: dict = field(default_factory=dict)   # BufferLimits fields: max_frames, max_bytes, max_age_s
     reconcile_interval_s: float = 300.0     # store-vs-index scan period (also on any sign of Redis data loss)
+    gc_every_publishes: int = 20            # version retention (fleetloop/retention.py) every N publishes; 0: off
+    retention: dict = field(default_factory=dict)  # RetentionPolicy fields: keep_last, keep_every, stack_depth
     publish_initial: bool = True            # publish the init weights if the registry has no version
     stats_interval_s: float = 1.0
     max_failures: int = 3                   # worker-group restarts Ray Train may do
@@ -200,6 +202,14 @@ def _train_worker(loop_cfg: dict) -> None:
         replay.published.remote(m.version, core.step, published["count"])
         extra["publish_ms"] = round(1e3 * (time.perf_counter() - t), 1)
         losses.clear()
+        if cfg.gc_every_publishes and published["count"] % cfg.gc_every_publishes == 0:
+            guarded(retention)
+
+    def retention() -> None:
+        from fleetloop.retention import RetentionPolicy, collect
+        out = collect(registry, RetentionPolicy(**cfg.retention), fence=lease)
+        extra["retention"] = {"kept": out["kept"], "deleted": len(out["deleted"]), "freed_mb":
+                              round(out["freed_bytes"] / 1e6, 1)}
 
     def checkpoint() -> None:
         t = time.perf_counter()
