@@ -499,11 +499,15 @@ def test_weight_swap_latency_from_heartbeats_in_metrics(api, redis_client):
 
 def test_event_stream_sends_fleet_snapshots(api, daemons):
     daemons("robot-1")
-    with api.stream("GET", "/api/events", headers=VIEW, params={"max_events": 2, "interval_s": 0.2}) as r:
+    with api.stream("GET", "/api/events", headers={**VIEW, "Accept": "text/event-stream"},
+                    params={"max_events": 2, "interval_s": 0.2}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         text = "".join(r.iter_text())
     events = [block for block in text.split("\n\n") if block.startswith("event: fleet")]
     assert len(events) == 2
+    # A client that does not ask for a stream (curl, an API tester) gets one event, never an endless body.
+    text = api.get("/api/events", headers=VIEW, params={"interval_s": 60}).text
+    assert text.count("event: fleet") == 1
     snap = json.loads(events[-1].split("data: ", 1)[1])
     assert snap["fleet"]["robots"] == 1 and snap["robots"][0]["robot_id"] == "robot-1" and snap["robots"][0]["online"]
     assert api.get("/api/events", params={"max_events": 1}).status_code == 401
@@ -648,6 +652,105 @@ def test_unknown_things_are_404_not_500(api, method, path, body):
     assert r.json()["detail"].startswith("unknown ")
 
 
+# ---- issue 12: nothing a request carries can break the API or its audit log -------------------
+
+def _last_audit(api):
+    r = api.get("/api/audit", headers=VIEW)
+    assert r.status_code == 200, r.text
+    return r.json()["entries"][0]
+
+
+@pytest.mark.parametrize("raw", [b'{"version": "v000001", "fraction": NaN}',
+                                 b'{"version": "v000001", "fraction": Infinity}',
+                                 b'{"version": "v000001", "fraction": -Infinity}',
+                                 b'{"version": "v000001", "fraction": 1e309}'])
+def test_non_finite_numbers_are_a_422_and_audited(api, redis_client, raw):
+    r = api.put("/api/canary", content=raw, headers={**OP, "content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert "finite" in r.json()["detail"]
+    entry = _last_audit(api)  # recorded, and the listing still works afterwards
+    assert (entry["path"], entry["status"], entry["result"], entry["who"]) == ("/api/canary", 422, "error", "alice")
+    assert not redis_client.exists("fleetloop:policy:canary")
+    r = api.get("/api/events", headers=VIEW, params={"interval_s": "NaN"})
+    assert r.status_code == 422
+
+
+def test_deep_oversized_and_undecodable_bodies_are_refused_and_audited(api):
+    deep = b"[" * 100_000 + b"]" * 100_000  # deeper than any JSON parser's recursion
+    for body, status in ((deep[:30_000] + deep[-30_000:], 422), (b'{"reason": ' + b"[" * 40 + b"]" * 40 + b"}", 422),
+                         (b"\xff\xfe{", 422), (b"x" * 70_000, 413), (deep, 413)):
+        r = api.post("/api/robots/robot-1/takeover", content=body, headers={**OP, "content-type": "application/json"})
+        assert r.status_code == status, (len(body), r.text)
+        assert len(r.content) < 300  # bounded: never an echo of the body
+        entry = _last_audit(api)
+        assert (entry["path"], entry["status"], entry["who"]) == ("/api/robots/robot-1/takeover", status, "alice")
+        assert entry["params"].startswith(f"<body of {len(body)} bytes not recorded")
+
+
+def test_validation_errors_are_bounded_and_never_echo_the_request(api):
+    big = "x" * 60_000
+    r = api.post("/api/fleet/pin", headers=OP, json={"version": big})
+    assert r.status_code == 422 and len(r.content) < 2000 and big[:100] not in r.text
+    body = r.json()
+    assert isinstance(body["detail"], str) and body["errors"][0]["loc"] == ["body", "version"]
+    assert set(body["errors"][0]) == {"loc", "msg", "type"}
+    r = api.get(f"/api/robots/{'r' * 5000}", headers=VIEW)
+    assert r.status_code == 422 and len(r.content) < 2000
+
+
+@pytest.mark.parametrize("method,path,body", [
+    ("GET", "/api/robots/all", None),
+    ("GET", "/api/robots/acks", None),
+    ("POST", "/api/robots/all/pin", {"version": "v000001"}),
+    ("DELETE", "/api/robots/all/pin", None),
+    ("POST", "/api/robots/all/takeover", None),
+    ("PUT", "/api/canary", {"version": "v000001", "robot_ids": ["all"]}),
+])
+def test_reserved_robot_ids_are_not_robots(api, daemons, store, redis_client, method, path, body):
+    daemons("robot-1")  # the robot set (fleetloop:robot:all) exists
+    publish(PolicyRegistry(store, redis_client), 1)
+    r = api.request(method, path, headers=OP, json=body)
+    assert r.status_code == 404, r.text
+    assert "reserved" in r.json()["detail"]
+    assert PolicyRegistry(store, redis_client).robot_pins() == {}
+
+
+def test_audit_listing_survives_bad_entries(api, redis_client):
+    api.post("/api/policies/rollback", headers=OP)  # one good entry
+    for fields in ({"params": "NaN", "status": "Infinity", "ts_ns": "not json"},
+                   {"params": "[" * 5000 + "]" * 5000},
+                   {"params": '{"fraction": NaN}', "who": "x" * 10_000},
+                   {"\xff": b"\xff\xfe\x00"}):
+        redis_client.xadd(config.AUDIT_STREAM, fields)
+    api.post("/api/policies/rollback", headers=OP)
+    r = api.get("/api/audit", headers=VIEW, params={"limit": 10})
+    assert r.status_code == 200, r.text
+    entries = r.json()["entries"]
+    assert len(entries) == 6 and entries[0]["action"] == "policy.rollback" and entries[-1]["action"] == "policy.rollback"
+    assert entries[2]["params"] == {"fraction": None} and len(entries[2]["who"]) <= 4096
+    assert api.get("/api/audit", headers=VIEW, params={"before": "0-0"}).json()["entries"] == []
+
+
+def test_openapi_documents_error_models_and_status_codes(api):
+    spec = api.get("/openapi.json").json()
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    err = spec["components"]["schemas"]["ErrorBody"]
+    assert err["properties"]["detail"]["type"] == "string"
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            codes = set(op["responses"])
+            if path == "/api/health":
+                continue
+            assert {"401", "422", "503"} <= codes, (method, path, codes)
+            if method in ("post", "put", "delete"):
+                assert {"403", "413"} <= codes, (method, path, codes)
+            if "{" in path:
+                assert "404" in codes, (method, path, codes)
+            for code, resp in op["responses"].items():
+                if code != "200":
+                    assert resp["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+
+
 # ---- token configuration ---------------------------------------------------------------------
 
 def test_tokens_from_env_json_and_toml(tmp_path):
@@ -700,7 +803,7 @@ def test_cli_comes_up_on_embedded_defaults(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETLOOP_")}
     env.update(FLEETLOOP_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fleetloop.cli", "dashboard", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "fleetloop.cli", "dashboard", "--port", str(port), "--access-log"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         token, lines = None, []
@@ -720,14 +823,18 @@ def test_cli_comes_up_on_embedded_defaults(tmp_path):
         assert httpx.get(f"{base}/openapi.json").json()["info"]["title"] == "fleetloop dashboard"
         assert httpx.get(f"{base}/api/robots").status_code == 401
         assert (tmp_path / "home" / "store").is_dir()  # the default file store
+        assert httpx.get(f"{base}/?token={token}").status_code == 200  # a pasted page URL: logged, redacted
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            rest, _ = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
     assert proc.returncode == 0
+    access = [line for line in ("".join(lines) + rest).splitlines() if '"GET /' in line]
+    assert any('"GET /?token=[redacted] HTTP' in line for line in access), access
+    assert not any(token in line for line in access), access
 
 
 def _get(httpx, url, token):

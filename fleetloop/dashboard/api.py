@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional, Union
 
 import anyio
 import redis
 from fastapi import Body, Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -31,8 +34,8 @@ from fleetloop.buffer.codec import EpisodeRejected
 from fleetloop.buffer.store import StoreError
 from fleetloop.dashboard import metrics
 from fleetloop.dashboard.auth import ANONYMOUS, OPERATOR, VIEWER, Identity, TokenTable, bearer_token
-from fleetloop.dashboard.service import CONTROL_ACTIONS, BadRequest, Dashboard, NotDelivered, NotFound
-from fleetloop.policy.registry import RegistryError, UnknownVersion
+from fleetloop.dashboard.service import CONTROL_ACTIONS, BadRequest, CannotApply, Dashboard, NotDelivered, NotFound
+from fleetloop.policy.registry import RegistryError, UnknownVersion, WeightsIntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,86 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 PUBLIC_PATHS = {"/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/api/health", "/favicon.ico"}
 PUBLIC_PREFIXES = ("/static/",)
 READ_METHODS = {"GET", "HEAD"}
-_STREAM_ID = re.compile(r"^\d+(-\d+)?$")
+_STREAM_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # robot / task / episode ids (buffer.codec.check_id)
 
 
 # ---- access control + audit --------------------------------------------------------------
+
+MAX_BODY = 64 * 1024       # no write body needs more; larger ones are refused with 413 (and audited)
+MAX_JSON_DEPTH = 16        # bodies nested deeper are refused with 422 (and audited)
+AUDIT_PARAMS_MAX = 2048    # the audit log keeps a body's JSON up to this size, else a summary
+
+
+class BodyRefused(Exception):
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number this API accepts: numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:40]} is out of range: numbers must be finite")
+    return v
+
+
+def _depth(value, limit: int) -> int:
+    """Nesting depth of parsed JSON, iteratively (no recursion), stopping past limit."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            todo.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def parse_body(body: bytes):
+    """A write's body, checked before any route sees it: UTF-8 JSON, finite numbers only (no
+    NaN/Infinity, nothing that overflows to infinity), at most MAX_JSON_DEPTH deep. Raises
+    BodyRefused(422) with a short reason (never an echo of the body)."""
+    if len(body) > MAX_BODY:
+        raise BodyRefused(413, f"request body over {MAX_BODY} bytes")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BodyRefused(422, "body: not UTF-8 text (send a JSON body)") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise BodyRefused(422, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as e:
+        msg = str(e)
+        if "finite" not in msg:
+            msg = f"not valid JSON ({msg.split(':')[0][:80]})"
+        raise BodyRefused(422, f"body: {msg}") from None
+    if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise BodyRefused(422, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def audit_params(body: bytes, parsed, why: str = ""):
+    """What the audit log keeps of a request body: the JSON itself when it is valid and small,
+    else a one-line summary. Always JSON-serialisable with finite numbers."""
+    if not body:
+        return None
+    if not why:
+        try:
+            text = json.dumps(parsed, allow_nan=False, separators=(",", ":"))
+            if len(text) <= AUDIT_PARAMS_MAX:
+                return parsed
+            why = "too large to record"
+        except (ValueError, TypeError, RecursionError):
+            why = "not recordable"
+    return f"<body of {len(body)} bytes not recorded: {why[:200]}>"
+
 
 class AuthAuditMiddleware:
     def __init__(self, app, dash: Dashboard, tokens: TokenTable, open_read: bool):
@@ -78,50 +156,77 @@ class AuthAuditMiddleware:
             response = JSONResponse({"detail": detail}, status_code=status,
                                     headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
             await response(scope, receive, send)
-            if write:
-                await self._audit(scope, identity, status, detail, body=b"")
+            if write:  # the body is never read for a refused caller; only its size is recorded
+                await self._audit(scope, identity, status, detail, None)
             return
         if not write:
             return await self.app(scope, receive, send)
 
-        body = bytearray()
+        # An operator's write: read the (bounded) body, check it, record it -- whatever it holds.
+        body, parsed, refused = bytearray(), None, None
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY:
+            refused = BodyRefused(413, f"request body over {MAX_BODY} bytes")
+        else:
+            more = True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+                body.extend(message.get("body", b""))
+                more = message.get("more_body", False)
+                if len(body) > MAX_BODY:
+                    refused = BodyRefused(413, f"request body over {MAX_BODY} bytes")
+                    break
+        body = bytes(body)
+        if refused is None and body:
+            try:
+                parsed = parse_body(body)
+            except BodyRefused as e:
+                refused = e
+        if refused is not None:
+            response = JSONResponse({"detail": refused.detail}, status_code=refused.status)
+            await response(scope, receive, send)
+            size = int(declared) if declared.isdigit() else len(body)
+            await self._audit(scope, identity, refused.status, refused.detail,
+                              f"<body of {size} bytes not recorded: {refused.detail[:200]}>" if size else None)
+            return
+
         status_box = {"status": 500}
         error_body = bytearray()
+        replayed = False
 
-        async def receive_wrapper():
-            message = await receive()
-            if message["type"] == "http.request" and len(body) < 8192:
-                body.extend(message.get("body", b"")[: 8192 - len(body)])
-            return message
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status_box["status"] = message["status"]
             elif message["type"] == "http.response.body" and status_box["status"] >= 400 and len(error_body) < 4096:
-                error_body.extend(message.get("body", b""))
+                error_body.extend(message.get("body", b"")[: 4096 - len(error_body)])
             await send(message)
 
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, replay, send_wrapper)
         finally:
             detail = None
             if error_body:
                 try:
-                    detail = json.loads(error_body).get("detail")
-                except (ValueError, AttributeError):
-                    detail = error_body[:500].decode("utf-8", "replace")
-            await self._audit(scope, identity, status_box["status"], detail, bytes(body))
+                    detail = json.loads(bytes(error_body)).get("detail")
+                except (ValueError, AttributeError, RecursionError):
+                    detail = bytes(error_body)[:500].decode("utf-8", "replace")
+            await self._audit(scope, identity, status_box["status"], detail, audit_params(body, parsed))
 
-    async def _audit(self, scope, identity: Optional[Identity], status: int, detail, body: bytes) -> None:
+    async def _audit(self, scope, identity: Optional[Identity], status: int, detail, params) -> None:
         info = scope.get("state", {}).get("audit") or {}
-        try:
-            params = json.loads(body) if body else None
-        except ValueError:
-            params = body[:500].decode("utf-8", "replace")
         record = {
             "ts_ns": time.time_ns(), "who": identity.name if identity else ANONYMOUS.name,
-            "role": identity.role if identity else "", "method": scope["method"], "path": scope["path"],
-            "action": info.get("action") or f"{scope['method']} {scope['path']}", "target": info.get("target"),
+            "role": identity.role if identity else "", "method": scope["method"], "path": scope["path"][:300],
+            "action": info.get("action") or f"{scope['method']} {scope['path'][:300]}", "target": info.get("target"),
             "params": params, "status": status,
             "result": "ok" if status < 400 else ("denied" if status in (401, 403) else "error"),
             "detail": info.get("result") if status < 400 else detail,
@@ -129,7 +234,8 @@ class AuthAuditMiddleware:
         try:
             await anyio.to_thread.run_sync(self.dash.audit, record)
         except Exception as e:  # never turn an audit hiccup into a lost response; say it loudly
-            log.error("AUDIT RECORD LOST (%s): %s", e, record)
+            log.error("AUDIT RECORD LOST (%s): %s %s by %s -> %s", e, record["method"], record["path"],
+                      record["who"], status)
 
 
 def identity(request: Request) -> Identity:
@@ -143,7 +249,8 @@ def audit_note(request: Request, action: str, target: str = "", result=None) -> 
 # ---- request bodies ----------------------------------------------------------------------
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: NaN/Infinity never reach a handler (the middleware refuses them first too)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class ControlBody(Strict):
@@ -163,9 +270,64 @@ class RollbackBody(Strict):
 
 
 class CanaryBody(Strict):
+    # The schema says what the service checks: a canary names robots, or a fraction > 0, or both.
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["robot_ids"], "properties": {"robot_ids": {"minItems": 1}}},
+        {"required": ["fraction"], "properties": {"fraction": {"exclusiveMinimum": 0}}}]})
     version: str = Field(min_length=1, max_length=64)
-    robot_ids: list[str] = Field(default_factory=list, max_length=10_000)
-    fraction: float = Field(0.0, ge=0.0, le=1.0, description="a stable fraction of the fleet (0..1)")
+    robot_ids: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=200)
+    fraction: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+                            description="a stable fraction of the fleet (0..1), finite")
+
+
+# ---- error bodies (every non-2xx answer has this shape, bounded: never an echo of the request) --
+
+class ErrorItem(BaseModel):
+    loc: list[Union[str, int]] = Field(description="where: body / query / path, then the field")
+    msg: str = Field(max_length=200)
+    type: str = Field(max_length=64)
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what went wrong, in one line (at most 1000 characters)", max_length=1000)
+    errors: Optional[list[ErrorItem]] = Field(None, description="422 only: each invalid field (at most 20)",
+                                              max_length=20)
+
+
+ERROR_TEXT = {
+    401: "No token, an unknown token or not a bearer token ('WWW-Authenticate: Bearer')",
+    403: "A viewer token on a write: writes need an operator token",
+    404: "Unknown robot, episode, policy version, task, step or camera (reserved ids such as 'all' included)",
+    409: "The request cannot apply in the fleet's present state (robot offline, nothing to roll back to, ...)",
+    413: f"Request body over {MAX_BODY} bytes",
+    422: "Invalid request: a parameter or the body fails the schema, a number is not finite, JSON nested too deep",
+    502: "Stored data failed its integrity check (episode frames, a policy manifest)",
+    503: "Redis or the object store is unavailable",
+}
+
+
+def errors(*codes: int) -> dict:
+    return {c: {"model": ErrorBody, "description": ERROR_TEXT[c]} for c in codes}
+
+
+def json_errors(*codes: int) -> dict:
+    """errors() for a route whose success is not JSON (PNG, text, event stream): the error bodies
+    still are, and the document must say so."""
+    ref = {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+    return {c: {"description": ERROR_TEXT[c], "content": {"application/json": ref}} for c in codes}
+
+
+SSE_EVENT = {"type": "object", "description": "one server-sent event ('fleet': data is the /api/fleet JSON; "
+                                             "'problem': data is {detail})",
+             "properties": {"event": {"type": "string", "enum": ["fleet", "problem"]}, "data": {"type": "string"},
+                            "id": {"type": "string"}}}
+READ_ERRORS = (401, 422, 503)             # every authenticated read
+WRITE_ERRORS = (401, 403, 413, 422, 503)  # every write
+
+
+def _bounded(text, n: int) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # ---- the app -----------------------------------------------------------------------------
@@ -192,25 +354,54 @@ def create_app(dash: Dashboard, tokens: TokenTable, open_read: bool = False, man
     app.state.dashboard = dash
     bearer = [Depends(HTTPBearer(auto_error=False))]  # documents the scheme; the middleware enforces it
 
-    # -- errors: 404 for anything unknown, 409 for steering that cannot apply, 503 when a backend is down
+    # -- errors: 404 for anything unknown, 409 for steering that cannot apply, 503 when a backend is
+    # down; every body is ErrorBody, bounded, and never repeats the request back.
     def error(status: int):
         async def handler(_request, exc):
-            return JSONResponse({"detail": str(exc)}, status_code=status)
+            return JSONResponse({"detail": _bounded(exc, 1000)}, status_code=status)
         return handler
 
-    for exc_type, status in ((NotFound, 404), (UnknownVersion, 404), (NotDelivered, 409), (RegistryError, 409),
-                             (BadRequest, 422), (EpisodeRejected, 502), (StoreError, 503)):
+    for exc_type, status in ((NotFound, 404), (UnknownVersion, 404), (NotDelivered, 409), (CannotApply, 409),
+                             (RegistryError, 409), (BadRequest, 422), (EpisodeRejected, 502),
+                             (WeightsIntegrityError, 502), (StoreError, 503)):
         app.add_exception_handler(exc_type, error(status))
 
     @app.exception_handler(redis.RedisError)
     async def redis_down(_request, exc):
-        return JSONResponse({"detail": f"redis unavailable: {exc}"}, status_code=503)
+        return JSONResponse({"detail": _bounded(f"redis unavailable: {exc}", 1000)}, status_code=503)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):  # 404 unknown path, 405 method, ...
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Allow: every method of every route on this path, not just one route's
+            # the most specific route template matching the path (/api/policies/rollback over
+            # /api/policies/{version}), then every route with that template (POST and DELETE /pin)
+            templates = [r.path for r in request.app.router.routes
+                         if getattr(r, "methods", None) and r.matches(request.scope)[0] == Match.PARTIAL]
+            template = min(templates, key=lambda t: t.count("{")) if templates else None
+            allowed = set()
+            for route in request.app.router.routes:
+                if template is not None and getattr(route, "path", None) == template and getattr(route, "methods", None):
+                    allowed |= set(route.methods)
+            if allowed:
+                headers["Allow"] = ", ".join(sorted(allowed))
+        return JSONResponse({"detail": _bounded(exc.detail, 1000)}, status_code=exc.status_code,
+                            headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
-        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
-        parts = [f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors]
-        return JSONResponse({"detail": "; ".join(parts) or "invalid request", "errors": errors}, status_code=422)
+        items = []
+        for e in exc.errors()[:20]:  # loc, msg and type only: the offending input is not echoed
+            loc = [p if isinstance(p, int) else _bounded(p, 64) for p in list(e.get("loc", ()))[:8]]
+            items.append({"loc": loc, "msg": _bounded(e.get("msg", ""), 200), "type": _bounded(e.get("type", ""), 64)})
+        parts = [f"{'.'.join(str(p) for p in i['loc'])}: {i['msg']}" for i in items]
+        return JSONResponse({"detail": _bounded("; ".join(parts) or "invalid request", 1000), "errors": items},
+                            status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal(_request, exc):  # a bug: say so briefly, log the rest
+        log.exception("unhandled error: %s", exc)
+        return JSONResponse({"detail": "internal error (logged on the server)"}, status_code=500)
 
     # -- page and health
     @app.get("/", include_in_schema=False)
@@ -219,27 +410,27 @@ def create_app(dash: Dashboard, tokens: TokenTable, open_read: bool = False, man
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
 
-    @app.get("/api/health", tags=["meta"], summary="Liveness (no token needed)")
+    @app.get("/api/health", tags=["meta"], responses=errors(503),  summary="Liveness (no token needed)")
     def health():
         dash.redis.ping()
         return {"ok": True, "indexed": len(dash.index)}
 
-    @app.get("/api/whoami", tags=["meta"], dependencies=bearer, summary="The caller's name and role")
+    @app.get("/api/whoami", tags=["meta"], dependencies=bearer, responses=errors(*READ_ERRORS),  summary="The caller's name and role")
     def whoami(who: Identity = Depends(identity)):
         return {"name": who.name, "role": who.role, "open_read": open_read}
 
     # -- fleet and robots
-    @app.get("/api/fleet", tags=["robots"], dependencies=bearer,
+    @app.get("/api/fleet", tags=["robots"], dependencies=bearer, responses=errors(*READ_ERRORS, 502), 
              summary="The live snapshot the event stream sends: robots, fleet counts, policy, learner, queue")
     def fleet():
         return dash.snapshot()
 
-    @app.get("/api/robots", tags=["robots"], dependencies=bearer,
+    @app.get("/api/robots", tags=["robots"], dependencies=bearer, responses=errors(*READ_ERRORS), 
              summary="Every robot: online/offline, task, policy version, success (Wilson 95%), interventions, spool")
     def robots():
         return {"robots": dash.robots(), "offline_after_s": dash.offline_after_s}
 
-    @app.get("/api/robots/{robot_id}", tags=["robots"], dependencies=bearer,
+    @app.get("/api/robots/{robot_id}", tags=["robots"], dependencies=bearer, responses=errors(*READ_ERRORS, 404), 
              summary="One robot: the summary plus counters, swap stats, success per version, recent episodes")
     def robot(robot_id: str = PathParam(max_length=128)):
         return dash.robot(robot_id)
@@ -263,24 +454,24 @@ def create_app(dash: Dashboard, tokens: TokenTable, open_read: bool = False, man
         "resume": "Resume a paused robot",
     }
     for action in CONTROL_ACTIONS:
-        app.post(f"/api/robots/{{robot_id}}/{action}", tags=["control"], dependencies=bearer,
+        app.post(f"/api/robots/{{robot_id}}/{action}", tags=["control"], dependencies=bearer, responses=errors(*WRITE_ERRORS, 404, 409), 
                  summary=control_help[action])(control_route(action))
 
-    @app.post("/api/robots/{robot_id}/pin", tags=["policies"], dependencies=bearer,
+    @app.post("/api/robots/{robot_id}/pin", tags=["policies"], dependencies=bearer, responses=errors(*WRITE_ERRORS, 404, 502), 
               summary="Pin one robot to a policy version")
     def pin_robot(request: Request, body: VersionBody, robot_id: str = PathParam(max_length=128),
                   who: Identity = Depends(identity)):
         audit_note(request, "robot.pin", robot_id)
         return dash.pin_robot(robot_id, body.version, who.name)
 
-    @app.delete("/api/robots/{robot_id}/pin", tags=["policies"], dependencies=bearer,
+    @app.delete("/api/robots/{robot_id}/pin", tags=["policies"], dependencies=bearer, responses=errors(*WRITE_ERRORS, 404), 
                 summary="Unpin one robot (it follows canary / fleet again)")
     def unpin_robot(request: Request, robot_id: str = PathParam(max_length=128), who: Identity = Depends(identity)):
         audit_note(request, "robot.unpin", robot_id)
         return dash.unpin_robot(robot_id, who.name)
 
     # -- episodes
-    @app.get("/api/episodes", tags=["episodes"], dependencies=bearer, summary="Episodes, newest first, filtered")
+    @app.get("/api/episodes", tags=["episodes"], dependencies=bearer, responses=errors(*READ_ERRORS),  summary="Episodes, newest first, filtered")
     def episodes(robot_id: Optional[str] = Query(None, max_length=128), task_id: Optional[str] = Query(None, max_length=128),
                  policy_version: Optional[str] = Query(None, max_length=64),
                  outcome: Optional[Literal["success", "failure", "unknown"]] = None,
@@ -289,20 +480,22 @@ def create_app(dash: Dashboard, tokens: TokenTable, open_read: bool = False, man
         return dash.episodes(robot_id=robot_id, task_id=task_id, policy_version=policy_version, outcome=outcome,
                              has_intervention=has_intervention, source=source, offset=offset, limit=limit)
 
-    @app.get("/api/episodes/{episode_id}", tags=["episodes"], dependencies=bearer,
+    @app.get("/api/episodes/{episode_id}", tags=["episodes"], dependencies=bearer, responses=errors(*READ_ERRORS, 404), 
              summary="One episode: outcome, label, intervention segments, steps to show as thumbnails")
     def episode(episode_id: str = PathParam(max_length=200)):
         return dash.episode(episode_id)
 
     @app.get("/api/episodes/{episode_id}/frames/{step}.png", tags=["episodes"], dependencies=bearer,
              summary="One camera frame as a PNG thumbnail (fetched lazily from the store, verified)",
-             response_class=Response, responses={200: {"content": {"image/png": {}}}})
+             response_class=Response,
+             responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                        **json_errors(*READ_ERRORS, 404, 502)})
     def frame(episode_id: str = PathParam(max_length=200), step: int = PathParam(ge=0),
               camera: Optional[str] = Query(None, pattern=_ID), size: int = Query(128, ge=16, le=512)):
         png = dash.thumbnail(episode_id, step, camera, size)
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
 
-    @app.post("/api/episodes/{episode_id}/label", tags=["episodes"], dependencies=bearer,
+    @app.post("/api/episodes/{episode_id}/label", tags=["episodes"], dependencies=bearer, responses=errors(*WRITE_ERRORS, 404, 409), 
               summary="(Re)label an episode's outcome: LABEL_STREAM for the learner, labels/<id>.json in the store")
     def label(request: Request, body: LabelBody, episode_id: str = PathParam(max_length=200),
               who: Identity = Depends(identity)):
@@ -312,28 +505,28 @@ def create_app(dash: Dashboard, tokens: TokenTable, open_read: bool = False, man
         return result
 
     # -- tasks
-    @app.get("/api/tasks", tags=["episodes"], dependencies=bearer, summary="Success and intervention rate per task")
+    @app.get("/api/tasks", tags=["episodes"], dependencies=bearer, responses=errors(*READ_ERRORS),  summary="Success and intervention rate per task")
     def tasks():
         return {"tasks": dash.tasks()}
 
-    @app.get("/api/series", tags=["episodes"], dependencies=bearer,
+    @app.get("/api/series", tags=["episodes"], dependencies=bearer, responses=errors(*READ_ERRORS, 404), 
              summary="Per task, success and intervention rate over time (Wilson 95% intervals) + version timeline")
     def series(bucket_s: Optional[int] = Query(None, ge=1, le=30 * 86400),
                task_id: Optional[str] = Query(None, max_length=128)):
         return dash.series(bucket_s=bucket_s, task_id=task_id)
 
     # -- policies
-    @app.get("/api/policies", tags=["policies"], dependencies=bearer,
+    @app.get("/api/policies", tags=["policies"], dependencies=bearer, responses=errors(*READ_ERRORS, 502), 
              summary="Versions (newest first) with learner metrics and on-robot success; pointer, canary, pins, history")
     def policies(history: int = Query(100, ge=0, le=10_000)):
         return dash.policies(history=history)
 
-    @app.get("/api/policies/{version}", tags=["policies"], dependencies=bearer,
+    @app.get("/api/policies/{version}", tags=["policies"], dependencies=bearer, responses=errors(*READ_ERRORS, 404, 502), 
              summary="One version: manifest, metrics, on-robot success overall and per task")
     def policy(version: str = PathParam(max_length=64)):
         return dash.policy(version)
 
-    @app.post("/api/policies/rollback", tags=["policies"], dependencies=bearer,
+    @app.post("/api/policies/rollback", tags=["policies"], dependencies=bearer, responses=errors(*WRITE_ERRORS, 409), 
               summary="Point the fleet back at the version that was current before this one")
     def rollback(request: Request, body: Optional[RollbackBody] = Body(None), who: Identity = Depends(identity)):
         audit_note(request, "policy.rollback", "fleet")
@@ -341,53 +534,62 @@ def create_app(dash: Dashboard, tokens: TokenTable, open_read: bool = False, man
         audit_note(request, "policy.rollback", "fleet", {"to": result["rolled_back_to"]})
         return result
 
-    @app.post("/api/policies/{version}/promote", tags=["policies"], dependencies=bearer,
+    @app.post("/api/policies/{version}/promote", tags=["policies"], dependencies=bearer, responses=errors(*WRITE_ERRORS, 404, 502), 
               summary="Make a version the fleet's current one")
     def promote(request: Request, version: str = PathParam(max_length=64), who: Identity = Depends(identity)):
         audit_note(request, "policy.promote", version)
         return dash.promote(version, who.name)
 
-    @app.post("/api/fleet/pin", tags=["policies"], dependencies=bearer,
+    @app.post("/api/fleet/pin", tags=["policies"], dependencies=bearer, responses=errors(*WRITE_ERRORS, 404, 502), 
               summary="Pin the whole fleet to a version (publishes stop moving it)")
     def pin_fleet(request: Request, body: VersionBody, who: Identity = Depends(identity)):
         audit_note(request, "fleet.pin", body.version)
         return dash.pin_fleet(body.version, who.name)
 
-    @app.delete("/api/fleet/pin", tags=["policies"], dependencies=bearer,
+    @app.delete("/api/fleet/pin", tags=["policies"], dependencies=bearer, responses=errors(*WRITE_ERRORS), 
                 summary="Unpin the fleet: it jumps to the newest version and follows publishes again")
     def unpin_fleet(request: Request, who: Identity = Depends(identity)):
         audit_note(request, "fleet.unpin", "fleet")
         return dash.unpin_fleet(who.name)
 
-    @app.put("/api/canary", tags=["policies"], dependencies=bearer,
+    @app.put("/api/canary", tags=["policies"], dependencies=bearer, responses=errors(*WRITE_ERRORS, 404, 502), 
              summary="Run a version on listed robots and/or a stable fraction of the fleet first")
     def set_canary(request: Request, body: CanaryBody, who: Identity = Depends(identity)):
         audit_note(request, "canary.set", body.version)
         return dash.set_canary(body.version, body.robot_ids, body.fraction, who.name)
 
-    @app.delete("/api/canary", tags=["policies"], dependencies=bearer, summary="End the canary")
+    @app.delete("/api/canary", tags=["policies"], dependencies=bearer, responses=errors(*WRITE_ERRORS),  summary="End the canary")
     def clear_canary(request: Request, who: Identity = Depends(identity)):
         audit_note(request, "canary.clear", "fleet")
         return dash.clear_canary(who.name)
 
     # -- learner, audit, live stream, metrics
-    @app.get("/api/learner", tags=["learner"], dependencies=bearer,
+    @app.get("/api/learner", tags=["learner"], dependencies=bearer, responses=errors(*READ_ERRORS), 
              summary="Learner step, step rate, samples/s, losses, buffer sizes, staleness; episode queue lag")
     def learner():
         return {**dash.learner(), "queue": dash.queue(), "ingest": dash.ingest()}
 
-    @app.get("/api/audit", tags=["audit"], dependencies=bearer,
+    @app.get("/api/audit", tags=["audit"], dependencies=bearer, responses=errors(*READ_ERRORS), 
              summary="The audit log, newest first (every write request: who, what, when, result)")
-    def audit(limit: int = Query(100, ge=1, le=1000), before: Optional[str] = Query(None, max_length=40)):
-        if before is not None and not _STREAM_ID.match(before):
-            raise BadRequest(f"before must be an audit entry id like 1700000000000-0, not {before!r}")
+    def audit(limit: int = Query(100, ge=1, le=1000), before: Optional[str] = Query(None, max_length=40, pattern=_STREAM_ID.pattern,
+                                                 description="an entry id like 1700000000000-0 (next_before)")):
         return dash.audit_log(limit=limit, before=before)
 
     @app.get("/api/events", tags=["live"], dependencies=bearer,
              summary="Server-sent events: a fleet snapshot (event 'fleet', same as /api/fleet) every interval",
-             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
-    async def events(interval_s: float = Query(1.0, ge=0.2, le=60.0),
-                     max_events: Optional[int] = Query(None, ge=1, description="stop after this many (tests, curl)")):
+             description="Streams while the client sends 'Accept: text/event-stream' (until max_events); "
+                         "without that header the answer is one 'fleet' event.",
+             response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {"schema": SSE_EVENT}}}, **json_errors(*READ_ERRORS)})
+    async def events(request: Request, interval_s: float = Query(1.0, ge=0.2, le=60.0, allow_inf_nan=False),
+                     max_events: Optional[int] = Query(None, ge=1, le=1_000_000,
+                                                       description="stop after this many (tests, curl)")):
+        # A live stream only for clients that ask for one (EventSource and the page send
+        # 'Accept: text/event-stream'); anything else (curl, an API tester) gets one snapshot
+        # event and the response ends, so a generic client never hangs on an endless body.
+        if "text/event-stream" not in request.headers.get("accept", ""):
+            max_events = 1
+
         async def stream():
             yield "retry: 2000\n\n"
             sent = 0
@@ -405,7 +607,7 @@ def create_app(dash: Dashboard, tokens: TokenTable, open_read: bool = False, man
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/metrics", tags=["meta"], dependencies=bearer, response_class=PlainTextResponse,
+    @app.get("/metrics", tags=["meta"], dependencies=bearer, responses=json_errors(*READ_ERRORS),  response_class=PlainTextResponse,
              summary="Prometheus text exposition: ingest rate, queue lag, learner step rate, swap latency, success")
     def prometheus():
         return PlainTextResponse(metrics.render(dash), media_type=metrics.CONTENT_TYPE)

@@ -9,6 +9,7 @@ Other code (`fleetloop demo`, `fleetloop up`, tests) embeds it with build_app() 
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -41,6 +42,22 @@ def add_arguments(p) -> None:
                    help="the dashboard's consumer group on the episode stream; give each dashboard process its "
                         "own (default: dashboard)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+_SECRET_QUERY = re.compile(r"(?i)([?&](?:token|access_token|api_key|key)=)[^&#\s]*")
+
+
+class RedactTokens(logging.Filter):
+    """Access-log lines never carry a token: `?token=...` (a page URL someone pasted, a script)
+    is logged as `?token=[redacted]`. Tokens in the Authorization header are never logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args and isinstance(record.args, tuple):
+            record.args = tuple(_SECRET_QUERY.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        if isinstance(record.msg, str) and "=" in record.msg:
+            record.msg = _SECRET_QUERY.sub(r"\1[redacted]", record.msg)
+        return True
 
 
 def build_app(redis_client: redis.Redis, store, tokens: TokenTable, open_read: bool = False,
@@ -129,13 +146,28 @@ def run(args) -> int:
     # installed before it: make that one unwind through `finally`, so the private Redis goes too.
     signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log)
+        log_config = _uvicorn_log_config()
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
+                    log_config=log_config)
     except KeyboardInterrupt:
         pass
     finally:
         if private_redis:
             private_redis.stop()
     return 0
+
+
+def _uvicorn_log_config() -> dict:
+    """uvicorn's own logging setup, plus the token-redacting filter on its loggers' handlers
+    (uvicorn replaces logger configuration at start-up, so a filter added earlier is lost)."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg.setdefault("filters", {})["redact_tokens"] = {"()": RedactTokens}
+    for handler in cfg.get("handlers", {}).values():
+        handler.setdefault("filters", []).append("redact_tokens")
+    return cfg
 
 
 def _exit_cleanly(signum, _frame):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -72,6 +73,10 @@ class NotDelivered(RuntimeError):
 
 class BadRequest(ValueError):
     """A request that is well-formed but cannot be applied as asked (the API answers 422)."""
+
+
+class CannotApply(RuntimeError):
+    """A valid request the fleet's present state does not allow (the API answers 409)."""
 
 
 def _s(v) -> str:
@@ -375,7 +380,7 @@ class Dashboard:
         try:
             key = f"labels/{check_id('episode id', episode_id)}.json"
         except ValueError as err:  # an imported episode whose id cannot name a store object
-            raise BadRequest(f"cannot store a label for this episode: {err}") from None
+            raise CannotApply(f"cannot store a label for this episode: {err}") from None
         self.store.put(key, json.dumps(record).encode())
         self.redis.xadd(config.LABEL_STREAM, {"episode_id": episode_id, "outcome": outcome, "by": by,
                                               "labelled_ns": record["labelled_ns"]},
@@ -440,6 +445,10 @@ class Dashboard:
         return out
 
     def require_robot(self, robot_id: str) -> None:
+        try:  # reserved names ('all' is the robot set's own key, 'acks' the ack stream) are never robots
+            check_id("robot id", robot_id)
+        except ValueError as err:
+            raise NotFound("robot", robot_id, str(err).split(": ")[-1]) from None
         if not (self.redis.sismember(ROBOTS_SET, robot_id) or self.redis.exists(config.HEARTBEAT_PREFIX + robot_id)):
             raise NotFound("robot", robot_id)
 
@@ -771,21 +780,63 @@ class Dashboard:
     # ---- audit -----------------------------------------------------------------------------
 
     def audit(self, record: dict) -> None:
-        fields = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in record.items()
-                  if v is not None}
+        """One entry on AUDIT_STREAM. Whatever a request carried, the entry is flat strings of
+        bounded size with finite JSON numbers, so it can always be written and read back."""
+        fields = {}
+        for k, v in record.items():
+            if v is None:
+                continue
+            text = v if isinstance(v, str) else _safe_json(v)
+            fields[str(k)[:64]] = text if len(text) <= AUDIT_FIELD_MAX else text[:AUDIT_FIELD_MAX - 3] + "..."
         self.redis.xadd(config.AUDIT_STREAM, fields, maxlen=AUDIT_MAXLEN, approximate=True)
 
     def audit_log(self, limit: int = 100, before: Optional[str] = None) -> dict:
+        """Newest first. An entry that cannot be read (written by hand, by an older version, cut
+        short) is listed as {"id", "unreadable": true, "raw": {...}} instead of failing the page."""
         top = f"({before}" if before else "+"
-        rows = self.redis.xrevrange(config.AUDIT_STREAM, max=top, min="-", count=limit)
+        try:
+            rows = self.redis.xrevrange(config.AUDIT_STREAM, max=top, min="-", count=limit)
+        except redis.ResponseError:  # before=0-0 (nothing is older) or an id past the 64-bit range
+            if before is None:
+                raise
+            rows = []
         entries = []
         for msg_id, fields in rows:
-            f = {_s(k): _s(v) for k, v in fields.items()}
-            for k in ("params", "status", "ts_ns"):
-                if k in f:
-                    try:
-                        f[k] = json.loads(f[k])
-                    except ValueError:
-                        pass
-            entries.append({"id": _s(msg_id), **f})
+            mid = _s(msg_id)
+            try:
+                f = {_s(k)[:64]: _s(v)[:AUDIT_FIELD_MAX] for k, v in fields.items()}
+                for k in ("params", "status", "ts_ns"):
+                    if k in f:
+                        try:
+                            f[k] = _finite(json.loads(f[k], parse_constant=lambda _c: None))
+                        except (ValueError, RecursionError):
+                            pass
+                entries.append({"id": mid, **f})
+            except Exception as err:  # one bad entry never breaks the listing
+                log.warning("unreadable audit entry %s: %s", mid, err)
+                entries.append({"id": mid, "unreadable": True,
+                                "raw": {_s(k)[:64]: repr(v)[:200] for k, v in list(fields.items())[:20]}})
         return {"entries": entries, "next_before": entries[-1]["id"] if len(entries) == limit else None}
+
+
+AUDIT_FIELD_MAX = 4096
+
+
+def _finite(v, depth: int = 0):
+    """A copy of parsed JSON with non-finite floats as None (JSON responses cannot carry them)."""
+    if depth > 32:
+        return None
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {str(k): _finite(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x, depth + 1) for x in v]
+    return v
+
+
+def _safe_json(v) -> str:
+    try:
+        return json.dumps(_finite(v), default=str, allow_nan=False, separators=(",", ":"))
+    except (ValueError, TypeError, RecursionError):
+        return json.dumps(repr(v)[:AUDIT_FIELD_MAX])

@@ -181,7 +181,7 @@ function setLive(kind, text) {
 async function live() {
   for (;;) {
     try {
-      const res = await fetch("api/events", { headers: authHeaders(), cache: "no-store" });
+      const res = await fetch("api/events", { headers: authHeaders({ Accept: "text/event-stream" }), cache: "no-store" });
       if (res.status === 401 || res.status === 403) {
         setLive("bad", "signed out");
         await askToken("The server refused the token.");
