@@ -14,7 +14,12 @@ probability indicator_dropout in training; classifier-free guidance mixes the ve
 
 LoRA (peft) on the backbone's language model; only LoRA + the expert + the normalisation buffers
 are exported with trained_only=True. The base is named in the config by a content digest and
-must be provisioned on the machine (fleetloop.policy.hf_vla.base)."""
+must be provisioned on the machine (fleetloop.policy.hf_vla.base).
+
+A base may also hold a pretrained action expert (EXPERT_FILE, written by `fleetloop vla bake`,
+fleetloop.policy.hf_vla.bake): the model then starts from those weights (checked against the
+config: a mismatch is a CheckpointError), they count as base weights, and with expert_mode="lora"
+a version is only backbone LoRA + expert LoRA + normalisation."""
 from __future__ import annotations
 
 import functools
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 
 from fleetloop.policy.backend import (INDICATOR_UNSET, CheckpointError, ObservationSpec, PolicyModel,
                                       register_backend)
-from fleetloop.policy.hf_vla.base import base_digest, provision_base, resolve_base
+from fleetloop.policy.hf_vla.base import EXPERT_FILE, base_digest, provision_base, resolve_base
 from fleetloop.policy.hf_vla.expert import ActionExpert
 
 INDICATOR_TEXT = {1: "Advantage: negative", 2: "Advantage: positive"}
@@ -143,9 +148,37 @@ def _image_stats(base_dir: Path) -> tuple[list[float], list[float]]:
     return [0.5] * 3, [0.5] * 3
 
 
-def _is_base_name(name: str) -> bool:
-    """A tensor that comes with the base checkpoint (LoRA adapters do not)."""
-    return name.startswith("vlm.") and ".lora_" not in name
+def _is_base_name(name: str, baked_expert: bool = False) -> bool:
+    """A tensor that comes with the base checkpoint (LoRA adapters do not; the expert's own weights
+    do when the base holds a baked expert)."""
+    if ".lora_" in name:
+        return False
+    return name.startswith("vlm.") or (baked_expert and name.startswith("expert."))
+
+
+# What the baked expert file's metadata must agree on with the config (besides every tensor's shape).
+EXPERT_META_KEYS = ("state_dim", "action_dim", "horizon", "expert_width", "expert_layers", "expert_heads",
+                    "expert_mlp_ratio", "kv_dim")
+
+
+def read_baked_expert(base_dir) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """(settings, tensors) of the expert baked into a base directory, or None if it holds none.
+    Tensor names are the plain ActionExpert's (no LoRA wrapping)."""
+    path = Path(base_dir) / EXPERT_FILE
+    if not path.is_file():
+        return None
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    data = path.read_bytes()
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8:8 + n])["__metadata__"]["fleetloop_expert"])
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+        tensors = load(data)
+    except (SafetensorError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a fleetloop expert file ({e})") from None
+    return meta, tensors
 
 
 def _check_settings(s: dict) -> None:
@@ -197,6 +230,16 @@ class HFVLAPolicy(PolicyModel):
         self.n_img_tokens = self.adapter.n_image_tokens(hf_cfg)
 
         # -- sizes the expert from the base (never from a weights blob) --
+        baked = read_baked_expert(self.base_dir)
+        self.baked_expert = baked is not None
+        if baked is not None:
+            # the base was verified by digest (resolve_base / build); re-check it did not change since
+            if base_digest(self.base_dir) != str(base_sha256).lower():
+                raise CheckpointError(f"base {self.base_dir} no longer has digest {base_sha256}")
+            meta = baked[0]
+            for k in ("expert_width", "expert_layers"):  # 0 (the default): whatever the base holds
+                if not s[k] and k in meta:
+                    s[k] = meta[k]
         heads = int(s["expert_heads"])
         if not s["expert_width"]:
             unit = 8 * heads
@@ -211,6 +254,8 @@ class HFVLAPolicy(PolicyModel):
                                    d_model, float(s["expert_mlp_ratio"]))
         nn.init.normal_(self.expert.action_out.weight, std=1e-3)
         nn.init.zeros_(self.expert.action_out.bias)
+        if baked is not None:
+            self._load_baked_expert(*baked, d_model=d_model)
 
         # -- text: pad id and the pre-tokenised indicator prompts (derived from the base: not exported) --
         tok = _tokenizer(str(base_dir))
@@ -232,6 +277,31 @@ class HFVLAPolicy(PolicyModel):
         self.register_buffer("action_std", torch.ones(action_dim))
 
         self._configure_training()
+
+    @torch.no_grad()
+    def _load_baked_expert(self, meta: dict, tensors: dict, d_model: int) -> None:
+        """The base's pretrained expert into self.expert; it must be the one this config describes."""
+        sp, s = self._spec, self.settings
+        want = {"state_dim": sp.state_dim, "action_dim": sp.action_dim, "horizon": sp.horizon,
+                "expert_width": int(s["expert_width"]), "expert_layers": int(s["expert_layers"]),
+                "expert_heads": int(s["expert_heads"]), "expert_mlp_ratio": float(s["expert_mlp_ratio"]),
+                "kv_dim": d_model}
+        bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+        if bad:
+            raise CheckpointError(f"the expert baked into base {self.base_sha256[:16]} does not match the config: "
+                                  + ", ".join(f"{k} is {g!r} in the base, {w!r} in the config"
+                                              for k, (g, w) in sorted(bad.items())))
+        sd = self.expert.state_dict()
+        missing, extra = sorted(set(sd) - set(tensors)), sorted(set(tensors) - set(sd))
+        if missing or extra:
+            raise CheckpointError(f"the expert baked into base {self.base_sha256[:16]} has {len(missing)} missing "
+                                  f"{missing[:3]} and {len(extra)} unexpected {extra[:3]} tensors")
+        for n, t in tensors.items():
+            if tuple(t.shape) != tuple(sd[n].shape):
+                raise CheckpointError(f"baked expert tensor {n} has shape {tuple(t.shape)}, the config needs "
+                                      f"{tuple(sd[n].shape)}")
+        for n, t in tensors.items():
+            sd[n].copy_(t)
 
     # ---- what trains -----------------------------------------------------------------------------
 
@@ -329,8 +399,10 @@ class HFVLAPolicy(PolicyModel):
 
     def config_dict(self) -> dict:
         sp = self._spec
-        return {"backend": "hf-vla",
-                "base": {"sha256": self.base_sha256, "path": str(self.base_dir), "family": self.family},
+        base = {"sha256": self.base_sha256, "path": str(self.base_dir), "family": self.family}
+        if self.baked_expert:
+            base["expert"] = "baked"  # informative: the digest already says so
+        return {"backend": "hf-vla", "base": base,
                 "state_dim": sp.state_dim, "action_dim": sp.action_dim, "horizon": sp.horizon,
                 "cameras": list(sp.cameras), "image_size": sp.image_size, **self.settings}
 
@@ -490,7 +562,7 @@ class HFVLAPolicy(PolicyModel):
         if not trained_only:
             return sorted(names)
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        return sorted(n for n in names if n in trainable or not _is_base_name(n))
+        return sorted(n for n in names if n in trainable or not _is_base_name(n, self.baked_expert))
 
     def export_weights(self, trained_only: bool = False) -> bytes:
         from safetensors.torch import save
@@ -549,4 +621,5 @@ class HFVLAPolicy(PolicyModel):
         return float(vis_f + dec_f + 6 * (n_e - n_kv) * (1 + sp.horizon) + 6 * n_kv * t_p)
 
 
-__all__ = ["ADAPTERS", "DEFAULTS", "HFVLAPolicy", "base_digest", "provision_base", "resolve_base"]
+__all__ = ["ADAPTERS", "DEFAULTS", "EXPERT_FILE", "HFVLAPolicy", "base_digest", "provision_base",
+           "read_baked_expert", "resolve_base"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from fleetloop.policy.backend import CheckpointError
 
 STAMP_FILE = ".fleetloop-base.json"
+EXPERT_FILE = "fleetloop_expert.safetensors"  # a pretrained action expert baked into a base (bake.py)
 ENV_BASE_DIRS = "FLEETLOOP_BASE_DIRS"
 
 # (resolved path) -> (stat signature, digest): a multi-GB base is hashed once per process, and again

@@ -1,6 +1,9 @@
 """`fleetloop vla ...`: bases for the hf-vla backend.
 
     fleetloop vla make-tiny --family idefics3|paligemma --out DIR   a tiny random base (tests, CPU demos)
+        [--preset smolvlm-256m|smolvlm-500m|paligemma-3b]           ... or the real architecture, random weights
+    fleetloop vla bake CKPT --base-out DIR --checkpoint-out DIR2    the checkpoint's expert baked into a new
+        [--set KEY=VALUE ...]                                      base + a checkpoint on it (expert LoRA)
     fleetloop vla provision SRC [--bases DIR]                      copy + verify a base; prints its path
     fleetloop vla digest DIR                                       the content digest checkpoints name"""
 from __future__ import annotations
@@ -23,6 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=("idefics3", "paligemma"), required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default=None,
+                   help="a real architecture's hyper-parameters with random weights: smolvlm-256m, smolvlm-500m "
+                        "(idefics3), paligemma-3b (paligemma)")
+    p = sub.add_parser("bake", help="bake a pretrained checkpoint's action expert into a new base; write a "
+                                    "checkpoint on it whose versions carry only LoRA + normalisation")
+    p.add_argument("checkpoint", help="an hf-vla checkpoint directory (e.g. from fleetloop pretrain)")
+    p.add_argument("--base-out", required=True, help="the new base directory (must not exist or be empty)")
+    p.add_argument("--checkpoint-out", required=True, help="the new checkpoint directory")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the new checkpoint (default expert_mode=lora)")
+    p.add_argument("--no-verify", action="store_true", help="skip checking that the baked model acts the same")
     p = sub.add_parser("provision", help="copy a local HF base into the bases directory and verify it")
     p.add_argument("src")
     p.add_argument("--bases", default=None, help="bases root (default: first of $FLEETLOOP_BASE_DIRS, "
@@ -35,8 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from fleetloop.policy.hf_vla.base import base_digest, provision_base
     if args.vla_command == "make-tiny":
         from fleetloop.policy.hf_vla.tiny import make_tiny_base
-        out = make_tiny_base(args.family, args.out, seed=args.seed)
-        print(json.dumps({"path": str(out), "family": args.family, "sha256": base_digest(out)}))
+        out = make_tiny_base(args.family, args.out, seed=args.seed, preset=args.preset)
+        print(json.dumps({"path": str(out), "family": args.family, "preset": args.preset,
+                          "sha256": base_digest(out)}))
+    elif args.vla_command == "bake":
+        from fleetloop.policy.hf_vla.bake import bake_checkpoint
+        from fleetloop.policy.pretrain import _settings
+        print(json.dumps(bake_checkpoint(args.checkpoint, args.base_out, args.checkpoint_out,
+                                         overrides=_settings(args.set), verify=not args.no_verify)))
     elif args.vla_command == "provision":
         root = Path(args.bases) if args.bases else default_bases_root()
         path = provision_base(args.src, root)
