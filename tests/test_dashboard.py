@@ -530,6 +530,9 @@ WRITE_ROUTES = [
     ("DELETE", "/api/fleet/pin", None),
     ("PUT", "/api/canary", {"version": "v000001", "fraction": 0.5}),
     ("DELETE", "/api/canary", None),
+    ("POST", "/api/rollout/promote", {"version": "v000001"}),
+    ("POST", "/api/rollout/reject", {"version": "v000001"}),
+    ("PUT", "/api/rollout/enabled", {"enabled": False}),
 ]
 
 

@@ -66,7 +66,10 @@ def build_app(redis_client: redis.Redis, store, tokens: TokenTable, open_read: b
     from fleetloop.dashboard.api import create_app
     from fleetloop.dashboard.service import Dashboard
     dash = Dashboard(redis_client, store, registry=registry, group=group, offline_after_s=offline_after_s)
-    return create_app(dash, tokens, open_read=open_read), dash
+    app = create_app(dash, tokens, open_read=open_read)
+    from fleetloop.dashboard.rollout_api import add_rollout_routes  # the rollout gate (docs/rollout.md)
+    add_rollout_routes(app, dash)
+    return app, dash
 
 
 class DashboardServer:
