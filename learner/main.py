@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of a local Ray cluster")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-every", type=float, default=5.0, help="print stats every N seconds (0: never)")
+    from fleetloop.policy import rollout
+    rollout.add_arguments(p)  # --rollout on|off: the canary gate on new versions (docs/rollout.md)
 
 
 def run(args) -> int:
@@ -75,6 +77,7 @@ def run(args) -> int:
         ray_num_cpus=args.ray_num_cpus, seed=args.seed,
         precision=args.precision or ("bf16" if args.gpu else "fp32"),
         publish_trained_only={"auto": None, "trained": True, "full": False}[args.publish])
+    gate = _start_rollout_gate(args)  # before the learner: it can never move the fleet past the gate
     handle = start_learner(args.store, args.redis, args.algo, args.init_checkpoint, config=cfg)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -89,6 +92,33 @@ def run(args) -> int:
                                                     "current_version", "versions_published", "staleness")},
                              default=str), flush=True)
     final = handle.stop()
+    if gate is not None:
+        gate.stop()
     print(json.dumps({k: final.get(k) for k in ("status", "step", "versions_published", "current_version",
                                                 "last_checkpoint", "error")}, default=str), flush=True)
     return 1 if handle.error else 0
+
+
+def _start_rollout_gate(args):
+    """The rollout gate as a thread of this process, unless --rollout off (docs/rollout.md)."""
+    import redis as redis_lib
+
+    from fleetloop.buffer.store import open_store
+    from fleetloop.config import S3Settings
+    from fleetloop.policy import rollout
+    from fleetloop.policy.registry import PolicyRegistry
+    settings = rollout.settings_from_args(args)
+    store = open_store(args.store, S3Settings())
+    registry = PolicyRegistry(store, redis_lib.Redis.from_url(args.redis, socket_timeout=10))
+    if not settings.enabled:
+        log.info("rollout gate off: every published version goes to every robot")
+        if getattr(args, "rollout", None) == "off":  # release a fleet an earlier gate held
+            rollout.RolloutGate(registry, settings).set_enabled(False, by="fleetloop learner --rollout off")
+        return None
+    if getattr(args, "rollout", None) == "on":  # explicit: overrides an operator's earlier "off"
+        registry.redis.set(rollout.ENABLED_KEY, "1")
+    gate = rollout.GateService(registry, settings, store=store).start()
+    print(f"rollout gate on: new versions go to canaries first (margin {settings.margin}, "
+          f"alpha {settings.alpha}, beta {settings.beta}); --rollout off to push every version to every robot",
+          flush=True)
+    return gate
