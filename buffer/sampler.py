@@ -438,7 +438,7 @@ class BufferSampler:
         return img.transpose(2, 0, 1)
 
     def sample(self, batch_size: int) -> SampledBatch | None:
-        """A batch in VLAPolicyNet.loss format, or None while no frame is eligible. An episode
+        """A batch in PolicyModel.loss format, or None while no frame is eligible. An episode
         whose images fail verification is quarantined and the batch redrawn."""
         for _attempt in range(5):
             with self._lock:

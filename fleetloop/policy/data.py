@@ -4,7 +4,7 @@ Pure functions over arrays, so the online learner reuses them on the episodes it
   chunk_targets(actions, H)        -> chunks [T, H, A] and mask [T, H]
   stack_camera_images(chunks, cams) -> images [T, C, 64, 64] uint8 from decoded StepChunks
   ChunkDataset(episodes, H, encode) -> flat arrays + batch()/sample() producing the dict that
-                                       VLAPolicyNet.loss() takes
+                                       PolicyModel.loss() takes
 and, for pretraining, load_demonstrations(store) reads every demonstration in a store.
 """
 from __future__ import annotations
