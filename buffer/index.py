@@ -23,7 +23,7 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -144,6 +144,8 @@ class FrameIndex:
         self.evicted_frames = 0
         self.evicted_before_ns = 0           # newest end time evicted so far
         self.evicted_ids: set[str] = set()   # evicted ids that carry no time (see episode_id_time_ns)
+        self.too_old = 0                     # arrived after newer ones were already evicted: not kept
+        self.too_old_ids: deque = deque(maxlen=100_000)
 
     def add(self, entry: EpisodeEntry) -> bool:
         """Index an episode once. Returns False (and changes nothing) for a duplicate, and for
@@ -153,7 +155,9 @@ class FrameIndex:
                 return False
             if entry.source == ONLINE and self.limits.bounded and entry.ended_ns and \
                     entry.ended_ns < self.evicted_before_ns:
-                return False  # it would be the next to go: leave it in the store
+                self.too_old += 1   # it would be the next to go: leave it in the store
+                self.too_old_ids.append(entry.episode_id)
+                return False
             self._episodes[entry.episode_id] = entry
             self._by_task_source.setdefault((entry.task_id, entry.source), []).append(entry.episode_id)
             self.frames += entry.num_steps
@@ -265,7 +269,7 @@ class FrameIndex:
             out: dict = {"episodes": len(self._episodes), "frames": self.frames, "tasks": {},
                          "online_frames": self.online_frames, "bytes": self.bytes,
                          "online_bytes": self.online_bytes, "evicted": self.evicted,
-                         "evicted_frames": self.evicted_frames,
+                         "evicted_frames": self.evicted_frames, "too_old": self.too_old,
                          "limits": {"max_frames": self.limits.max_frames, "max_bytes": self.limits.max_bytes,
                                     "max_age_s": self.limits.max_age_s}}
             for (task, source), ids in self._by_task_source.items():
