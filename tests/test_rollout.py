@@ -81,6 +81,9 @@ def test_sprt_refuses_a_broken_version_after_min_episodes_and_promotes_an_equal_
     # as good as the reference on both tasks: promoted once the evidence adds up
     assert sprt({"a": tally(8, 10), "b": tally(6, 10)}, refs, s)["decision"] == "continue"
     assert sprt({"a": tally(40, 50), "b": tally(30, 50)}, refs, s)["decision"] == "promote"
+    # much better on one task cannot buy a task on which it is shown worse
+    out = sprt({"a": tally(50, 50), "b": tally(0, 8)}, refs, s)
+    assert out["llr"] > s.upper and out["decision"] == "refuse" and out["worse_tasks"] == ["b"]
     # a task without a reference contributes nothing
     out = sprt({"c": tally(0, 50)}, refs, s)
     assert out["decision"] == "continue" and out["n"] == 0 and out["per_task"]["c"]["reference"] is None

@@ -357,13 +357,19 @@ def sprt(candidate: dict[str, Tally], refs: dict[str, float], s: RolloutSettings
         n += t.known
         per_task[task] = {**t.as_dict(), "reference": round(refs[task], 4), "h0": round(p0, 4), "h1": round(p1, 4),
                           "llr": round(part, 4)}
+    # A task on which the candidate alone is already shown worse refuses it, however well it does
+    # elsewhere (summing could otherwise trade one task away for another). This only adds
+    # refusals: P(promote a worse version) stays <= alpha; P(refuse a good one) grows to at most
+    # about beta per task.
+    worse_tasks = sorted(t for t, d in per_task.items()
+                         if d.get("llr") is not None and d["known"] >= s.min_episodes and d["llr"] <= s.lower)
     decision = "continue"
     if n >= s.min_episodes:
-        if llr >= s.upper:
-            decision = "promote"
-        elif llr <= s.lower:
+        if llr <= s.lower or worse_tasks:
             decision = "refuse"
-    return {"llr": round(llr, 4), "n": n, "decision": decision, "per_task": per_task}
+        elif llr >= s.upper:
+            decision = "promote"
+    return {"llr": round(llr, 4), "n": n, "decision": decision, "worse_tasks": worse_tasks, "per_task": per_task}
 
 
 # ---- the gate -------------------------------------------------------------------------------
@@ -582,14 +588,16 @@ class RolloutGate:
         if test is None:
             return None
         summary = {"llr": test["llr"], "n": test["n"], "promote_at": round(s.upper, 4), "refuse_at": round(s.lower, 4),
-                   "per_task": test["per_task"]}
+                   "worse_tasks": test["worse_tasks"], "per_task": test["per_task"]}
         age_s = (time.time_ns() - st["since_ns"]) / 1e9 if st["since_ns"] else 0.0
         if test["decision"] == "promote":
             return self._promote(cand, GATE, f"not worse than {st['baseline']}: SPRT log-LR {test['llr']} >= "
                                              f"{s.upper:.3f} after {test['n']} episodes", summary)
         if test["decision"] == "refuse":
-            return self._refuse(cand, GATE, f"worse than {st['baseline']}: SPRT log-LR {test['llr']} <= "
-                                            f"{s.lower:.3f} after {test['n']} episodes", summary)
+            where = f" on {', '.join(test['worse_tasks'])}" if test["worse_tasks"] and test["llr"] > s.lower else ""
+            return self._refuse(cand, GATE, f"worse than {st['baseline']}{where}: SPRT log-LR "
+                                            f"{test['llr'] if not where else 'per task'} <= {s.lower:.3f} "
+                                            f"after {test['n']} episodes", summary)
         if test["n"] >= s.max_episodes or age_s >= s.max_wait_s:
             return self._refuse(cand, GATE, f"inconclusive after {test['n']} episodes / {age_s:.0f} s "
                                             f"(log-LR {test['llr']}); not promoted", summary, decision="expire")
