@@ -257,7 +257,11 @@ def scenario_gate(redis_client, store_dir: str, robots: int = 8, episode_s: floa
         good_delay = fleet.all_started(good, t_good) - t_good
         fleet.wait(lambda: g.decided().get(newest) is not None, timeout, "a decision on the newest version")
         decisions = g.decisions(500)
+        all_eps = fleet.snapshot()
+        mean_ep = sum(e.ended - e.started for e in all_eps) / max(1, len(all_eps))
         return {
+            "episode_mean_s": round(mean_ep, 4),
+            "good_delay_episode_lengths": round(good_delay / mean_ep, 1) if mean_ep else None,
             "v1": v1, "broken": bad, "good": good, "skipped": skipped, "newest": newest,
             "canaries": sorted(canaries),
             "broken_decision": bad_decision,
@@ -356,6 +360,8 @@ def run(args) -> int:
             "good_delay_immediate_s": sop["good_delay_s"],
             "good_delay_ratio": round(gated["good_delay_s"] / sop["good_delay_s"], 2) if sop["good_delay_s"] else None,
             "candidate_episodes_to_promote": gated["candidate_episodes_to_promote"],
+            "episode_mean_s": gated["episode_mean_s"],
+            "good_delay_episode_lengths": gated["good_delay_episode_lengths"],
             "batching": {"published_during_test": gated["skipped"], "tested": gated["skipped_was_candidate"],
                          "newest": gated["newest"], "newest_decision": gated["newest_decision"]},
         }
