@@ -23,7 +23,11 @@ saving is bytes, not seconds (hashing and loading the full model still dominate)
 + flow-matching expert, LoRA), loaded by robots through the real PolicyLoader: every robot holds
 the base (provisioned, verified by digest) and the fleet first gets one full push of the model,
 then LoRA versions that carry only the adapters + expert (`update_mb` vs `full_mb`,
-`update_share`), each timed publish -> loaded like the full push.
+`update_share`), each timed publish -> loaded like the full push. `--bake` first bakes the freshly
+built model's expert into a new base (fleetloop.policy.hf_vla.bake; robots hold that base) and
+publishes versions of the baked model (expert LoRA): backbone LoRA + expert LoRA + normalisation.
+`update_bytes` / `full_bytes` split each kind of version into lora / expert / backbone (VLM
+weights) / other (normalisation) / header bytes.
 """
 from __future__ import annotations
 
@@ -55,6 +59,12 @@ def add_arguments(p) -> None:
     p.add_argument("--base", help="vla: a local Hugging Face VLM directory (default: a tiny random one)")
     p.add_argument("--family", default="idefics3", help="vla without --base: idefics3 or paligemma")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="vla: a backend setting")
+    p.add_argument("--preset", default=None,
+                   help="vla without --base: a random base of a real architecture (smolvlm-256m, smolvlm-500m, "
+                        "paligemma-3b) instead of a tiny one")
+    p.add_argument("--bake", action="store_true",
+                   help="vla: bake the built model's expert into a new base first; versions are then LoRA "
+                        "(backbone + expert) + normalisation only")
 
 
 class BenchPolicy:
@@ -318,8 +328,24 @@ def run(args) -> int:
     return 0
 
 
+def weights_breakdown(data: bytes) -> dict[str, int]:
+    """Bytes of a safetensors blob by kind: LoRA adapters, expert weights, backbone (VLM) weights,
+    other tensors (normalisation), header."""
+    n = int.from_bytes(data[:8], "little")
+    out = {"lora": 0, "expert": 0, "backbone": 0, "other": 0, "header": 8 + n}
+    for name, info in json.loads(data[8:8 + n]).items():
+        if name == "__metadata__":
+            continue
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        kind = ("lora" if ".lora_" in name else "expert" if name.startswith("expert.")
+                else "backbone" if name.startswith("vlm.") else "other")
+        out[kind] += size
+    return out
+
+
 def run_vla(args) -> int:
-    """Full push of a VLA, then LoRA (adapters + expert) versions on top of the same base."""
+    """Full push of a VLA, then LoRA (adapters + expert) versions on top of the same base; with
+    --bake the expert is baked into the base first and versions carry only LoRA + normalisation."""
     import tempfile
 
     import redis
@@ -336,14 +362,29 @@ def run_vla(args) -> int:
     base = args.base
     if not base:
         from fleetloop.policy.hf_vla.tiny import make_tiny_base
-        base = str(make_tiny_base(args.family, os.path.join(tmp, f"tiny-{args.family}")))
+        name = args.preset or "tiny"
+        base = str(make_tiny_base(args.family, os.path.join(tmp, f"{name}-{args.family}"), preset=args.preset))
     torch.manual_seed(0)
     model = build_model("hf-vla", base_dir=base, state_dim=39, action_dim=4, horizon=8, cameras=["front"],
                         image_size=64, **parse_settings(args.set))
+    bake_s = None
+    if getattr(args, "bake", False):
+        from fleetloop.policy.hf_vla.bake import bake_model
+        t0 = time.perf_counter()
+        model = bake_model(model, os.path.join(tmp, "baked-base"))  # the source model is dropped here
+        bake_s = round(time.perf_counter() - t0, 2)
     full = export_version(model, trained_only=False)
-    result: dict = {"backend": "hf-vla", "family": model.config_dict()["base"]["family"],
+    cfg = model.config_dict()
+    n_expert = sum(p.numel() for n, p in model.named_parameters() if n.startswith("expert.") and ".lora_" not in n)
+    result: dict = {"backend": "hf-vla", "family": cfg["base"]["family"], "preset": args.preset,
+                    "baked_expert": bool(model.baked_expert), "expert_mode": cfg["expert_mode"],
+                    "backbone_mode": cfg["backbone_mode"], "expert_layers": cfg["expert_layers"],
+                    "expert_width": cfg["expert_width"], "lora_rank": cfg["lora_rank"],
                     "actors": args.actors, "mode": args.mode, "rounds": args.rounds,
-                    "params": model.num_parameters(), "trainable_params": model.num_parameters(trainable=True)}
+                    "params": model.num_parameters(), "expert_params": n_expert,
+                    "trainable_params": model.num_parameters(trainable=True)}
+    if bake_s is not None:
+        result["bake_s"] = bake_s
     with MotoS3Server() as s3, RedisServer(appendonly=False) as rs:
         client = redis.Redis.from_url(rs.url)
         learner = PolicyRegistry(S3Store(BUCKET, "", _settings(s3.endpoint, create_bucket=True)), client,
@@ -357,13 +398,14 @@ def run_vla(args) -> int:
             statuses = fleet.await_version(m.version, args.timeout)
             fleet.begin_episode()
             f_lat, f_moved, _ = _latencies(statuses, m.version)
-            lat, moved, publish_s, update_bytes = [], 0, [], 0
+            lat, moved, publish_s, update_bytes, update_kinds, per_round = [], 0, [], 0, {}, []
             for r in range(args.rounds):
                 with torch.no_grad():  # stands in for a learner update: every trained tensor moves
                     for p in model.trainable_parameters():
                         p.add_(torch.randn_like(p) * 1e-3)
                 v = export_version(model, trained_only=True)
                 update_bytes = len(v.weights)
+                update_kinds = weights_breakdown(v.weights)
                 t0 = time.perf_counter()
                 m = learner.publish(v.weights, v.config_json, backend=v.backend, base_sha256=v.base_sha256,
                                     parent_version=m.version, learner_step=25 * (r + 1), algorithm="bench")
@@ -373,14 +415,20 @@ def run_vla(args) -> int:
                 r_lat, r_moved, _ = _latencies(statuses, m.version)
                 lat += r_lat
                 moved += r_moved
+                # round 1 builds each robot's shared model on the base (after a self-contained full
+                # push); later rounds only overlay the version's tensors on it
+                per_round.append({"p50_s": _pct(r_lat, 50), "p99_s": _pct(r_lat, 99),
+                                  "fetch_s_max": round(max(s["last_load"]["fetch_s"] for s in statuses), 3),
+                                  "load_s_max": round(max(s["last_load"]["load_s"] for s in statuses), 3)})
             result.update({
                 "full_mb": round(len(full.weights) / 1e6, 3), "update_mb": round(update_bytes / 1e6, 3),
                 "update_share": round(update_bytes / len(full.weights), 4),
+                "update_bytes": update_kinds, "full_bytes": weights_breakdown(full.weights),
                 "full_push": {"p50_s": _pct(f_lat, 50), "p99_s": _pct(f_lat, 99), "publish_s": round(full_publish_s, 3),
                               "bytes_per_load": f_moved // len(f_lat)},
                 "update": {"p50_s": _pct(lat, 50), "p99_s": _pct(lat, 99), "max_s": round(max(lat), 3),
                            "publish_s": round(float(np.median(publish_s)), 3),
-                           "bytes_per_load": moved // len(lat), "loaded": len(lat)},
+                           "bytes_per_load": moved // len(lat), "loaded": len(lat), "per_round": per_round},
                 "base_sha256": full.config_json and m.base_sha256, "cpus": os.cpu_count(),
             })
             result["update_vs_full_p99"] = round(result["update"]["p99_s"] / max(1e-9, result["full_push"]["p99_s"]), 3)
