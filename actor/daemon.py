@@ -16,6 +16,7 @@ watchdog instead of leaving it open forever.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -30,11 +31,11 @@ import grpc
 import redis
 
 from fleetloop import config
+from fleetloop.actor.contract import LinkLimits, Rejected, Spec, StepChecker, check_id, check_text, short
 from fleetloop.actor.inference import BadObservation, InferenceScheduler, InferenceSettings
 from fleetloop.actor.recorder import EpisodeRecorder
 from fleetloop.actor.spool import Spool
 from fleetloop.actor.uploader import Uploader, recover_unsealed
-from fleetloop.buffer.codec import check_id
 from fleetloop.buffer.store import ObjectStore
 from fleetloop.policy.interface import Policy
 from fleetloop.proto.v1 import episode_pb2 as pb
@@ -71,10 +72,12 @@ class OpenEpisode:
     episode_id: str
     task_id: str
     instruction: str
-    policy: Policy
+    policy: Optional[Policy]   # None: a demonstration recorded before any policy was loaded
     policy_version: str
+    checker: StepChecker
     last_call: float = field(default_factory=time.monotonic)
     intervening: bool = False
+    step_lock: threading.Lock = field(default_factory=threading.Lock)  # check + record of one step
 
 
 @dataclass
@@ -92,56 +95,92 @@ def _finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
+def _abort(context, e: Rejected):
+    context.abort(getattr(grpc.StatusCode, e.code), str(e))
+
+
 class RobotLinkService(rl_grpc.RobotLinkServicer):
-    """The gRPC face of the daemon. Errors are gRPC status codes with a message that says what
-    was wrong: INVALID_ARGUMENT for bad input, FAILED_PRECONDITION for calls out of order,
-    NOT_FOUND for an unknown episode, RESOURCE_EXHAUSTED when the spool dropped the episode."""
+    """The gRPC face of the daemon. Errors are gRPC status codes with a short message that says
+    what was wrong (docs/robot-link.md lists them): INVALID_ARGUMENT for bad input (nothing of
+    the call is recorded; the episode stays open), FAILED_PRECONDITION for calls out of order
+    (no episode open, the episode already ended, Act on a demonstration without a policy),
+    NOT_FOUND for an episode id this robot never had open, OUT_OF_RANGE when the episode is
+    full, UNAVAILABLE when no policy is loaded yet for a rollout."""
 
     def __init__(self, daemon: "ActorDaemon"):
         self.d = daemon
 
     def _episode(self, episode_id: str, context) -> OpenEpisode:
+        lim = self.d.limits
+        try:
+            check_text("episode_id", episode_id, lim.max_id_bytes, required=True)
+        except Rejected as e:
+            _abort(context, e)
         ep = self.d.open_episode
-        if ep is None or ep.episode_id != episode_id:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"episode {episode_id!r} is not open on this robot")
-        ep.last_call = time.monotonic()
-        return ep
+        if ep is not None and ep.episode_id == episode_id:
+            ep.last_call = time.monotonic()
+            return ep
+        if episode_id in self.d.ended_episodes:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"episode {episode_id} has ended" + (f"; the open episode is {ep.episode_id}" if ep else ""))
+        if ep is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"no episode is open on this robot (episode {short(episode_id)}): call StartEpisode first")
+        context.abort(grpc.StatusCode.NOT_FOUND,
+                      f"episode {short(episode_id)} is not open on this robot; the open episode is {ep.episode_id}")
 
     def StartEpisode(self, request, context):
-        if request.robot_id and request.robot_id != self.d.robot_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"this daemon serves robot {self.d.robot_id!r}, not {request.robot_id!r}")
-        if not request.task_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id is required")
+        lim = self.d.limits
         try:
-            check_id("task id", request.task_id)
-        except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            if request.robot_id:
+                check_text("robot_id", request.robot_id, lim.max_id_bytes)
+                if request.robot_id != self.d.robot_id:
+                    raise Rejected(f"this daemon serves robot {self.d.robot_id}, not {short(request.robot_id)}")
+            check_id("task_id", request.task_id, lim)
+            check_text("instruction", request.instruction, lim.max_instruction_bytes)
+            if request.kind not in pb.EpisodeKind.values():
+                raise Rejected(f"kind {request.kind} is not an EpisodeKind")
+        except Rejected as e:
+            _abort(context, e)
+        kind = request.kind or pb.EPISODE_KIND_ROLLOUT
+        demonstration = kind == pb.EPISODE_KIND_DEMONSTRATION
         with self.d.lock:
             if self.d.open_episode is not None:  # the robot restarted without ending: keep what we had
                 self.d.close_open_episode(incomplete=True, why="a new episode started before EndEpisode")
             try:
                 policy, version = self.d.policy_source.begin_episode()  # the only place weights swap
             except RuntimeError as e:  # e.g. nothing published yet: the robot should retry later
-                context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-            kind = request.kind or pb.EPISODE_KIND_ROLLOUT
-            episode_id = self.d.recorder.start(request.task_id, request.instruction, version, kind=kind)
-            self.d.open_episode = OpenEpisode(episode_id, request.task_id, request.instruction, policy, version)
-            self.d.inference.begin_episode(episode_id, policy, request.instruction, self.d.indicator)
+                if not demonstration:  # a human drives a demonstration: no policy needed
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"{e}; demonstrations can be recorded meanwhile")
+                policy, version = None, ""
+            # A demonstration was not produced by a policy: its manifest says "" (episode.proto).
+            episode_id = self.d.recorder.start(request.task_id, request.instruction,
+                                               "" if demonstration else version, kind=kind)
+            checker = StepChecker(Spec.of(policy), lim)
+            self.d.open_episode = OpenEpisode(episode_id, request.task_id, request.instruction, policy, version,
+                                              checker)
+            if policy is not None:
+                self.d.inference.begin_episode(episode_id, policy, request.instruction, self.d.indicator)
         return rl.StartEpisodeResponse(episode_id=episode_id, policy_version=version)
 
     def Act(self, request, context):
         ep = self._episode(request.episode_id, context)
-        if not _finite(request.observation.state):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "observation.state contains NaN or inf")
+        if ep.policy is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"episode {ep.episode_id} is a demonstration recorded before any policy was loaded: "
+                          "there are no actions to serve (report the demonstrator's actions with ReportStep)")
+        try:
+            ep.checker.check_observation(request.observation)
+        except Rejected as e:
+            _abort(context, e)
         try:  # time-aligned rows of the newest chunk (or a fresh one: first Act, sync mode, stall)
             served = self.d.inference.act(ep.episode_id, request.observation)
         except KeyError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"episode {request.episode_id!r} ended during the call")
         except BadObservation as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        except ValueError as e:  # e.g. wrong state dimension for this policy
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy rejected the observation: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)[:200])
+        except ValueError as e:  # e.g. wrong state dimension for a policy that does not state its spec
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"policy rejected the observation: {str(e)[:200]}")
         rows = served.actions
         return rl.ActResponse(horizon=served.horizon, action_dim=rows.shape[1], actions=rows.ravel().tolist(),
                               rows=rows.shape[0], first_step=served.first_step, chunk_step=served.chunk_step,
@@ -150,16 +189,21 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
 
     def ReportStep(self, request, context):
         ep = self._episode(request.episode_id, context)
-        if not request.action:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "action is required")
-        if not (_finite(request.action) and _finite(request.observation.state)):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "action or state contains NaN or inf")
-        step = pb.Step(images=request.observation.images, state=request.observation.state, action=request.action,
-                       policy_chunk=request.policy_chunk, intervention=request.intervention or ep.intervening,
-                       reward=request.reward)
-        with self.d.lock:
-            self.d.recorder.add_step(step)
-            n = self.d.recorder.num_steps
+        with ep.step_lock:  # checked against the episode's shape, then recorded, one step at a time
+            try:
+                shape = ep.checker.check_step(request)
+            except Rejected as e:
+                _abort(context, e)
+            step = pb.Step(images=request.observation.images, state=request.observation.state,
+                           action=request.action, policy_chunk=request.policy_chunk,
+                           intervention=request.intervention or ep.intervening, reward=request.reward)
+            with self.d.lock:
+                if self.d.open_episode is not ep:  # closed (watchdog, new StartEpisode) during the check
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"episode {ep.episode_id} has ended")
+                # a segment the flag alone opens is named by the step's operator ("unknown" if none)
+                self.d.recorder.add_step(step, operator=request.operator or "unknown", reason="unspecified")
+                n = self.d.recorder.num_steps
+                ep.checker.accept(shape, request.ByteSize())
         self.d.inference.on_step(ep.episode_id, request.observation)  # step count; may start an inference
         self.d.counters.steps += 1
         self.d.counters.intervention_steps += int(step.intervention)
@@ -168,9 +212,15 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
 
     def BeginIntervention(self, request, context):
         ep = self._episode(request.episode_id, context)
+        try:
+            check_text("operator", request.operator, self.d.limits.max_text_bytes)
+            check_text("reason", request.reason, self.d.limits.max_text_bytes)
+        except Rejected as e:
+            _abort(context, e)
         ep.intervening = True
         with self.d.lock:
-            self.d.recorder.annotate_intervention(request.operator or "unknown", request.reason or "unspecified")
+            if self.d.open_episode is ep:
+                self.d.recorder.annotate_intervention(request.operator or "unknown", request.reason or "unspecified")
         return rl.InterventionResponse(intervening=True)
 
     def EndIntervention(self, request, context):
@@ -180,8 +230,18 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
         return rl.InterventionResponse(intervening=False)
 
     def EndEpisode(self, request, context):
-        self._episode(request.episode_id, context)
+        ep = self._episode(request.episode_id, context)
+        try:
+            check_text("labelled_by", request.labelled_by, self.d.limits.max_text_bytes)
+            if request.outcome not in pb.Outcome.values():
+                raise Rejected(f"outcome {request.outcome} is not an Outcome")
+            if request.outcome_source not in pb.LabelSource.values():
+                raise Rejected(f"outcome_source {request.outcome_source} is not a LabelSource")
+        except Rejected as e:
+            _abort(context, e)
         with self.d.lock:
+            if self.d.open_episode is not ep:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"episode {ep.episode_id} has ended")
             episode_id, n, spooled = self.d.close_open_episode(
                 outcome=request.outcome, source=request.outcome_source or pb.LABEL_SOURCE_ROBOT,
                 labelled_by=request.labelled_by)
@@ -202,7 +262,13 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
         return rl.StatusResponse(robot_id=self.d.robot_id, policy_version=src.get("current_version") or "",
                                  pending_version=src.get("pending_version") or "", spool_episodes=backlog["episodes"],
                                  spool_bytes=backlog["bytes"], takeover_requested=self.d.takeover_requested,
-                                 paused=self.d.paused, inference=stats)
+                                 paused=self.d.paused, inference=stats, spec=self.d.spec(),
+                                 limits=self.d.limits.to_proto(self.d.episode_idle_timeout_s))
+
+    def GetSpec(self, request, context):
+        pending = self.d.policy_source.status().get("pending_version") or ""
+        return rl.GetSpecResponse(robot_id=self.d.robot_id, spec=self.d.spec(), pending_version=pending,
+                                  limits=self.d.limits.to_proto(self.d.episode_idle_timeout_s))
 
 
 class ActorDaemon:
@@ -211,15 +277,20 @@ class ActorDaemon:
                  heartbeat_interval_s: float = 2.0, indicator: Optional[bool] = None, chunk_steps: int = 256,
                  chunk_bytes: int = 4 << 20, inference: str = "async", inference_lead_steps: int = 2,
                  inference_replan_steps: Optional[int] = None, inference_inline_below_ms: float = 5.0,
-                 control_hz: float = 30.0):
+                 control_hz: float = 30.0, limits: Optional[LinkLimits] = None):
         """inference: "async" (compute the next chunk in the background while the robot executes
         the current one) or "sync" (every Act computes). inference_lead_steps: start the next
         chunk when the current one has no more than expected-latency + this many steps left.
         inference_replan_steps: also refresh the chunk every this many steps (None: only when
         running low). inference_inline_below_ms: a policy faster than this runs on the Act
         call itself, from the freshest observation. control_hz: the robot's control rate assumed
-        until measured from ReportStep spacing. See fleetloop.actor.inference."""
-        self.robot_id = check_id("robot id", robot_id)
+        until measured from ReportStep spacing. See fleetloop.actor.inference. limits: the bounds on
+        robot input (fleetloop.actor.contract.LinkLimits; reported by GetSpec)."""
+        self.limits = limits or LinkLimits()
+        try:
+            self.robot_id = check_id("robot id", robot_id, self.limits)
+        except Rejected as e:
+            raise ValueError(str(e)) from None
         self.store, self.redis, self.spool = store, redis_client, spool
         self.policy_source = policy_source
         self.indicator = indicator  # RECAP: condition on "advantage positive" at deployment
@@ -233,6 +304,7 @@ class ActorDaemon:
             inline_below_ms=inference_inline_below_ms, control_hz=control_hz))
         self.lock = threading.RLock()
         self.open_episode: Optional[OpenEpisode] = None
+        self.ended_episodes: collections.deque = collections.deque(maxlen=64)  # "has ended" vs "unknown"
         self.takeover_requested = False
         self.paused = False
         self.counters = RobotCounters()
@@ -248,6 +320,7 @@ class ActorDaemon:
                            labelled_by: str = "", incomplete: bool = False, why: str = "") -> tuple[str, int, bool]:
         ep = self.open_episode
         self.open_episode = None
+        self.ended_episodes.append(ep.episode_id)
         self.inference.end_episode(ep.episode_id)  # drops its chunks; an inference in flight is discarded
         if incomplete:
             log.warning("episode %s closed incomplete: %s", ep.episode_id, why)
@@ -261,6 +334,18 @@ class ActorDaemon:
         c.incomplete += incomplete
         self.takeover_requested = False
         return episode_id, n, spooled
+
+    def spec(self) -> rl.PolicySpec:
+        """The spec of the policy the robot runs: the open episode's, else the one the next
+        episode starts with (unknown before any policy is loaded)."""
+        ep = self.open_episode
+        if ep is not None and ep.policy is not None:
+            return ep.checker.spec.to_proto(ep.policy_version)
+        src = self.policy_source
+        policy = getattr(src, "current_policy", None)
+        if policy is None:  # FixedPolicySource.policy; PolicySlot keeps it private
+            policy = getattr(src, "policy", None) or getattr(src, "_current", None)
+        return Spec.of(policy).to_proto(str(src.status().get("current_version") or "") if policy is not None else "")
 
     # -- control channel ---------------------------------------------------------------------
     def apply_command(self, cmd: policy_pb2.ControlCommand) -> str:
@@ -353,7 +438,7 @@ class ActorDaemon:
             self._threads.append(t)
         self._threads.append(self.uploader.start_thread(self._stop))
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="robot-link"),
-                                  options=[("grpc.max_receive_message_length", 32 << 20)])
+                                  options=[("grpc.max_receive_message_length", self.limits.max_message_bytes)])
         rl_grpc.add_RobotLinkServicer_to_server(RobotLinkService(self), self.server)
         self.port = self.server.add_insecure_port(self._grpc_address)
         if not self.port:

@@ -5,6 +5,7 @@ into the spool. Nothing on the control loop's path waits for the disk or the net
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -33,6 +34,8 @@ class _Episode:
         self.approx_bytes = 0
         self.segments: list[dict] = []     # intervention segments [start, end)
         self.cameras: list[str] = []       # camera names, from the first step with images
+        self.action_dim = 0                # from the first step (the daemon keeps them constant)
+        self.state_dim = 0
         self.chunk_refs: list[dict] = []   # ChunkRef (JSON form) per chunk written
         self.dropped = False
 
@@ -43,7 +46,7 @@ class EpisodeRecorder:
         self.chunk_steps, self.chunk_bytes = chunk_steps, chunk_bytes
         self._jobs: queue.Queue = queue.Queue()
         self._current: _Episode | None = None
-        self._dropped_ids: set[str] = set()
+        self._dropped_ids: collections.OrderedDict[str, None] = collections.OrderedDict()  # bounded: newest kept
         self._writer = threading.Thread(target=self._write_loop, name="spool-writer", daemon=True)
         self._writer.start()
 
@@ -68,17 +71,25 @@ class EpisodeRecorder:
     def num_steps(self) -> int:
         return self._current.num_steps if self._current else 0
 
-    def add_step(self, step: pb.Step) -> None:
+    def add_step(self, step: pb.Step, operator: str = "", reason: str = "") -> None:
+        """`operator`, `reason`: who drove an intervention step and why -- they name a segment the
+        step's flag opens (without annotate_intervention); a later step's operator replaces an
+        empty or "unknown" one."""
         ep = self._require()
         step.index = ep.num_steps
         if not step.timestamp_ns:
             step.timestamp_ns = time.time_ns()
         if step.intervention and (not ep.segments or ep.segments[-1]["end_step"] is not None):
-            ep.segments.append({"start_step": ep.num_steps, "end_step": None, "operator": "", "reason": ""})
+            ep.segments.append({"start_step": ep.num_steps, "end_step": None, "operator": operator,
+                                "reason": reason})
+        elif step.intervention and operator and ep.segments[-1]["operator"] in ("", "unknown"):
+            ep.segments[-1]["operator"] = operator
         elif not step.intervention and ep.segments and ep.segments[-1]["end_step"] is None:
             ep.segments[-1]["end_step"] = ep.num_steps
         if not ep.cameras and step.images:
             ep.cameras = [img.camera for img in step.images]
+        if not ep.num_steps:
+            ep.action_dim, ep.state_dim = len(step.action), len(step.state)
         ep.steps.append(step)
         ep.num_steps += 1
         ep.approx_bytes += sum(len(i.data) for i in step.images) + 8 * (len(step.state) + len(step.action))
@@ -112,7 +123,8 @@ class EpisodeRecorder:
                                      "labelled_by": labelled_by, "incomplete": incomplete,
                                      "ended_ns": time.time_ns(), "num_steps": ep.num_steps,
                                      "interventions": segments,
-                                     "cameras": ep.cameras}))
+                                     "cameras": ep.cameras, "action_dim": ep.action_dim,
+                                     "state_dim": ep.state_dim}))
         return ep.episode_id, ep.num_steps
 
     def abort(self, why: str) -> None:
@@ -129,6 +141,12 @@ class EpisodeRecorder:
 
     def was_dropped(self, episode_id: str) -> bool:
         return episode_id in self._dropped_ids
+
+    def _mark_dropped(self, ep: _Episode) -> None:
+        ep.dropped = True
+        self._dropped_ids[ep.episode_id] = None
+        while len(self._dropped_ids) > 1024:
+            self._dropped_ids.popitem(last=False)
 
     # -- internals ----------------------------------------------------------------------------
     def _require(self) -> _Episode:
@@ -161,12 +179,10 @@ class EpisodeRecorder:
                 elif kind == "seal":
                     self.spool.seal(ep.episode_id, {**payload, "chunks": ep.chunk_refs})
             except SpoolFull as e:
-                ep.dropped = True
-                self._dropped_ids.add(ep.episode_id)
+                self._mark_dropped(ep)
                 self.spool.drop(ep.episode_id, f"spool full: {e}")
             except Exception:  # never let the writer thread die
                 log.exception("spool writer failed on %s for %s", kind, getattr(ep, "episode_id", "?"))
                 if ep is not None:
-                    ep.dropped = True
-                    self._dropped_ids.add(ep.episode_id)
+                    self._mark_dropped(ep)
                     self.spool.drop(ep.episode_id, "write error")

@@ -80,7 +80,8 @@ def test_bad_calls_get_clear_status_codes(daemon):
     c = RobotLinkClient(daemon.address, "robot-1")
     with pytest.raises(grpc.RpcError) as e:
         c.stub.Act(__import__("fleetloop.proto.v1.robot_link_pb2", fromlist=["x"]).ActRequest(episode_id="nope"), timeout=2)
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "not open" in e.value.details()
+    # out of order (no episode open): FAILED_PRECONDITION, as the service's docstring says
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "StartEpisode" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:
         c.start_episode("bad task/../id", "x")
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -92,6 +93,9 @@ def test_bad_calls_get_clear_status_codes(daemon):
     with pytest.raises(grpc.RpcError) as e:
         c.report_step(obs(), [float("nan"), 0, 0, 0], intervention=False)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # an id this robot never had open: NOT_FOUND
+        c.stub.Act(__import__("fleetloop.proto.v1.robot_link_pb2", fromlist=["x"]).ActRequest(episode_id="nope"), timeout=2)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "not open" in e.value.details()
     with pytest.raises(grpc.RpcError) as e:  # the policy expects 6-d state
         c.act(Observation(images={}, state=np.zeros(3, np.float32)))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "6-d" in e.value.details()
