@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import redis
 
 from fleetloop import config
+from fleetloop.policy import signing
 from fleetloop.policy.registry import PolicyRegistry, Target
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,11 @@ class PolicySlot:
         verified bytes. keep_base: hold the last loaded version's bytes so a version published
         as a delta against it downloads only the changed blocks."""
         self.registry, self.robot_id, self.load_fn = registry, robot_id, load_fn
+        if registry.trust is None:  # a robot runs only versions and pointer moves signed by a trusted key
+            registry.trust = signing.TrustStore.default()
+        if not len(registry.trust) and not signing.insecure_allowed():
+            log.error("robot %s: no trusted policy keys (%s or %s); every policy version will be refused",
+                      robot_id, signing.TRUSTED_KEYS_ENV, signing.keys_dir() / "trusted")
         self.poll_interval_s, self.max_backoff_s, self.keep_base = poll_interval_s, max_backoff_s, keep_base
         self._load_takes_version = _takes_version(load_fn)
         self._lock = threading.Lock()
@@ -172,7 +178,12 @@ class PolicySlot:
         """Resolve this robot's target and, if it is new, fetch + verify + load it as pending.
         Returns the version loaded, else None. Redis errors propagate (the loop backs off);
         per-version failures are recorded and retried later with their own backoff."""
-        target = self.registry.resolve(self.robot_id)
+        try:
+            target = self.registry.resolve(self.robot_id)  # verifies the pin/canary/pointer signature
+        except signing.SignatureError as e:
+            self._error(f"policy target refused: {e}")
+            log.warning("robot %s: %s; keeping %s", self.robot_id, e, self._current_version)
+            return None
         self.target = target
         if target is None:
             return None
@@ -213,7 +224,9 @@ class PolicySlot:
 
     def _fetch_and_load(self, target: Target) -> _Loaded:
         t0 = time.perf_counter()
-        m = self.registry.manifest(target.version)
+        # The signature first, on the stored bytes: an unsigned or forged version is refused
+        # before its manifest is parsed, so nothing is sized or allocated from its contents.
+        m = self.registry.verified_manifest(target.version)
         if self._base and not (m.delta_key and m.parent_version == self._base[0]):
             self._base = None  # no delta against it: free it before the full download
         f = self.registry.fetch_detailed(target.version, base=self._base)  # verified sha256

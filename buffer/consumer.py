@@ -19,12 +19,28 @@ import redis
 
 from fleetloop import config
 
-from fleetloop.buffer.codec import EpisodeRejected, Limits, manifest_from_bytes, read_episode
+from fleetloop.buffer.codec import EpisodeRejected, Limits, check_id, manifest_from_bytes, read_episode
 from fleetloop.buffer.index import EpisodeEntry, FrameIndex, entry_from_loaded
 from fleetloop.buffer.queue import Delivery, EpisodeQueueConsumer, fields_to_event
 from fleetloop.buffer.store import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
+
+
+def episode_writer(manifest_key: str, episode_id: str) -> tuple[str | None, str]:
+    """The robot that wrote an episode: the <robot_id> of episodes/<robot_id>/<episode_id>/
+    manifest.json (only that robot's credentials may write there). (None, why) if the key is
+    not exactly that shape."""
+    parts = (manifest_key or "").split("/")
+    if len(parts) != 4 or parts[0] != "episodes" or parts[3] != "manifest.json":
+        return None, f"manifest key {manifest_key[:200]!r} is not episodes/<robot_id>/<episode_id>/manifest.json"
+    try:
+        check_id("robot id", parts[1])
+    except ValueError as e:
+        return None, str(e)[:200]
+    if parts[2] != episode_id:
+        return None, f"manifest key {manifest_key[:200]!r} is not for episode {episode_id[:128]!r}"
+    return parts[1], ""
 
 
 @dataclass
@@ -64,6 +80,10 @@ class DataConsumer:
             event = fields_to_event(d.fields)
         except ValueError as e:
             return "dead", ("bad-event", str(e)), None
+        writer, why = episode_writer(event.manifest_key, event.episode_id)
+        if writer is None or (event.robot_id and event.robot_id != writer):
+            return "dead", ("robot-mismatch", why or f"event says robot {event.robot_id!r}, but its episode is "
+                                                     f"under episodes/{writer}/"), event
         if event.episode_id in self.index:
             return "duplicate", None, event
         try:
@@ -74,6 +94,16 @@ class DataConsumer:
             if loaded.manifest.episode_id != event.episode_id:
                 raise EpisodeRejected("inconsistent", f"event names {event.episode_id}, manifest "
                                                       f"{loaded.manifest.episode_id}")
+            # The robot that wrote it is the one whose prefix holds it (each robot's store
+            # credentials may write only episodes/<its id>/): the manifest must name that robot
+            # and every chunk must lie under that episode's prefix.
+            prefix = f"episodes/{writer}/{event.episode_id}/"
+            if loaded.manifest.robot_id != writer:
+                raise EpisodeRejected("robot-mismatch", f"manifest says robot {loaded.manifest.robot_id!r}, but "
+                                                        f"robot {writer!r} wrote it ({event.manifest_key})")
+            stray = [ref.key for ref in loaded.manifest.chunks if not ref.key.startswith(prefix)]
+            if stray:
+                raise EpisodeRejected("robot-mismatch", f"chunks outside {prefix}: {stray[:3]}")
             return "ok", loaded, event
         except EpisodeRejected as e:
             return "dead", (e.reason, e.detail), event

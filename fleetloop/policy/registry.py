@@ -91,6 +91,24 @@ def manifest_key(version: str) -> str:
     return f"policies/{version}/manifest.json"
 
 
+def _pointer_record(version: str, published_ns: int) -> dict:
+    """What a fleet-pointer signature covers (the pin flag is the learner's business, not the robots')."""
+    return {"kind": "fleet", "version": version, "published_ns": int(published_ns)}
+
+
+def _pin_record(robot_id: str, version: str, set_ns: int) -> dict:
+    return {"kind": "robot_pin", "robot_id": robot_id, "version": version, "set_ns": int(set_ns)}
+
+
+def _canary_record(version: str, robots: list, fraction: str, set_ns: int) -> dict:
+    return {"kind": "canary", "version": version, "robots": sorted(robots), "fraction": str(fraction),
+            "set_ns": int(set_ns)}
+
+
+def signature_key(version: str) -> str:
+    return f"policies/{version}/manifest.sig"
+
+
 def manifest_to_bytes(m: ppb.PolicyManifest) -> bytes:
     return json_format.MessageToJson(m, indent=1, preserving_proto_field_name=True).encode()
 
@@ -229,6 +247,12 @@ class PolicyRegistry:
         self._manifests: dict[str, ppb.PolicyManifest] = {}  # immutable once committed
         self._last_published: tuple[str, bytes] | None = None
         self._lock = threading.Lock()
+        # Signing (fleetloop.policy.signing). signer: signs the manifests and steering records
+        # this instance writes (None: the configured or embedded key, loaded on first write).
+        # trust: when set (robots; PolicySlot sets it) every manifest and steering record this
+        # instance hands out for running is verified against it first.
+        self.signer = None
+        self.trust = None
 
     # ---- learner side ---------------------------------------------------------------------
 
@@ -315,7 +339,9 @@ class PolicyRegistry:
         self._maybe_store_delta(m, weights)
         if self.fence is not None:
             self.fence.check()
-        self.store.put(manifest_key(version), manifest_to_bytes(m))  # the commit point
+        data = manifest_to_bytes(m)
+        self.store.put(signature_key(version), self._get_signer().sign_manifest(version, data))
+        self.store.put(manifest_key(version), data)  # the commit point (its signature is stored first)
         with self._lock:
             self._manifests[version] = m
             self._last_published = (version, weights)
@@ -402,6 +428,42 @@ class PolicyRegistry:
             self._manifests[version] = m
         return m
 
+    def verified_manifest(self, version: str) -> ppb.PolicyManifest:
+        """The manifest, only if signed by a key in self.trust -- checked on the stored bytes
+        before they are parsed (the signature object first, then the manifest's size, then its
+        bytes): an unsigned, forged or oversized manifest is refused before anything is read or
+        allocated from its contents. Raises signing.SignatureError, UnknownVersion, StoreError."""
+        from fleetloop.policy import signing
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise UnknownVersion(f"unknown policy version {version!r}")
+        if self.trust is None:
+            raise signing.NoTrustedKeys("this registry has no trusted keys to verify against")
+        try:
+            sig = self.store.get(signature_key(version)) if self.store.exists(signature_key(version)) else None
+        except ObjectNotFound:
+            sig = None
+        if sig is None and signing.insecure_allowed():
+            log.warning("policy %s is UNSIGNED; accepted only because %s is set", version, signing.INSECURE_ENV)
+            return self.manifest(version)
+        if sig is None:
+            if not self.store.exists(manifest_key(version)):
+                raise UnknownVersion(f"unknown policy version {version!r}")
+            raise signing.SignatureError(f"policy {version} is unsigned; refusing it")
+        if sig is not None and len(sig) > signing.MAX_SIGNATURE_OBJECT:
+            raise signing.SignatureError(f"policy {version}: signature object too large")
+        try:
+            size = self.store.size(manifest_key(version))
+        except ObjectNotFound:
+            raise UnknownVersion(f"unknown policy version {version!r}") from None
+        if size > signing.MAX_MANIFEST_BYTES:
+            raise signing.SignatureError(f"policy {version}: manifest of {size} bytes is not a manifest; refusing it")
+        data = self.store.get(manifest_key(version))
+        self.trust.verify_manifest(version, data, sig)  # raises: nothing below runs on a forgery
+        m = manifest_from_bytes(data, manifest_key(version))
+        if m.version != version:
+            raise WeightsIntegrityError(f"manifest at {manifest_key(version)} names version {m.version!r}")
+        return m
+
     def exists(self, version: str) -> bool:
         try:
             self.manifest(version)
@@ -418,8 +480,9 @@ class PolicyRegistry:
     def fetch_detailed(self, version: str, base: Optional[tuple[str, bytes]] = None) -> Fetched:
         """Like fetch(). `base` = (version, weights) the caller already holds: when the target was
         published as a delta against exactly that version, only the changed blocks are
-        downloaded, and the rebuilt bytes must still match the full weights' sha256."""
-        m = self.manifest(version)
+        downloaded, and the rebuilt bytes must still match the full weights' sha256. With
+        self.trust set, the manifest's signature is verified before anything else."""
+        m = self.verified_manifest(version) if self.trust is not None else self.manifest(version)
         if base is not None and m.delta_key and base[0] == m.parent_version:
             try:
                 d = self.store.get(m.delta_key)
@@ -482,19 +545,40 @@ class PolicyRegistry:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hget(ROBOT_PINS_KEY, robot_id)
         pipe.hgetall(CANARY_KEY)
-        pipe.hmget(config.POLICY_POINTER, ["version", "published_ns"])
-        pin, canary, (version, published_ns) = pipe.execute()
+        pipe.hmget(config.POLICY_POINTER, ["version", "published_ns", "pinned", "sig"])
+        pin, canary, (version, published_ns, pinned, sig) = pipe.execute()
         if pin:
             p = json.loads(_s(pin))
+            if self.trust is not None:  # an operator's signed pin, or nothing
+                self._verify_steering(_pin_record(robot_id, p["version"], int(p.get("set_ns", 0))), p.get("sig"),
+                                      f"robot pin of {robot_id}")
             return Target(p["version"], "robot_pin", int(p.get("set_ns", 0)))
         if canary:
             c = {_s(k): _s(v) for k, v in canary.items()}
             robots = json.loads(c.get("robots") or "[]")
             if robot_id in robots or canary_member(robot_id, float(c.get("fraction") or 0.0)):
+                if self.trust is not None:
+                    self._verify_steering(_canary_record(c["version"], robots, c.get("fraction") or "0.0",
+                                                         int(c.get("set_ns") or 0)), c.get("sig"), "canary")
                 return Target(c["version"], "canary", int(c.get("set_ns") or 0))
         if version:
+            if self.trust is not None:
+                self._verify_steering(_pointer_record(_s(version), int(_s(published_ns) or 0)),
+                                      _s(sig) or None, "fleet pointer")
             return Target(_s(version), "fleet", int(_s(published_ns) or 0))
         return None
+
+    def _verify_steering(self, record: dict, sig: Optional[str], what: str) -> None:
+        from fleetloop.policy import signing
+        if not sig and signing.insecure_allowed():
+            return
+        self.trust.verify_record(record, sig, what)
+
+    def _get_signer(self):
+        if self.signer is None:
+            from fleetloop.policy import signing
+            self.signer = signing.default_signer()
+        return self.signer
 
     def target_version(self, robot_id: str) -> Optional[str]:
         t = self.resolve(robot_id)
@@ -547,7 +631,9 @@ class PolicyRegistry:
 
     def pin_robot(self, robot_id: str, version: str, by: str = "") -> None:
         self._require(version)
-        self.redis.hset(ROBOT_PINS_KEY, robot_id, json.dumps({"version": version, "set_ns": time.time_ns()}))
+        set_ns = time.time_ns()
+        sig = self._get_signer().sign_record(_pin_record(robot_id, version, set_ns))
+        self.redis.hset(ROBOT_PINS_KEY, robot_id, json.dumps({"version": version, "set_ns": set_ns, "sig": sig}))
         self._history("pin_robot", version, by, robot_id=robot_id)
         self._notify(version)
 
@@ -568,8 +654,10 @@ class PolicyRegistry:
             raise ValueError("a canary needs robot_ids or a fraction > 0")
         pipe = self.redis.pipeline()
         pipe.delete(CANARY_KEY)
+        set_ns = time.time_ns()
+        sig = self._get_signer().sign_record(_canary_record(version, robots, repr(frac), set_ns))
         pipe.hset(CANARY_KEY, mapping={"version": version, "robots": json.dumps(robots),
-                                       "fraction": repr(frac), "set_ns": time.time_ns()})
+                                       "fraction": repr(frac), "set_ns": set_ns, "sig": sig})
         pipe.execute()
         self._history("set_canary", version, by, robots=robots, fraction=frac)
         self._notify(version)
@@ -611,10 +699,12 @@ class PolicyRegistry:
             log.info("fleet pointer not moved to %s (pinned, or already at a newer version)", version)
         return moved
 
-    @staticmethod
-    def _queue_pointer(pipe, version: str, pinned: bool) -> None:
+    def _queue_pointer(self, pipe, version: str, pinned: bool) -> None:
+        published_ns = time.time_ns()
+        sig = self._get_signer().sign_record(_pointer_record(version, published_ns))
         pipe.hset(config.POLICY_POINTER, mapping={"version": version, "manifest_key": manifest_key(version),
-                                                  "published_ns": time.time_ns(), "pinned": "1" if pinned else "0"})
+                                                  "published_ns": published_ns, "pinned": "1" if pinned else "0",
+                                                  "sig": sig})
 
     @staticmethod
     def _queue_history(pipe, action: str, version: str, by: str, **extra) -> None:
