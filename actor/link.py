@@ -3,7 +3,8 @@
 `RobotLinkClient` is what a Python robot stack uses. `LinkedPolicy` and `LinkCallbacks` adapt
 it to the simulator's SimRobot (fleetloop.actor.sim.robot), so the simulated robots drive the
 daemon through exactly the path a real robot uses. Any other language can generate a client
-from proto/v1/robot_link.proto and do the same calls.
+from proto/fleetloop/v1/robot_link.proto (include path `proto`) and do the same calls:
+docs/robot-link.md, with a Node.js client in docs/examples/node/.
 """
 from __future__ import annotations
 
@@ -87,6 +88,10 @@ class RobotLinkClient:
 
     def status(self) -> rl.StatusResponse:
         return self.stub.Status(rl.StatusRequest(), timeout=self.timeout_s)
+
+    def get_spec(self) -> rl.GetSpecResponse:
+        """The running policy's spec (state/action dims, cameras, image size) and the limits."""
+        return self.stub.GetSpec(rl.GetSpecRequest(), timeout=self.timeout_s)
 
     def close(self) -> None:
         self.channel.close()
