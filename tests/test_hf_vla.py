@@ -332,3 +332,19 @@ def test_cli(tmp_path, capsys):
     assert cli.run(parser.parse_args(["provision", str(tmp_path / "b"), "--bases", str(tmp_path / "bases")])) == 0
     prov = json.loads(capsys.readouterr().out)
     assert prov["sha256"] == made["sha256"] and prov["path"].endswith(made["sha256"][:16])
+
+
+def test_presets_are_checked(tmp_path):
+    from fleetloop.policy.hf_vla.tiny import PRESETS
+    assert {"smolvlm-256m", "smolvlm-500m", "paligemma-3b"} <= set(PRESETS)
+    with pytest.raises(ValueError, match="idefics3"):
+        make_tiny_base("paligemma", tmp_path / "x", preset="smolvlm-256m")
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_tiny_base("idefics3", tmp_path / "y", preset="smolvlm-9b")
+    assert not (tmp_path / "x").exists()
+
+
+def test_plain_base_holds_no_expert(bases):
+    m = build(bases["idefics3"], expert_mode="lora")
+    assert not m.baked_expert and "expert" not in m.config_dict()["base"]
+    assert any(n.startswith("expert.") and ".lora_" not in n for n in m._export_names(True))
