@@ -107,6 +107,7 @@ class ActorConfig:
     policy_poll_interval_s: float = DEFAULT_POLL_INTERVAL_S
     policy_device: str = "auto"      # where the policy runs: cpu, cuda, cuda:N; auto = cuda when present
     policy_bases: str = ""           # colon-separated dirs holding provisioned VLA bases (FLEETLOOP_BASE_DIRS)
+    trusted_keys: str = ""           # public keys that sign policy versions: files/dirs, comma-separated
     inference: str = "async"         # async: the next chunk is computed while the robot executes this one
     source: str = "defaults"   # "<file> + environment", for messages
 
@@ -388,6 +389,7 @@ KEYS: tuple[_Key, ...] = (
     _Key("policy", "poll_interval", "policy_poll_interval_s", parse_duration, ("FLEETLOOP_POLICY_POLL_INTERVAL",)),
     _Key("policy", "device", "policy_device", _chain(parse_str, check_device), ("FLEETLOOP_POLICY_DEVICE",)),
     _Key("policy", "bases", "policy_bases", parse_str, ("FLEETLOOP_BASE_DIRS",)),
+    _Key("policy", "trusted_keys", "trusted_keys", parse_str, ("FLEETLOOP_TRUSTED_KEYS",)),
     _Key("policy", "inference", "inference", _chain(parse_str, check_inference), ("FLEETLOOP_INFERENCE",)),
 )
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))

@@ -508,8 +508,11 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> A
     store = open_store(cfg.store_uri, cfg.s3_settings())
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=3)
     spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, on_full=cfg.spool_on_full)
+    # The config file's values reach the libraries that read them from the environment.
     if cfg.policy_bases:  # where the VLA backend looks for provisioned bases
         os.environ["FLEETLOOP_BASE_DIRS"] = cfg.policy_bases
+    if cfg.trusted_keys:  # who may sign the policies this robot runs (fleetloop.policy.signing)
+        os.environ["FLEETLOOP_TRUSTED_KEYS"] = cfg.trusted_keys
     device = cfg.policy_device
     if device == "auto":
         import torch

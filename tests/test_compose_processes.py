@@ -50,6 +50,7 @@ ACTOR_TOML = REPO / "deploy" / "robot" / "actor.example.toml"
 BIN = Path(sys.executable).parent
 
 VOLUME_MOUNT = "/var/lib/fleetloop"   # where learner-home / dashboard-home are mounted
+KEYS_MOUNT = "/etc/fleetloop/keys"      # the signing-keys volume (keys-init, learner, dashboard)
 DASHBOARD_CONTAINER_PORT = 8080       # hard-coded in the dashboard's compose command
 MARK = "FLEETLOOP_COMPOSE_TEST_ID"
 
@@ -267,6 +268,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
             return (value.replace("http://minio:9000", s3.endpoint)
                     .replace("@redis:6379/", f"@127.0.0.1:{redis_srv.port}/")
                     .replace("ray-head:6379", f"127.0.0.1:{ray_head_port}")
+                    .replace(KEYS_MOUNT, str(scratch / "keys"))
                     .replace(VOLUME_MOUNT, str(home)))
 
         base_env = {k: v for k, v in os.environ.items()
@@ -283,6 +285,16 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
             assert svc_env["RAY_ADDRESS"] == "ray-head:6379"
             assert env["FLEETLOOP_HOME"] == str(homes[name])
             return {**base_env, **env}
+
+        # -- keys-init: the fleet's signing key, once, in the volume the learner and dashboard share
+        keys = services["keys-init"]
+        assert keys["command"][:2] == ["sh", "-c"]
+        keys_cmd = ["sh", "-c", localize(keys["command"][2], scratch)]
+        for _ in range(2):  # the second run must keep the key it made the first time
+            done = subprocess.run(keys_cmd, env=base_env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr[-2000:]
+        public = sorted((scratch / "keys").glob("*.pub"))
+        assert (scratch / "keys" / "signing.key").is_file() and len(public) == 1
 
         # -- ray-head: `ray start --head ... && exec fleetloop learner $FLEETLOOP_LEARNER_ARGS` ---
         head = services["ray-head"]
@@ -343,8 +355,11 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
                      "FLEETLOOP_SPOOL_DIR": str(scratch / "robot" / "spool"),
                      "FLEETLOOP_SPOOL_MAX": "64MiB",
                      "FLEETLOOP_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
+                     # the operator handed the robot the fleet key's public half (docs/deploy.md)
+                     "FLEETLOOP_TRUSTED_KEYS": str(scratch / "robot" / "trusted"),
                      "FLEETLOOP_POLICY_POLL_INTERVAL": "500ms"}
-        (scratch / "robot").mkdir()
+        (scratch / "robot" / "trusted").mkdir(parents=True)
+        shutil.copy(public[0], scratch / "robot" / "trusted")  # only the public half leaves the cloud
         procs.start("actor", ["fleetloop", "actor", "--config", str(ACTOR_TOML)], actor_env, cwd=scratch / "robot")
 
         def listening():

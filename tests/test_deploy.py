@@ -106,9 +106,9 @@ def test_compose_refuses_to_start_without_secrets(tmp_path):
 
 def test_compose_services_and_health():
     services = load_compose()["services"]
-    assert set(services) == {"redis", "minio", "minio-init", "ray-head", "ray-worker", "dashboard"}
+    assert set(services) == {"redis", "minio", "minio-init", "keys-init", "ray-head", "ray-worker", "dashboard"}
     for name, svc in services.items():
-        if name != "minio-init":
+        if name not in ("minio-init", "keys-init"):  # one-shot jobs
             assert "healthcheck" in svc, f"{name} has no healthcheck"
             assert svc.get("restart") == "unless-stopped", name
     redis = services["redis"]
@@ -117,9 +117,14 @@ def test_compose_services_and_health():
     assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
     assert services["minio-init"]["restart"] == "no"
     assert services["minio-init"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
+    assert services["keys-init"]["restart"] == "no" and "depends_on" not in services["keys-init"]
     for name in ("ray-head", "dashboard"):
         assert services[name]["depends_on"] == {"redis": {"condition": "service_healthy"},
-                                                "minio-init": {"condition": "service_completed_successfully"}}
+                                                "minio-init": {"condition": "service_completed_successfully"},
+                                                "keys-init": {"condition": "service_completed_successfully"}}
+        # the fleet's signing key: where keys-init put it, read-only
+        assert "signing-keys:/etc/fleetloop/keys:ro" in services[name]["volumes"]
+        assert services[name]["environment"]["FLEETLOOP_SIGNING_KEY"] == "/etc/fleetloop/keys/signing.key"
     assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
 
 
