@@ -15,7 +15,7 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 av = pytest.importorskip("av")
 
-from fleetloop.buffer.codec import commit_episode, decode_image, encode_chunk, encode_image, read_episode  # noqa: E402
+from fleetloop.buffer.codec import commit_episode, decode_image, encode_chunk, encode_image, read_episode, read_manifest  # noqa: E402
 from fleetloop.buffer.store import LocalStore  # noqa: E402
 from fleetloop.proto.v1 import episode_pb2 as pb  # noqa: E402
 
@@ -430,3 +430,52 @@ def test_invalid_dataset_is_refused_and_store_untouched(exported, tmp_path, caps
 def test_not_a_directory(tmp_path):
     with pytest.raises(LeRobotFormatError, match="not a directory"):
         open_dataset(tmp_path / "missing")
+
+
+# ---- issue 11: a damaged image skips its episode; metadata survives a round trip ----------------
+
+def test_export_skips_an_episode_with_an_undecodable_image(fleet_store, tmp_path):
+    """The chunk's digests are right (the robot sent the bad image), so only decoding finds it:
+    the episode is skipped and listed, the rest of the store is exported."""
+    key = make_episode(fleet_store, "ep-g", "robot-3", 6, pb.OUTCOME_SUCCESS, pb.EPISODE_KIND_ROLLOUT, "v4",
+                       "open the drawer", None, seed=6)
+    m = read_manifest(fleet_store, key)
+    chunks = {}
+    read_episode(fleet_store, key, keep_chunks=chunks)
+    steps = list(chunks[0].steps)
+    bad = steps[3].images[1]
+    bad.data = bad.data[:len(bad.data) // 2]  # torn PNG
+    del m.chunks[:]
+    commit_episode(fleet_store, m, [(encode_chunk("ep-g", 0, steps), len(steps))])
+    summary = export(fleet_store, tmp_path / "ds")
+    assert summary.episodes == 3
+    assert len(summary.skipped) == 1 and summary.skipped[0].startswith("episodes/robot-3/ep-g/manifest.json")
+    assert "step 3: camera 'wrist' image does not decode" in summary.skipped[0]
+
+
+def test_import_keeps_fps_robot_type_and_names_and_export_writes_them_back(fleet_store, tmp_path):
+    out = tmp_path / "ds"
+    export(fleet_store, out, fps=10)
+    info = json.loads((out / "meta/info.json").read_text())
+    joints = [f"joint_{i}" for i in range(STATE_DIM)]
+    info["robot_type"] = "so100"
+    info["features"]["observation.state"]["names"] = {"motors": joints}
+    info["features"]["action"]["names"] = [f"motor_{i}" for i in range(ACTION_DIM)]
+    (out / "meta/info.json").write_text(json.dumps(info))
+    target = LocalStore(tmp_path / "offline")
+    import_dataset(out, target, progress=False)
+    m = next(iter(load_all(target).values()))[0]
+    assert m.attributes["lerobot.fps"] == "10" and m.attributes["lerobot.robot_type"] == "so100"
+    again = tmp_path / "again"
+    export(target, again)  # no fps given: the imported rate, not the default 30
+    info2 = json.loads((again / "meta/info.json").read_text())
+    assert info2["fps"] == 10 and info2["robot_type"] == "so100"
+    assert info2["features"]["observation.state"]["names"] == {"motors": joints}
+    assert info2["features"]["action"]["names"] == [f"motor_{i}" for i in range(ACTION_DIM)]
+    # an explicit --fps still wins; a store of fleet episodes keeps fleetloop's defaults
+    export(target, tmp_path / "at30", fps=30)
+    assert json.loads((tmp_path / "at30/meta/info.json").read_text())["fps"] == 30
+    export(fleet_store, tmp_path / "fleet-ds")
+    info3 = json.loads((tmp_path / "fleet-ds/meta/info.json").read_text())
+    assert info3["fps"] == 30 and info3["robot_type"] == "fleetloop"
+    assert info3["features"]["action"]["names"][0] == "action_0"

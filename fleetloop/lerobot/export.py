@@ -194,6 +194,14 @@ class EpisodeSchema:
                         return f"step {step.index}: camera {cam!r} is {size}, the dataset has {hw[0]}x{hw[1]}"
                     if img.channels not in (1, 3, 4):
                         return f"step {step.index}: camera {cam!r} has {img.channels} channels"
+                    # a damaged image skips this episode, not the whole export (decoded again when
+                    # written: the episode's frames are not all held in memory)
+                    try:
+                        arr = decode_image(img)
+                    except Exception as e:  # noqa: BLE001 -- PIL raises many types for damaged data
+                        return f"step {step.index}: camera {cam!r} image does not decode ({type(e).__name__})"
+                    if arr.shape[:2] != hw:
+                        return f"step {step.index}: camera {cam!r} decodes to {arr.shape[0]}x{arr.shape[1]}, not {hw[0]}x{hw[1]}"
         return None
 
 
@@ -251,14 +259,20 @@ class LeRobotWriter:
                    pa.field(FL_TIMESTAMP_NS, pa.int64())]
         self._data_schema = pa.schema(fields)
 
-    def features(self) -> dict:
+    def features(self, names: dict | None = None) -> dict:
+        """names: feature key -> the `names` an imported dataset had (kept when they fit)."""
         s = self.schema
+        names = names or {}
+
+        def fitting(key, n, default):
+            v = names.get(key)
+            return v if _names_fit(v, n) else default
         feats: dict[str, dict] = {}
         if s.state_dim:
             feats[STATE_KEY] = {"dtype": "float32", "shape": [s.state_dim],
-                                "names": [f"state_{i}" for i in range(s.state_dim)]}
+                                "names": fitting(STATE_KEY, s.state_dim, [f"state_{i}" for i in range(s.state_dim)])}
         feats[ACTION_KEY] = {"dtype": "float32", "shape": [s.action_dim],
-                             "names": [f"action_{i}" for i in range(s.action_dim)]}
+                             "names": fitting(ACTION_KEY, s.action_dim, [f"action_{i}" for i in range(s.action_dim)])}
         for cam, writer in self.videos.items():
             feats[camera_to_key(cam)] = {"dtype": "video", "shape": [writer.height, writer.width, 3],
                                          "names": ["height", "width", "channels"], "info": writer.info()}
@@ -390,7 +404,7 @@ class LeRobotWriter:
 
     # -- closing --
 
-    def finish(self, robot_type: str | None = "fleetloop") -> dict:
+    def finish(self, robot_type: str | None = "fleetloop", names: dict | None = None) -> dict:
         """Close every file and write meta/tasks.parquet, meta/stats.json and meta/info.json."""
         for writer in self.videos.values():
             writer.close()
@@ -413,7 +427,7 @@ class LeRobotWriter:
             "splits": {"train": f"0:{self.total_episodes}"},
             "data_path": DATA_PATH,
             "video_path": VIDEO_PATH if self.videos else None,
-            "features": self.features(),
+            "features": self.features(names),
         }
         (self.root / INFO_PATH).write_text(json.dumps(info, indent=4))
         return info
@@ -423,6 +437,50 @@ class LeRobotWriter:
         for closable in [*self.videos.values(), self.data, self.episodes_meta]:
             with contextlib.suppress(Exception):
                 closable.close()
+
+
+def _names_fit(names, n: int) -> bool:
+    """LeRobot feature names: a list of n strings, or {"group": [n strings]}."""
+    if isinstance(names, list):
+        return len(names) == n and all(isinstance(x, str) for x in names)
+    if isinstance(names, dict) and len(names) == 1:
+        return _names_fit(next(iter(names.values())), n)
+    return False
+
+
+class SourceMetadata:
+    """What imported episodes remember of their LeRobot dataset (manifest attributes written by
+    fleetloop.lerobot.importer): fps, robot type, feature names. Written back when every exported
+    episode agrees."""
+
+    KEYS = {"fps": "lerobot.fps", "robot_type": "lerobot.robot_type", "names": "lerobot.feature_names"}
+
+    def __init__(self):
+        self.values: dict[str, set] = {k: set() for k in self.KEYS}
+
+    def add(self, m: pb.EpisodeManifest) -> None:
+        for k, attr in self.KEYS.items():
+            self.values[k].add(m.attributes.get(attr, ""))
+
+    def agreed(self, key: str) -> str | None:
+        v = self.values[key]
+        return next(iter(v)) if len(v) == 1 and "" not in v else None
+
+    def fps(self) -> int | None:
+        v = self.agreed("fps")
+        try:
+            f = float(v) if v is not None else None
+        except ValueError:
+            return None
+        return int(f) if f and f > 0 and float(f).is_integer() else None
+
+    def names(self) -> dict:
+        v = self.agreed("names")
+        try:
+            d = json.loads(v) if v else {}
+        except json.JSONDecodeError:
+            return {}
+        return d if isinstance(d, dict) else {}
 
 
 def _number(x: float) -> int | float:
@@ -447,24 +505,27 @@ def write_tasks(path: Path, tasks: dict[str, int]) -> None:
 
 # ---- the whole export -------------------------------------------------------------------------
 
-def export_dataset(store: ObjectStore, out_dir: str | Path, *, fps: int = 30,
+def export_dataset(store: ObjectStore, out_dir: str | Path, *, fps: int | None = None,
                    where: ExportFilter | None = None, video: VideoSettings | None = None,
                    data_file_size_mb: float = DEFAULT_DATA_FILE_SIZE_MB,
                    chunks_size: int = DEFAULT_CHUNKS_SIZE, progress: bool = True) -> ExportSummary:
     """Export the store's episodes matching `where` as a LeRobot v3 dataset in `out_dir` (which
     must not exist or be empty). Episodes the store rejects or that do not fit the dataset's
-    schema (set by the first exported episode) are skipped and listed in the summary."""
+    schema (set by the first exported episode) are skipped and listed in the summary. fps None:
+    the frame rate the episodes were imported with (manifest attribute lerobot.fps) when they
+    all agree, else 30; robot type and feature names likewise come back from imported episodes."""
     where = where or ExportFilter()
     video = video or VideoSettings()
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise LeRobotFormatError(f"{out} exists and is not an empty directory")
-    if fps <= 0:
+    if fps is not None and fps <= 0:
         raise ValueError(f"--fps must be positive, got {fps}")
     started = time.monotonic()
     summary = ExportSummary(out_dir=str(out))
 
     selected = []  # (started_ns, key): the dataset is in chronological order
+    source = SourceMetadata()
     for key in manifest_keys(store, where.robot):
         try:
             manifest = read_manifest(store, key)
@@ -473,6 +534,9 @@ def export_dataset(store: ObjectStore, out_dir: str | Path, *, fps: int = 30,
             continue
         if where.matches(manifest):
             selected.append((manifest.started_ns, key))
+            source.add(manifest)
+    if fps is None:
+        fps = source.fps() or 30
     keys = [key for _, key in sorted(selected)]
     if not keys:
         raise LeRobotFormatError(f"no episode in {store.uri} matches the filters")
@@ -504,7 +568,7 @@ def export_dataset(store: ObjectStore, out_dir: str | Path, *, fps: int = 30,
         if writer.total_episodes == 0:
             raise LeRobotFormatError(f"none of the {len(keys)} matching episodes could be exported: "
                                      + "; ".join(summary.skipped[:5]))
-        writer.finish()
+        writer.finish(robot_type=source.agreed("robot_type") or "fleetloop", names=source.names())
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -530,7 +594,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--robot", help="only this robot's episodes")
     parser.add_argument("--outcome", choices=sorted(OUTCOMES), help="only episodes with this outcome")
     parser.add_argument("--kind", choices=sorted(KINDS), help="only rollouts or only demonstrations")
-    parser.add_argument("--fps", type=int, default=30, help="frame rate of the dataset (default 30)")
+    parser.add_argument("--fps", type=int, default=None,
+                        help="frame rate of the dataset (default: the rate imported episodes came with, else 30)")
     parser.add_argument("--vcodec", choices=sorted(CODECS), default="h264",
                         help="video codec (default h264; LeRobot's own default is av1)")
     parser.add_argument("--crf", type=int, help="encoder quality (lower is better; codec default if unset)")

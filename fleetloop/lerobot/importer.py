@@ -474,7 +474,16 @@ def _build_episode(ds: LeRobotDataset, row: dict, cache: _DataFileCache, robot_i
         segments = _segments(flags)
 
     attributes = {"source": "lerobot", "lerobot.dataset": ds.root.resolve().name,
-                  "lerobot.episode_index": str(ep_index)}
+                  "lerobot.episode_index": str(ep_index), "lerobot.fps": f"{ds.fps:g}"}
+    # what export writes back: the robot type and the feature names (joint names...)
+    if isinstance(ds.info.get("robot_type"), str) and ds.info["robot_type"]:
+        attributes["lerobot.robot_type"] = ds.info["robot_type"][:128]
+    names = {k: ds.info["features"][k]["names"] for k in (ACTION_KEY, ds.state_key)
+             if k and ds.info["features"].get(k, {}).get("names") is not None}
+    if names:
+        text = json.dumps(names, sort_keys=True)
+        if len(text) <= 16384:  # a manifest attribute, not a place for megabytes
+            attributes["lerobot.feature_names"] = text
     for attr, value in (("source.robot_id", row.get(EP_ROBOT_ID) or first_string(FL_ROBOT_ID)),
                         ("source.policy_version", row.get(EP_POLICY_VERSION) or first_string(FL_POLICY_VERSION)),
                         ("source.kind", row.get(EP_KIND))):
