@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dashboard": ("fleetloop.dashboard.app", "run the operator dashboard (REST API + web page)"),
     "collect": ("fleetloop.actor.sim.collect", "record expert demonstrations into the store (offline buffer)"),
     "pretrain": ("fleetloop.policy.pretrain", "behaviour-clone a policy (any backend) on the offline demonstrations"),
-    "vla": ("fleetloop.policy.hf_vla.cli", "Hugging Face VLM bases: make a tiny one, provision, digest"),
+    "vla": ("fleetloop.policy.hf_vla.cli", "Hugging Face VLM bases: make-tiny, provision, digest, bake (expert into the base)"),
     "eval": ("fleetloop.actor.sim.evaluate", "evaluate a policy on simulated tasks (success with Wilson 95%% intervals)"),
     "export": ("fleetloop.lerobot.export", "export fleet episodes as a LeRobot v3 dataset"),
     "import": ("fleetloop.lerobot.importer", "import a LeRobot v3 dataset into the offline buffer"),
