@@ -290,5 +290,6 @@ def test_eval_expert_and_json(capsys):
     doc = json.loads(capsys.readouterr().out)
     assert [t["task"] for t in doc["tasks"]] == ["reach-v3", "button-press-topdown-v3"]
     assert doc["overall"]["episodes"] == 4 and len(doc["tasks"][0]["ci95"]) == 2
-    with pytest.raises(FileNotFoundError):
-        main(["eval", "--policy", "/no/such/dir", "--tasks", "reach-v3"])
+    # a --policy that names nothing: one line on stderr and exit status 2, not a traceback
+    assert main(["eval", "--policy", "/no/such/dir", "--tasks", "reach-v3"]) == 2
+    assert "fleetloop eval:" in capsys.readouterr().err

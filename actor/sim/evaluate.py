@@ -111,25 +111,114 @@ def _rounded(doc: dict) -> dict:
             for k, v in doc.items()}
 
 
-def load_policy(spec: str, beta: Optional[float] = None) -> Policy:
-    """'expert' -> the scripted expert; otherwise a checkpoint directory (model.safetensors +
-    config.json) loaded through fleetloop's policy runtime."""
-    if spec == "expert":
-        return ExpertPolicy()
+class PolicySpecError(ValueError):
+    """A --policy that names nothing loadable (the message says what was tried)."""
+
+
+def _store_and_rest(spec: str, store_uri: Optional[str]) -> tuple[Optional[str], str]:
+    """Split 'file:///x/store/policies/v000012' or 's3://b/p/learner/run' into (store URI, key
+    under it); a spec without a scheme is relative to `store_uri` (the configured store)."""
+    import re
+    if "://" in spec:
+        m = re.match(r"^(.*?)/((?:policies|learner)/.*)$", spec.rstrip("/"))
+        if not m:
+            raise PolicySpecError(f"--policy {spec!r}: a store URI must end in /policies/<version>, "
+                                  "/policies/latest or /learner/<run>")
+        return m.group(1), m.group(2)
+    return store_uri, spec.strip("/")
+
+
+def _from_weights(data: bytes, version: str, kwargs: dict, config=None, sha256=None) -> Policy:
+    from fleetloop.policy.runtime import PolicyRuntime
+    return PolicyRuntime.from_bytes(config, data, version, sha256=sha256, **kwargs)
+
+
+def _published(store, version: str, kwargs: dict) -> Policy:
+    """A published version from the store (manifest + weights, sha256-verified), or 'latest'."""
+    from fleetloop.buffer.store import ObjectNotFound
+    from fleetloop.policy.registry import manifest_from_bytes, manifest_key
+
+    if version == "latest":
+        versions = sorted({k.split("/")[1] for k in store.list("policies/") if k.endswith("/manifest.json")})
+        if not versions:
+            raise PolicySpecError("no published versions in the store")
+        version = versions[-1]
+    try:
+        m = manifest_from_bytes(store.get(manifest_key(version)), manifest_key(version))
+    except ObjectNotFound:
+        raise PolicySpecError(f"no published version {version!r} in the store ({manifest_key(version)} not found)") from None
+    data = store.get(m.weights_key or f"policies/{version}/model.safetensors")
+    return _from_weights(data, version, kwargs, config=m.config_json or None, sha256=m.weights_sha256 or None)
+
+
+def _learner_checkpoint(store, prefix: str, kwargs: dict) -> Policy:
+    """The model of a learner run's newest checkpoint that verifies (learner/<run>)."""
+    from fleetloop.learner.checkpoint import CheckpointStore
+    loaded = CheckpointStore(store, prefix).load_latest()
+    if loaded is None:
+        raise PolicySpecError(f"no learner checkpoint under {prefix!r} in the store")
+    return _from_weights(loaded.files["model"], f"{prefix.split('/')[-1]}@step{loaded.step}", kwargs)
+
+
+def load_policy(spec: str, beta: Optional[float] = None, store_uri: Optional[str] = None) -> Policy:
+    """What --policy names:
+
+      expert                               the scripted expert
+      DIR                                  a checkpoint directory (config.json + model.safetensors),
+                                           a published version's directory (manifest.json +
+                                           model.safetensors), a learner run's directory (LATEST)
+                                           or one of its checkpoints (state.json), or a bare
+                                           model.safetensors with its config in the metadata
+      v000123 | latest | policies/v000123  a published version in --store
+      learner/<run>                        the newest learner checkpoint of a run in --store
+      file:///store/policies/v000123, s3://bucket/prefix/learner/<run>, ...   the same, store included
+    """
     from pathlib import Path
 
-    if not Path(spec).is_dir():
-        raise FileNotFoundError(f"--policy {spec!r}: not 'expert' and not a checkpoint directory")
+    from fleetloop.buffer.store import open_store
     from fleetloop.policy.runtime import PolicyRuntime
 
+    if spec == "expert":
+        return ExpertPolicy()
     kwargs = {} if beta is None else {"beta": beta}
-    return PolicyRuntime.from_checkpoint(spec, **kwargs)
+    path = Path(spec)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return PolicyRuntime.from_checkpoint(spec, **kwargs)
+        if (path / "LATEST").is_file():  # a learner run directory in a local store
+            return _learner_checkpoint(open_store(str(path.parent)), path.name, kwargs)
+        if (path / "manifest.json").is_file() and path.parent.name == "policies":
+            return _published(open_store(str(path.parent.parent)), path.name, kwargs)
+        if (path / "model.safetensors").is_file():  # one learner checkpoint, or weights alone
+            return _from_weights((path / "model.safetensors").read_bytes(), path.name, kwargs)
+        raise PolicySpecError(f"--policy {spec!r}: a directory, but no config.json, manifest.json, LATEST "
+                              "or model.safetensors in it")
+    if path.is_file() and path.suffix == ".safetensors":
+        return _from_weights(path.read_bytes(), path.parent.name, kwargs)
+    uri, rest = _store_and_rest(spec, store_uri)
+    if not uri:
+        from fleetloop.config import default_store_uri
+        uri = default_store_uri()
+    store = open_store(uri)
+    if rest.startswith("learner/"):
+        return _learner_checkpoint(store, rest, kwargs)
+    version = rest[len("policies/"):] if rest.startswith("policies/") else rest
+    import re
+    if version != "latest" and not re.match(r"^v\d{6,}$", version):
+        raise PolicySpecError(f"--policy {spec!r}: not 'expert', not a directory or .safetensors file, and not a "
+                              f"published version (v000123, latest) or learner/<run> in {uri}")
+    return _published(store, version, kwargs)
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policy", required=True, help="checkpoint directory, or 'expert'")
+    parser.add_argument("--policy", required=True,
+                        help="'expert'; a checkpoint directory; a published version (v000123, latest) or a learner "
+                             "run (learner/<run>) in --store; or a store URI ending in /policies/<version> or "
+                             "/learner/<run>")
+    parser.add_argument("--store", default=None, help="store URI for versions and learner runs "
+                                                      "(default: FLEETLOOP_STORE / ~/.fleetloop/store)")
     parser.add_argument("--tasks", default="demo",
                         help="comma-separated task names ('demo' = the demo set, 'all' = every task)")
     parser.add_argument("--episodes", type=int, default=20, help="episodes per task")
@@ -147,7 +236,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     tasks = parse_task_list(args.tasks)
-    policy = load_policy(args.policy, args.beta)
+    from fleetloop.policy.backend import CheckpointError
+    try:
+        policy = load_policy(args.policy, args.beta, getattr(args, "store", None))
+    except (PolicySpecError, CheckpointError) as e:
+        print(f"fleetloop eval: {e}", file=sys.stderr)
+        return 2
     indicator = {"none": None, "positive": True, "negative": False}[args.indicator]
     started = time.monotonic()
     results = evaluate(policy, tasks, args.episodes, seed=args.seed, images=args.images,

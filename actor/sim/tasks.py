@@ -36,6 +36,14 @@ _TASKS = (
     TaskSpec("handle-press-v3", "press the handle down", 100),
     TaskSpec("plate-slide-v3", "slide the plate into the goal", 100),
     TaskSpec("peg-insert-side-v3", "insert the peg into the hole from the side", 200),
+    # Harder, multi-stage tasks (grasp, carry, place/insert). Expert: 10/10 over seeds 0-9;
+    # lengths ~1.5-2x the slowest expert success there.
+    TaskSpec("assembly-v3", "put the ring onto the peg", 150),
+    TaskSpec("pick-place-wall-v3", "pick up the puck and place it behind the wall", 200),
+    TaskSpec("hammer-v3", "hammer the nail into the wall", 120),
+    TaskSpec("basketball-v3", "put the ball into the hoop", 160),
+    TaskSpec("shelf-place-v3", "place the block on the shelf", 200),
+    TaskSpec("coffee-push-v3", "push the mug under the coffee machine", 100),
 )
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in _TASKS}
@@ -46,6 +54,26 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in _TASKS}
 # almost perfectly from the same few demos -- nothing left to show -- and peg-insert-side
 # improves too but has 200-step episodes.)
 DEMO_TASKS: tuple[str, ...] = ("reach-v3", "push-v3", "pick-place-v3")
+
+# The learning benchmark's suite (`fleetloop bench learning`, `--tasks suite`): ten tasks, six of
+# them multi-stage (grasp + carry + place/insert), and per task the number of expert
+# demonstrations the suite's pretraining uses -- chosen so a tiny state + language policy
+# behaviour-cloned on all ten lands mid-range (measured per task: docs/learning.md). Easy tasks
+# get few demonstrations, hard ones more. Demonstration seeds are 0..n-1; evaluation seeds start
+# at 1,000,000 (fleetloop.actor.sim.evaluate.EVAL_SEED), so the two never overlap.
+SUITE_DEMOS: dict[str, int] = {
+    "reach-v3": 3,
+    "push-v3": 3,
+    "pick-place-v3": 8,
+    "peg-insert-side-v3": 7,
+    "assembly-v3": 2,
+    "pick-place-wall-v3": 5,
+    "hammer-v3": 4,
+    "basketball-v3": 7,
+    "shelf-place-v3": 8,
+    "coffee-push-v3": 2,
+}
+SUITE_TASKS: tuple[str, ...] = tuple(SUITE_DEMOS)
 
 _BY_INSTRUCTION: dict[str, TaskSpec] = {t.instruction: t for t in _TASKS}
 assert len(_BY_INSTRUCTION) == len(_TASKS), "instructions must be unique per task"
@@ -75,13 +103,13 @@ def task_for_instruction(instruction: str) -> TaskSpec:
 
 
 def parse_task_list(text: str) -> list[str]:
-    """'reach-v3,push-v3' -> validated names, in order, without duplicates. 'demo' and 'all'
-    are shorthands for DEMO_TASKS and the whole catalogue."""
+    """'reach-v3,push-v3' -> validated names, in order, without duplicates. 'demo', 'suite' and
+    'all' are shorthands for DEMO_TASKS, SUITE_TASKS and the whole catalogue."""
     names: list[str] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
             continue
-        expanded = DEMO_TASKS if part == "demo" else tuple(TASKS) if part == "all" else (part,)
+        expanded = {"demo": DEMO_TASKS, "suite": SUITE_TASKS, "all": tuple(TASKS)}.get(part, (part,))
         for name in expanded:
             get_task(name)
             if name not in names:

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "learner": "fleetloop.bench.learner",
     "rollout": "fleetloop.bench.rollout",
     "fleet": "fleetloop.bench.fleet",
+    "learning": "fleetloop.bench.learning",
 }
 
 

@@ -1,0 +1,236 @@
+"""The learning suite, `fleetloop bench learning`, and the demo/eval defects of issue 15: eval
+--policy on versions and learner checkpoints, demo --init, robot errors, EGL per thread,
+time to 0.8. Tiny step counts: these check wiring and shapes, not learning."""
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from fleetloop.actor.sim.evaluate import EVAL_SEED, PolicySpecError, load_policy
+from fleetloop.actor.sim.tasks import SUITE_DEMOS, SUITE_TASKS, TASKS, parse_task_list
+from fleetloop.buffer.store import open_store
+from fleetloop.policy.backend import build_model, export_version, save_checkpoint
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = build_model("tiny", size="tiny", state_dim=39, action_dim=4, horizon=8, use_images=False)
+    d = save_checkpoint(net, tmp_path / "ckpt", extra={"version": "pretrain", "tasks": ["reach-v3", "push-v3"]})
+    return net, d
+
+
+def _obs_act(policy):
+    from fleetloop.policy.interface import Observation
+    obs = Observation(images={}, state=np.zeros(39, np.float32))
+    return np.asarray(policy.act(obs, TASKS["reach-v3"].instruction))
+
+
+# ---- the suite ----------------------------------------------------------------------------------
+
+def test_suite_has_ten_tasks_with_recipe_and_hard_ones():
+    assert len(SUITE_TASKS) == 10 and set(SUITE_TASKS) == set(SUITE_DEMOS)
+    assert parse_task_list("suite") == list(SUITE_TASKS)
+    assert {"peg-insert-side-v3", "assembly-v3", "pick-place-wall-v3"} <= set(SUITE_TASKS)
+    assert all(t in TASKS and SUITE_DEMOS[t] >= 1 for t in SUITE_TASKS)
+
+
+def test_new_tasks_have_working_experts():
+    from fleetloop.actor.sim.env import SimEnv
+    from fleetloop.actor.sim.expert import ScriptedExpert
+    for task in ("assembly-v3", "hammer-v3"):
+        with SimEnv(task) as env:
+            ex = ScriptedExpert(task)
+            obs, done = env.reset(0), False
+            while not done:
+                obs, _, done = env.step(ex.action(obs.state))
+            assert env.success, task
+
+
+def test_bench_seeds_are_disjoint_from_evaluation():
+    from fleetloop.bench.learning import demo_seeds, online_seed
+    for seed in range(5):
+        used = demo_seeds(seed, max(SUITE_DEMOS.values())) + [online_seed(seed, r) for r in range(1000)]
+        assert max(used) < EVAL_SEED
+
+
+def test_change_interval_contains_the_difference():
+    from fleetloop.bench.learning import change, rate
+    c = change(rate(10, 30), rate(25, 30))
+    assert c["diff"] == pytest.approx(0.5, abs=1e-3) and c["ci95"][0] < 0.5 < c["ci95"][1] and c["ci95"][0] > 0
+    same = change(rate(10, 30), rate(10, 30))
+    assert same["ci95"][0] < 0 < same["ci95"][1]
+
+
+def test_bench_learning_json_shape(tmp_path, capsys):
+    from fleetloop.bench import learning
+    p = argparse.ArgumentParser()
+    learning.add_arguments(p)
+    assert "peg-insert-side-v3" in p.format_help()
+    args = p.parse_args(["--tasks", "reach-v3,push-v3", "--train", "reach-v3", "--demos", "1", "--pretrain-steps", "3",
+                         "--eval-episodes", "1", "--rounds", "1", "--steps-per-round", "2", "--batch-size", "16",
+                         "--conditions", "trained-only,offline-all,l2", "--out", str(tmp_path), "--json"])
+    assert learning.run(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["trained"] == ["reach-v3"] and doc["held_out"] == ["push-v3"]
+    for task, row in doc["per_task"].items():
+        assert row["held_out"] == (task == "push-v3")
+        for k in ("pretrained", "after"):
+            assert set(row[k]) >= {"success_rate", "ci95"}
+        assert set(row["by_condition"]) == {"trained-only", "offline-all", "l2"}
+    run = doc["runs"][0]["conditions"]
+    # the remedy's whole point: the held-out task's demonstrations stay in the sampler's mix
+    assert "push-v3" in run["offline-all"]["eligible_frames"]
+    assert "push-v3" not in run["trained-only"]["eligible_frames"]
+    assert run["trained-only"]["online"]["reach-v3"]["episodes"] == 1
+    assert (tmp_path / "learning.json").exists()
+
+
+# ---- fleetloop eval --policy --------------------------------------------------------------------
+
+def test_eval_loads_checkpoint_dir_and_reports_bad_specs(checkpoint, tmp_path):
+    net, d = checkpoint
+    assert _obs_act(load_policy(str(d))).shape == (8, 4)
+    with pytest.raises(PolicySpecError):
+        load_policy(str(tmp_path), store_uri=(tmp_path / "s").as_uri())  # a dir with nothing loadable
+    with pytest.raises(PolicySpecError):
+        load_policy("not-a-version", store_uri=(tmp_path / "s").as_uri())
+    with pytest.raises(PolicySpecError):
+        load_policy("v000007", store_uri=(tmp_path / "s").as_uri())  # not published
+
+
+def test_eval_loads_published_versions(checkpoint, tmp_path, redis_client):
+    from fleetloop.policy.registry import PolicyRegistry
+    net, _ = checkpoint
+    store_dir = tmp_path / "store"
+    reg = PolicyRegistry(open_store(store_dir.as_uri()), redis_client)
+    ev = export_version(net)
+    v1 = reg.publish(ev.weights, ev.config_json)
+    v1 = getattr(v1, "version", v1)
+    want = _obs_act(load_policy(str(_d(checkpoint))))
+    for spec, kw in ((v1, {"store_uri": store_dir.as_uri()}), ("latest", {"store_uri": store_dir.as_uri()}),
+                     (f"policies/{v1}", {"store_uri": store_dir.as_uri()}),
+                     (f"{store_dir.as_uri()}/policies/{v1}", {}), (str(store_dir / "policies" / v1), {})):
+        p = load_policy(spec, **kw)
+        assert p.version == v1
+        np.testing.assert_allclose(_obs_act(p), want, atol=1e-5)
+
+
+def _d(checkpoint):
+    return checkpoint[1]
+
+
+def test_eval_loads_learner_checkpoints(checkpoint, tmp_path):
+    from fleetloop.learner.checkpoint import CheckpointStore
+    net, _ = checkpoint
+    store_dir = tmp_path / "store"
+    CheckpointStore(open_store(store_dir.as_uri()), "learner/demo-hg-dagger").save(
+        42, {"model": export_version(net).weights}, {})
+    want = _obs_act(load_policy(str(_d(checkpoint))))
+    for spec, kw in (("learner/demo-hg-dagger", {"store_uri": store_dir.as_uri()}),
+                     (f"{store_dir.as_uri()}/learner/demo-hg-dagger", {}),
+                     (str(store_dir / "learner" / "demo-hg-dagger"), {})):
+        p = load_policy(spec, **kw)
+        assert p.version.endswith("@step42")
+        np.testing.assert_allclose(_obs_act(p), want, atol=1e-5)
+
+
+def test_eval_cli_error_is_one_line(tmp_path, capsys):
+    from fleetloop.actor.sim import evaluate
+    p = argparse.ArgumentParser()
+    evaluate.add_arguments(p)
+    rc = evaluate.run(p.parse_args(["--policy", str(tmp_path), "--store", (tmp_path / "s").as_uri()]))
+    assert rc == 2 and "fleetloop eval:" in capsys.readouterr().err
+
+
+# ---- fleetloop demo ---------------------------------------------------------------------------------
+
+def test_demo_init_keeps_offline_buffer_of_every_pretrained_task(checkpoint, tmp_path):
+    from fleetloop import demo
+    from fleetloop.policy.data import list_manifests
+    _, d = checkpoint
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    store_uri = (tmp_path / "store").as_uri()
+    args = p.parse_args(["--init", str(d), "--tasks", "reach-v3", "--demos-per-task", "1"])
+    ckpt, pretrained = demo._initial_policy(store_uri, ["reach-v3"], args)
+    assert ckpt == d.resolve() and pretrained == ["reach-v3", "push-v3"]
+    keys = list_manifests(open_store(store_uri))
+    assert any("push-v3" in k for k in keys) and any("reach-v3" in k for k in keys)
+    args = p.parse_args(["--init", str(d), "--tasks", "reach-v3", "--demos-per-task", "1", "--offline-tasks",
+                         "trained", "--out", str(tmp_path)])
+    store2 = (tmp_path / "store2").as_uri()
+    demo._initial_policy(store2, ["reach-v3"], args)
+    assert not any("push-v3" in k for k in list_manifests(open_store(store2)))
+
+
+def test_demo_presets_and_recipe():
+    from fleetloop import demo
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    args = p.parse_args(["--preset", "suite"])
+    assert demo.demos_per_task(list(SUITE_TASKS), args) == SUITE_DEMOS
+    args = p.parse_args(["--demos-per-task", "2"])
+    assert demo.demos_per_task(["reach-v3"], args) == {"reach-v3": 2}
+
+
+def test_a_robot_that_dies_is_an_error_not_silence():
+    from fleetloop import demo
+
+    class Boom:
+        env = type("E", (), {"close": lambda self: None})()
+
+        def run_episode(self, seed):
+            raise RuntimeError("EGL_BAD_ACCESS in render")
+
+    r = demo.Robot.__new__(demo.Robot)
+    r.robot_id, r.tasks, r.sims, r.seed, r.error = "sim-09", ["reach-v3"], {}, 0, None
+    r._make_sim = lambda task: Boom()
+    import time
+    t = threading.Thread(target=r.run_until, args=(time.time() + 30, threading.Event()))
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and "EGL_BAD_ACCESS" in r.error
+
+
+def test_images_render_in_robot_threads():
+    """Each robot thread builds its own envs, so every GL context is current on its own thread
+    (envs built in one thread and rendered in another fail with EGL_BAD_ACCESS)."""
+    from fleetloop.actor.sim.env import SimEnv
+    errors = []
+
+    def robot(task):
+        try:
+            with SimEnv(task, images=True) as env:
+                obs = env.reset(1)
+                env.step([0, 0, 0, 0])
+                assert obs.images["front"].shape == (64, 64, 3)
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=robot, args=(t,)) for t in ("reach-v3", "push-v3", "hammer-v3")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+
+
+def test_time_to_08_counts_robot_success_when_most_episodes_have_a_nudge():
+    from fleetloop import demo
+    # 12 episodes of one task: all succeed, every one with a 5-step nudge out of 100 steps
+    eps = [demo.mark_robot_success({"t": float(i), "task": "peg", "success": True, "steps": 100,
+                                    "intervention_steps": 5, "autonomous_success": False}) for i in range(12)]
+    t = demo.time_to_08({"peg": eps, "reach": [dict(e, task="reach", autonomous_success=True) for e in eps]})
+    assert t["per_task"]["peg"]["robot_success_s"] == 9.0      # the 10th episode fills the window
+    assert t["per_task"]["peg"]["autonomous_s"] is None        # never without any takeover
+    assert t["fleet_robot_success_s"] == 9.0 and t["fleet_autonomous_s"] is None
+    heavy = [demo.mark_robot_success(dict(e, intervention_steps=50)) for e in eps]
+    assert demo.time_to_08({"peg": heavy})["per_task"]["peg"]["robot_success_s"] is None
