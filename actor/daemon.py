@@ -344,7 +344,7 @@ class ActorDaemon:
         src = self.policy_source
         policy = getattr(src, "current_policy", None)
         if policy is None:  # FixedPolicySource.policy; PolicySlot keeps it private
-            policy = getattr(src, "policy", None) or getattr(src, "_current", None)
+            policy = getattr(src, "policy", None) or getattr(src, "current_policy", None)
         return Spec.of(policy).to_proto(str(src.status().get("current_version") or "") if policy is not None else "")
 
     # -- control channel ---------------------------------------------------------------------

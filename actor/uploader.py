@@ -73,7 +73,8 @@ def build_manifest(meta: dict, end: dict) -> pb.EpisodeManifest:
         task_id=meta["task_id"], instruction=meta["instruction"], policy_version=meta["policy_version"],
         kind=meta["kind"], outcome=end["outcome"], outcome_source=end["outcome_source"],
         outcome_labelled_by=end["labelled_by"], started_ns=meta["started_ns"], ended_ns=end["ended_ns"],
-        num_steps=end["num_steps"], incomplete=end["incomplete"])
+        num_steps=end["num_steps"], incomplete=end["incomplete"],
+        action_dim=end.get("action_dim", 0), state_dim=end.get("state_dim", 0))  # 0: an older spool entry
     for s in end["interventions"]:
         m.interventions.add(**s)
     m.cameras.extend(end.get("cameras", []))

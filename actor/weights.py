@@ -118,6 +118,11 @@ class PolicySlot:
             return self._current, self._current_version or ""
 
     @property
+    def current_policy(self) -> Any:
+        """The policy episodes run now (None before the first load); swaps only at begin_episode."""
+        return self._current
+
+    @property
     def current_version(self) -> Optional[str]:
         return self._current_version
 

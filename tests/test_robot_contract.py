@@ -362,8 +362,6 @@ def test_flag_only_intervention_segments_name_the_operator(daemon, redis_client)
         (2, 5, "bob", "unspecified"), (7, 9, "unknown", "unspecified")]
 
 
-@pytest.mark.xfail(strict=True, reason="actor/uploader.py build_manifest must copy end['action_dim'] and "
-                                       "end['state_dim'] (the recorder writes them; owner of uploader.py)")
 def test_daemon_manifests_carry_action_and_state_dims(daemon, redis_client):
     c = RobotLinkClient(daemon.address, "robot-1")
     eid = c.start_episode("reach-v3", "reach")

@@ -212,7 +212,7 @@ def test_whole_loop_with_a_vla(ray_cluster, redis_server, redis_client, bases, t
                 assert action.shape == (A,) and np.all(np.abs(action) <= 1.0)
                 link.report_step(obs, action, intervention=4 <= t < 9)  # a human corrects the middle
             link.end_episode(pb.OUTCOME_SUCCESS if episode % 2 else pb.OUTCOME_FAILURE)
-            models.add(id(slot._current.model))  # the model behind the runtime this episode used
+            models.add(id(slot.current_policy.model))  # the model behind the runtime this episode used
             episode += 1
             if not handle.running and len(set(versions_run)) >= 3:
                 break
