@@ -20,6 +20,13 @@ deploy/robot/actor.example.toml is a complete, commented example. The keys:
             max_size                FLEETLOOP_SPOOL_MAX       bytes or "20GiB", "500MB", ...; default 2GiB
             on_full                 FLEETLOOP_SPOOL_ON_FULL   "drop-new" (default) or "drop-oldest"
   [grpc]    address                 FLEETLOOP_GRPC_ADDRESS    host:port, [v6]:port or unix:/path; default 127.0.0.1:50051
+            tls_cert                FLEETLOOP_GRPC_TLS_CERT   PEM certificate (chain) of the link: TLS; with tls_key
+            tls_key                 FLEETLOOP_GRPC_TLS_KEY    its PEM private key (unencrypted)
+            client_ca               FLEETLOOP_GRPC_CLIENT_CA  PEM CA(s): require client certificates (mutual TLS)
+            token                   FLEETLOOP_GRPC_TOKEN      a bearer token every call must carry (>= 16 chars)
+            token_file              FLEETLOOP_GRPC_TOKEN_FILE a file of accepted tokens, one per line (not both)
+            insecure                FLEETLOOP_GRPC_INSECURE   true: allow a non-loopback address with neither
+                                                              TLS nor a token (refused otherwise); default false
   [recording] chunk_steps           FLEETLOOP_CHUNK_STEPS     steps per chunk object; default 256
             chunk_size              FLEETLOOP_CHUNK_SIZE      bytes per chunk object (a size); default 4MiB
   [policy]  poll_interval           FLEETLOOP_POLICY_POLL_INTERVAL  seconds or "500ms", "5s", "2m"; default 5s
@@ -109,6 +116,12 @@ class ActorConfig:
     policy_bases: str = ""           # colon-separated dirs holding provisioned VLA bases (FLEETLOOP_BASE_DIRS)
     trusted_keys: str = ""           # public keys that sign policy versions: files/dirs, comma-separated
     inference: str = "async"         # async: the next chunk is computed while the robot executes this one
+    grpc_tls_cert: Path | None = None    # robot link TLS: certificate chain + key (PEM)
+    grpc_tls_key: Path | None = None
+    grpc_client_ca: Path | None = None   # mutual TLS: clients need a certificate signed by this CA
+    grpc_token: str | None = field(default=None, repr=False)   # bearer token on every robot link call
+    grpc_token_file: Path | None = None  # accepted tokens, one per line
+    grpc_insecure: bool = False          # allow a non-loopback link without TLS or a token
     source: str = "defaults"   # "<file> + environment", for messages
 
     def __repr__(self) -> str:  # never print a password
@@ -123,12 +136,18 @@ class ActorConfig:
                           access_key=self.aws_access_key_id, secret_key=self.aws_secret_access_key,
                           create_bucket=False)
 
+    def link_security(self):
+        """The robot link's fleetloop.actor.link.LinkSecurity (files read now)."""
+        from fleetloop.actor.link import LinkSecurity
+        return LinkSecurity.from_files(self.grpc_tls_cert, self.grpc_tls_key, self.grpc_client_ca,
+                                       self.grpc_token, self.grpc_token_file, self.grpc_insecure)
+
     def redacted(self) -> dict[str, Any]:
         """Everything, with secrets masked: what the daemon logs at start."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "aws_secret_access_key" and v:
+            if f.name in ("aws_secret_access_key", "grpc_token") and v:
                 v = "***"
             elif f.name == "redis_url":
                 v = redact_url(v)
@@ -206,6 +225,16 @@ def parse_int(value: Any) -> int:
     if value <= 0:
         raise ValueError(f"expected a positive whole number; got {value!r}")
     return value
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false (environment: 1/0, true/false, yes/no); got {value!r}")
 
 
 def parse_str(value: Any) -> str:
@@ -384,6 +413,12 @@ KEYS: tuple[_Key, ...] = (
     _Key("spool", "max_size", "spool_max_bytes", parse_size, ("FLEETLOOP_SPOOL_MAX",)),
     _Key("spool", "on_full", "spool_on_full", _chain(parse_str, check_on_full), ("FLEETLOOP_SPOOL_ON_FULL",)),
     _Key("grpc", "address", "grpc_address", _chain(parse_str, check_grpc_address), ("FLEETLOOP_GRPC_ADDRESS",)),
+    _Key("grpc", "tls_cert", "grpc_tls_cert", parse_str, ("FLEETLOOP_GRPC_TLS_CERT",)),
+    _Key("grpc", "tls_key", "grpc_tls_key", parse_str, ("FLEETLOOP_GRPC_TLS_KEY",)),
+    _Key("grpc", "client_ca", "grpc_client_ca", parse_str, ("FLEETLOOP_GRPC_CLIENT_CA",)),
+    _Key("grpc", "token", "grpc_token", parse_str, ("FLEETLOOP_GRPC_TOKEN",)),
+    _Key("grpc", "token_file", "grpc_token_file", parse_str, ("FLEETLOOP_GRPC_TOKEN_FILE",)),
+    _Key("grpc", "insecure", "grpc_insecure", parse_bool, ("FLEETLOOP_GRPC_INSECURE",)),
     _Key("recording", "chunk_steps", "chunk_steps", parse_int, ("FLEETLOOP_CHUNK_STEPS",)),
     _Key("recording", "chunk_size", "chunk_bytes", parse_size, ("FLEETLOOP_CHUNK_SIZE",)),
     _Key("policy", "poll_interval", "policy_poll_interval_s", parse_duration, ("FLEETLOOP_POLICY_POLL_INTERVAL",)),
@@ -458,7 +493,8 @@ def _warn_if_world_readable(path: Path, doc: dict) -> None:
         redis_password = urlsplit(str(cloud.get("redis_url", ""))).password
     except ValueError:
         redis_password = None
-    if not (creds.get("aws_secret_access_key") or redis_password):
+    grpc_sec = doc.get("grpc") if isinstance(doc.get("grpc"), dict) else {}
+    if not (creds.get("aws_secret_access_key") or redis_password or grpc_sec.get("token")):
         return
     try:
         mode = path.stat().st_mode
@@ -496,6 +532,80 @@ def check_spool_dir(path: Path) -> None:
         os.unlink(tmp)
     except OSError as e:
         raise ValueError(f"{str(path)!r} is not writable as {who}: {e.strerror or e}") from None
+
+
+def _load_pem(path: Path, what: str):
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{str(path)!r} is a directory, not a PEM file") from None
+    except PermissionError:
+        raise ValueError(f"{str(path)!r} is not readable by this user (uid {os.getuid()})") from None
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    try:
+        if what == "key":
+            return serialization.load_pem_private_key(data, password=None)
+        certs = x509.load_pem_x509_certificates(data)
+        return certs
+    except (ValueError, TypeError) as e:
+        kind = "an unencrypted PEM private key" if what == "key" else "PEM certificate(s)"
+        raise ValueError(f"{str(path)!r} is not {kind} ({str(e).splitlines()[0][:120]})") from None
+
+
+def _check_link_security(values: dict, from_env: set, base: Path, errors: list[str]) -> None:
+    """[grpc] TLS files exist and parse, the key matches the certificate, the token settings make
+    sense, and a non-loopback address is not served without TLS or a token (unless insecure)."""
+    from fleetloop.actor.link import TOKEN_MIN_CHARS, LinkSecurity, read_tokens
+    loaded: dict[str, Any] = {}
+    for fld, dotted, what in (("grpc_tls_cert", "grpc.tls_cert", "cert"), ("grpc_tls_key", "grpc.tls_key", "key"),
+                              ("grpc_client_ca", "grpc.client_ca", "cert"), ("grpc_token_file", "grpc.token_file", None)):
+        if fld not in values:
+            continue
+        raw, label = values[fld]
+        path = _resolve_dir(raw, Path.cwd() if dotted in from_env else base)
+        values[fld] = (path, label)
+        try:
+            if what is None:
+                try:
+                    tokens = read_tokens(path)
+                except FileNotFoundError:
+                    raise ValueError(f"{str(path)!r} does not exist") from None
+                except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{str(path)!r} cannot be read as a token file: {e}") from None
+                if not tokens:
+                    raise ValueError(f"{str(path)!r} holds no token (one per line)")
+                if any(len(t) < TOKEN_MIN_CHARS for t in tokens):
+                    raise ValueError(f"{str(path)!r}: every token must have at least {TOKEN_MIN_CHARS} characters")
+            else:
+                loaded[fld] = _load_pem(path, what)
+        except ValueError as e:
+            errors.append(f"{label}: {e}")
+    cert, key = values.get("grpc_tls_cert"), values.get("grpc_tls_key")
+    if bool(cert) != bool(key):
+        missing = "grpc.tls_key" if cert else "grpc.tls_cert"
+        errors.append(f"{missing} is missing but {(cert or key)[1]} is set: TLS needs the certificate and its key")
+    elif "grpc_tls_cert" in loaded and "grpc_tls_key" in loaded:
+        from cryptography.hazmat.primitives import serialization
+        fmt = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if loaded["grpc_tls_cert"][0].public_key().public_bytes(*fmt) != loaded["grpc_tls_key"].public_key().public_bytes(*fmt):
+            errors.append(f"{key[1]}: this key does not belong to the certificate {str(cert[0])!r}")
+    if "grpc_client_ca" in values and not cert:
+        errors.append(f"{values['grpc_client_ca'][1]}: client certificates need TLS: set grpc.tls_cert and grpc.tls_key")
+    if "grpc_token" in values:
+        if "grpc_token_file" in values:
+            errors.append(f"{values['grpc_token'][1]} and {values['grpc_token_file'][1]} are both set: use one")
+        elif len(values["grpc_token"][0]) < TOKEN_MIN_CHARS:
+            errors.append(f"{values['grpc_token'][1]}: a token must have at least {TOKEN_MIN_CHARS} characters")
+    address = values.get("grpc_address", (DEFAULT_GRPC_ADDRESS, ""))[0]
+    has_auth = bool(cert and key) or "grpc_token" in values or "grpc_token_file" in values
+    insecure = values.get("grpc_insecure", (False, ""))[0]
+    try:
+        LinkSecurity(tokens=("x" * TOKEN_MIN_CHARS,) if has_auth else (), insecure=insecure).check_address(address)
+    except ValueError as e:
+        errors.append(f"grpc.address: {e}")
 
 
 def load_actor_config(path: str | os.PathLike | None, env: Mapping[str, str] | None = None,
@@ -567,6 +677,8 @@ def load_actor_config(path: str | os.PathLike | None, env: Mapping[str, str] | N
     elif max_bytes[0] >= MIN_SPOOL_BYTES and max_bytes[0] < 2 * chunk_bytes[0]:
         errors.append(f"{max_bytes[1]}: the spool ({max_bytes[0]} bytes) must hold at least two chunks "
                       f"(recording.chunk_size is {chunk_bytes[0]} bytes)")
+
+    _check_link_security(values, from_env, base, errors)
 
     spool_raw, spool_label = values.pop("spool_dir", (DEFAULT_SPOOL_DIR, "spool.dir (default)"))
     spool_base = Path.cwd() if "spool.dir" in from_env else base

@@ -277,7 +277,8 @@ class ActorDaemon:
                  heartbeat_interval_s: float = 2.0, indicator: Optional[bool] = None, chunk_steps: int = 256,
                  chunk_bytes: int = 4 << 20, inference: str = "async", inference_lead_steps: int = 2,
                  inference_replan_steps: Optional[int] = None, inference_inline_below_ms: float = 5.0,
-                 control_hz: float = 30.0, limits: Optional[LinkLimits] = None):
+                 control_hz: float = 30.0, limits: Optional[LinkLimits] = None,
+                 link_security: Optional["LinkSecurity"] = None):
         """inference: "async" (compute the next chunk in the background while the robot executes
         the current one) or "sync" (every Act computes). inference_lead_steps: start the next
         chunk when the current one has no more than expected-latency + this many steps left.
@@ -285,7 +286,9 @@ class ActorDaemon:
         running low). inference_inline_below_ms: a policy faster than this runs on the Act
         call itself, from the freshest observation. control_hz: the robot's control rate assumed
         until measured from ReportStep spacing. See fleetloop.actor.inference. limits: the bounds on
-        robot input (fleetloop.actor.contract.LinkLimits; reported by GetSpec)."""
+        robot input (fleetloop.actor.contract.LinkLimits; reported by GetSpec). link_security: TLS /
+        client certificates / bearer tokens on the robot link (fleetloop.actor.link.LinkSecurity;
+        None: plaintext, which start() allows on loopback and unix sockets only)."""
         self.limits = limits or LinkLimits()
         try:
             self.robot_id = check_id("robot id", robot_id, self.limits)
@@ -312,6 +315,9 @@ class ActorDaemon:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._grpc_address = grpc_address
+        from fleetloop.actor.link import LinkSecurity
+        self.link_security = link_security or LinkSecurity()
+        self.link_security.check_address(grpc_address)  # refuse an open link before anything starts
         self.server: Optional[grpc.Server] = None
         self.port: Optional[int] = None
 
@@ -437,18 +443,31 @@ class ActorDaemon:
             t.start()
             self._threads.append(t)
         self._threads.append(self.uploader.start_thread(self._stop))
+        sec = self.link_security
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="robot-link"),
+                                  interceptors=sec.interceptors(),
                                   options=[("grpc.max_receive_message_length", self.limits.max_message_bytes)])
         rl_grpc.add_RobotLinkServicer_to_server(RobotLinkService(self), self.server)
-        self.port = self.server.add_insecure_port(self._grpc_address)
+        creds = sec.server_credentials()
+        try:
+            self.port = (self.server.add_secure_port(self._grpc_address, creds) if creds is not None
+                         else self.server.add_insecure_port(self._grpc_address))
+        except RuntimeError:
+            self.port = 0
         if not self.port:
             raise RuntimeError(f"cannot listen on {self._grpc_address}")
+        from fleetloop.actor.link import is_loopback
+        if sec.tokens and not sec.tls and not is_loopback(self._grpc_address):
+            log.warning("robot link on %s: the token travels in plaintext; add TLS (tls_cert, tls_key) "
+                        "unless this network is private", self._grpc_address)
+        elif not (sec.tls or sec.tokens) and not is_loopback(self._grpc_address):
+            log.warning("robot link on %s has no authentication (insecure = true)", self._grpc_address)
         self.server.start()
         try:
             self.heartbeat()
         except redis.RedisError as e:
             log.warning("redis unavailable at start (%s); recording anyway", e)
-        log.info("actor daemon for %s listening on port %d", self.robot_id, self.port)
+        log.info("actor daemon for %s listening on port %d (%s)", self.robot_id, self.port, sec.describe())
         return self
 
     @property
@@ -521,4 +540,5 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> A
     slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=PolicyLoader(device=device),
                       initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s)
     return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address,
-                       chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes, inference=cfg.inference)
+                       chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes, inference=cfg.inference,
+                       link_security=cfg.link_security())
