@@ -63,7 +63,7 @@ DEMO_TASKS: tuple[str, ...] = ("reach-v3", "push-v3", "pick-place-v3")
 # at 1,000,000 (fleetloop.actor.sim.evaluate.EVAL_SEED), so the two never overlap.
 SUITE_DEMOS: dict[str, int] = {
     "reach-v3": 3,
-    "push-v3": 3,
+    "push-v3": 2,
     "pick-place-v3": 8,
     "peg-insert-side-v3": 7,
     "assembly-v3": 2,
