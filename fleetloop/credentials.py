@@ -1,16 +1,23 @@
 """`fleetloop credentials`: one identity per robot, and least privilege for everyone.
 
     fleetloop credentials issue --robots robot-1,robot-2 --out deploy/secrets [--redis-host redis:6379]
+                                [--bucket B --prefix P] [--robot-redis-host H:P --robot-s3-endpoint URL]
     fleetloop credentials keys --out DIR          an Ed25519 policy-signing key pair only
 
 `issue` writes (secrets 0600; re-running keeps existing passwords, adds new robots):
 
   redis/users.acl            Redis >= 7 ACL file (redis-server --aclfile): `default` off, one user
-                             per robot, `learner`, `dashboard`, `fleetloop-admin`
+                             per robot, `learner`, `dashboard`, `fleetloop-admin`, `healthcheck`
+                             (PING only). Mode 0644 so the Redis container's user can read a bind
+                             mount of it: it holds only SHA-256 hashes of 256-bit random passwords.
   minio/policy-<who>.json    S3 IAM policy documents (MinIO `mc admin policy create`)
-  minio/setup.sh             creates the MinIO users and attaches the policies
-  env/<who>.env              FLEETLOOP_REDIS_URL / AWS_* for each identity
+  minio/users                "<who> <secret>" lines: the MinIO users to create (0600)
+  minio/setup.sh             creates the MinIO users and attaches the policies (needs `mc alias
+                             set fleet ...`; deploy/minio/init.sh does the same in compose)
+  env/<who>.env              FLEETLOOP_REDIS_URL / AWS_* for each identity (compose env_file, or a
+                             robot's /etc/fleetloop/actor.env)
   keys/signing.key, keys/trusted/<id>.pub   the learner's signing key and what robots trust
+                             (--no-keys: compose's keys-init makes the fleet's key instead)
   passwords.json             the generated secrets (so a re-run is stable)
 
 What each identity may do:
@@ -24,6 +31,8 @@ What each identity may do:
               S3: read episodes/, labels/; write policies/, learner/.
   dashboard   Redis: fleetloop:* keys, PUBLISH policy notices and control commands.
               S3: read everything; write labels/ (and policies/ retention is the learner's).
+  fleetloop-admin  Redis: everything. S3: everything in the bucket (collect, import, export,
+              repairs: the one-off tools, never a long-running service or a robot).
 """
 from __future__ import annotations
 
@@ -39,6 +48,8 @@ from fleetloop import config
 
 RESERVED_ROBOT_IDS = {"all", "acks"}  # names the Redis key scheme uses next to robot ids
 SERVICE_USERS = ("learner", "dashboard", "fleetloop-admin")
+S3_SERVICES = ("learner", "dashboard", "fleetloop-admin")
+HEALTHCHECK_USER = "healthcheck"   # PING only, any password: what a container health check uses
 
 
 def check_robot_id(robot_id: str) -> str:
@@ -83,7 +94,8 @@ def service_acl(name: str, password: str) -> str:
 
 
 def acl_file(passwords: dict[str, str], robots: Iterable[str]) -> str:
-    lines = ["user default off resetkeys resetchannels nocommands"]  # ACL files take no comments
+    lines = ["user default off resetkeys resetchannels nocommands",  # ACL files take no comments
+             f"user {HEALTHCHECK_USER} on nopass resetkeys resetchannels nocommands +ping"]
     lines += [service_acl(n, passwords[n]) for n in SERVICE_USERS]
     lines += [robot_acl(r, passwords[redis_user(r)]) for r in robots]
     return "\n".join(lines) + "\n"
@@ -108,6 +120,8 @@ def s3_policy(who: str, bucket: str, prefix: str = "") -> dict:
               _statement(["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
                          [f"{root}/{p}policies/*", f"{root}/{p}learner/*"], "WritePoliciesAndCheckpoints"),
               _statement(["s3:ListBucket", "s3:GetBucketLocation"], [root], "List")]
+    elif who == "fleetloop-admin":
+        st = [_statement(["s3:*"], [root, f"{root}/*"], "WholeBucket")]
     elif who == "dashboard":
         st = [_statement(["s3:GetObject"], [f"{root}/{p}*"], "ReadAll"),
               _statement(["s3:PutObject"], [f"{root}/{p}labels/*"], "WriteLabels"),
@@ -126,36 +140,46 @@ def _write_secret(path: Path, text: str) -> None:
 
 
 def issue(out: str | os.PathLike, robots: Iterable[str], redis_host: str = "redis:6379", bucket: str = "fleetloop",
-          s3_endpoint: str = "http://minio:9000", prefix: str = "") -> dict:
-    """Write everything described in the module docstring; returns {identity: password}."""
+          s3_endpoint: str = "http://minio:9000", prefix: str = "", robot_redis_host: str | None = None,
+          robot_s3_endpoint: str | None = None, keys: bool = True, robot_redis_scheme: str = "redis") -> dict:
+    """Write everything described in the module docstring; returns {identity: password}.
+    redis_host / s3_endpoint: where the cloud services reach them (compose: redis:6379,
+    http://minio:9000); robot_redis_host / robot_s3_endpoint: where robots do (default: the same);
+    robot_redis_scheme "rediss" for a TLS port in front of Redis."""
     out = Path(out)
-    robots = sorted({check_robot_id(r) for r in robots})
     pw_path = out / "passwords.json"
     passwords = json.loads(pw_path.read_text()) if pw_path.exists() else {}
+    issued = {n[len("robot-"):] for n in passwords if n.startswith("robot-")}  # a re-run keeps them
+    robots = sorted({check_robot_id(r) for r in robots} | issued)
     for name in list(SERVICE_USERS) + [redis_user(r) for r in robots]:
         passwords.setdefault(name, secrets.token_urlsafe(32))
     _write_secret(pw_path, json.dumps(passwords, indent=1, sort_keys=True))
     _write_secret(out / "redis" / "users.acl", acl_file(passwords, robots))
     (out / "minio").mkdir(parents=True, exist_ok=True)
-    setup = ["#!/bin/sh", "# MinIO users and policies (fleetloop credentials issue). Needs `mc alias set fleet ...`.",
-             "set -eu", 'ALIAS="${MC_ALIAS:-fleet}"']
-    for who in ["learner", "dashboard"] + [redis_user(r) for r in robots]:
+    identities = list(S3_SERVICES) + [redis_user(r) for r in robots]
+    for who in identities:
         doc = out / "minio" / f"policy-{who}.json"
         doc.write_text(json.dumps(s3_policy(who, bucket, prefix), indent=1))
-        setup += [f'mc admin user add "$ALIAS" {who} "$(jq -r \'.["{who}"]\' passwords.json)"',
-                  f'mc admin policy create "$ALIAS" fleetloop-{who} minio/{doc.name}',
-                  f'mc admin policy attach "$ALIAS" fleetloop-{who} --user {who}']
-    _write_secret(out / "minio" / "setup.sh", "\n".join(setup) + "\n")
+    _write_secret(out / "minio" / "users", "".join(f"{who} {passwords[who]}\n" for who in identities))
+    _write_secret(out / "minio" / "setup.sh", MINIO_SETUP)
     os.chmod(out / "minio" / "setup.sh", 0o700)
-    for who in ["learner", "dashboard"] + [redis_user(r) for r in robots]:
-        env = {"FLEETLOOP_REDIS_URL": f"redis://{who}:{passwords[who]}@{redis_host}/0",
-               "FLEETLOOP_STORE": f"s3://{bucket}/{prefix}".rstrip("/"), "FLEETLOOP_S3_ENDPOINT": s3_endpoint,
+    (out / "redis" / "users.acl").chmod(0o644)  # hashes only; the Redis container's user reads it
+    for who in identities:
+        robot = who.startswith("robot-")
+        host = (robot_redis_host or redis_host) if robot else redis_host
+        scheme = robot_redis_scheme if robot else "redis"
+        env = {"FLEETLOOP_REDIS_URL": f"{scheme}://{who}:{passwords[who]}@{host}/0",
+               "FLEETLOOP_STORE": f"s3://{bucket}/{prefix.strip('/')}".rstrip("/"),
+               "FLEETLOOP_S3_ENDPOINT": (robot_s3_endpoint or s3_endpoint) if robot else s3_endpoint,
                "AWS_ACCESS_KEY_ID": who, "AWS_SECRET_ACCESS_KEY": passwords[who], "FLEETLOOP_S3_CREATE_BUCKET": "0"}
-        if who.startswith("robot-"):
+        if robot:
+            env["FLEETLOOP_ROBOT_ID"] = who[len("robot-"):]
             env["FLEETLOOP_TRUSTED_KEYS"] = "/etc/fleetloop/trusted"
         else:
             env["FLEETLOOP_SIGNING_KEY"] = "/etc/fleetloop/keys/signing.key"
         _write_secret(out / "env" / f"{who}.env", "".join(f"{k}={v}\n" for k, v in env.items()))
+    if not keys:
+        return passwords
     keys = out / "keys"
     if not (keys / "signing.key").exists():
         from fleetloop.policy import signing
@@ -163,6 +187,25 @@ def issue(out: str | os.PathLike, robots: Iterable[str], redis_host: str = "redi
         (keys / "trusted").mkdir(parents=True, exist_ok=True)
         (keys / "trusted" / pub.name).write_bytes(pub.read_bytes())
     return passwords
+
+
+# The same steps as deploy/minio/init.sh, for a MinIO outside compose. Reads the files beside it.
+MINIO_SETUP = """#!/bin/sh
+# MinIO users and policies (fleetloop credentials issue). Needs an mc alias with admin rights:
+#   mc alias set fleet https://minio.example.com ROOT_USER ROOT_PASSWORD && sh minio/setup.sh
+set -eu
+ALIAS="${MC_ALIAS:-fleet}"
+DIR="$(cd "$(dirname "$0")" && pwd)"
+while read -r who secret; do
+  [ -n "$who" ] || continue
+  mc admin user add "$ALIAS" "$who" "$secret" >/dev/null
+  mc admin policy create "$ALIAS" "fleetloop-$who" "$DIR/policy-$who.json" >/dev/null
+  if ! out="$(mc admin policy attach "$ALIAS" "fleetloop-$who" --user "$who" 2>&1)"; then
+    case "$out" in *already*) ;; *) echo "$out" >&2; exit 1 ;; esac
+  fi
+  echo "MinIO user $who: policy fleetloop-$who"
+done < "$DIR/users"
+"""
 
 
 # ---- CLI ------------------------------------------------------------------------------------
@@ -175,7 +218,12 @@ def add_arguments(p) -> None:
     i.add_argument("--redis-host", default="redis:6379", help="host:port robots and services reach Redis at")
     i.add_argument("--bucket", default="fleetloop")
     i.add_argument("--prefix", default="", help="store prefix inside the bucket")
-    i.add_argument("--s3-endpoint", default="http://minio:9000")
+    i.add_argument("--s3-endpoint", default="http://minio:9000", help="where the cloud services reach S3")
+    i.add_argument("--robot-redis-host", help="host:port robots reach Redis at (default: --redis-host)")
+    i.add_argument("--robot-redis-tls", action="store_true", help="robots use rediss:// (a TLS port in front of Redis)")
+    i.add_argument("--robot-s3-endpoint", help="S3 endpoint robots use (default: --s3-endpoint)")
+    i.add_argument("--no-keys", action="store_true",
+                   help="no signing key (compose's keys-init makes the fleet's key; hand robots its .pub)")
     k = sub.add_parser("keys", help="an Ed25519 policy-signing key pair (private key 0600 + <key id>.pub)")
     k.add_argument("--out", required=True)
     k.add_argument("--name", default="signing")
@@ -190,9 +238,12 @@ def run(args) -> int:
         return 0
     robots = [r.strip() for r in args.robots.split(",") if r.strip()]
     try:
-        issue(args.out, robots, args.redis_host, args.bucket, args.s3_endpoint, args.prefix)
+        issue(args.out, robots, args.redis_host, args.bucket, args.s3_endpoint, args.prefix,
+              robot_redis_host=args.robot_redis_host, robot_s3_endpoint=args.robot_s3_endpoint,
+              keys=not args.no_keys, robot_redis_scheme="rediss" if args.robot_redis_tls else "redis")
     except ValueError as e:
         print(f"fleetloop credentials: {e}")
         return 2
-    print(f"fleetloop credentials: wrote {args.out}: redis/users.acl, minio/, env/ ({len(robots)} robots), keys/")
+    print(f"fleetloop credentials: wrote {args.out}: redis/users.acl, minio/, env/ ({len(robots)} robots)"
+          + ("" if args.no_keys else ", keys/"))
     return 0

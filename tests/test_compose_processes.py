@@ -3,10 +3,19 @@
 the compose file's own commands and environment, interpolated from a test .env built from
 .env.example, against loopback stand-ins for the infrastructure services:
 
-  redis       a private redis-server (fleetloop.services.RedisServer) with the compose password
-              (`--requirepass`, set with CONFIG SET), so the password-bearing URL is exercised
-  minio       moto's S3 server (same protocol); the bucket is created the way minio-init does
+  secrets     the documented one-time step, `fleetloop credentials issue --robots ... --out
+              deploy/secrets --prefix ... --no-keys`, run here into a temp dir
+  redis       redis-server run with the compose command's own arguments (`--aclfile` on the issued
+              ACL file, as the bind mount maps it), and the compose healthcheck run against it
+  minio       moto's S3 server (same protocol; it does not enforce IAM policies -- the MinIO side of
+              the wiring is deploy/minio/init.sh, tested in test_deploy.py); the bucket is created
+              the way minio-init does
   minio-init  boto3 create_bucket (the services run with FLEETLOOP_S3_CREATE_BUCKET=0)
+
+Each fleetloop service gets its compose `env_file` (deploy/secrets/env/<identity>.env) under its
+`environment`, as compose does: the learner connects to Redis as the `learner` ACL user, the
+dashboard as `dashboard`, and the robot as its own `robot-<id>` user -- so every Redis command
+the learner, dashboard and actor daemon issue in this test passes the least-privilege ACLs.
 
 Only two kinds of rewriting happen, both outside the command text: the compose network's host
 names are resolved to loopback ports (minio:9000, redis:6379, ray-head:6379), and the mount point
@@ -91,6 +100,18 @@ def interpolate(value, env: dict[str, str]):
 
 def compose_services(dotenv: dict[str, str]) -> dict:
     return interpolate(yaml.safe_load(COMPOSE.read_text())["services"], dotenv)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+SECRETS_DIR = "deploy/secrets"   # where the documented `fleetloop credentials issue` writes
 
 
 # -- processes ---------------------------------------------------------------------------------
@@ -224,7 +245,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
     from fleetloop.policy.model import ModelConfig, VLAPolicyNet, save_checkpoint
     from fleetloop.policy.registry import PolicyRegistry
     from fleetloop.proto.v1 import episode_pb2 as pb
-    from fleetloop.services import MotoS3Server, RedisServer
+    from fleetloop.services import MotoS3Server, redis_server_binary
 
     # -- the test's .env: .env.example with every "change-me" replaced, as the operator would -----
     dotenv = env_example()
@@ -242,23 +263,54 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
     scratch = Path(tempfile.mkdtemp(prefix="flc-", dir="/tmp"))
     mark = uuid.uuid4().hex
     procs = Procs(mark, tmp_path)
-    redis_srv = RedisServer(data_dir=str(scratch / "redis"))
     s3 = MotoS3Server()
+    robot_id = "arm-compose-1"
     try:
-        # -- infrastructure: redis (with the compose password), minio (moto), minio-init --------
-        redis_srv.start()
-        redis_cmd = services["redis"]["command"]
-        password = redis_cmd[redis_cmd.index("--requirepass") + 1]
-        assert password == dotenv["REDIS_PASSWORD"]
-        redis.Redis(port=redis_srv.port).config_set("requirepass", password)
-        rds = redis.Redis(port=redis_srv.port, password=password)
+        # -- the one-time step: every identity's credentials, as docs/deploy.md says -------------
+        secrets_dir = scratch / "secrets"
+        done = subprocess.run(["fleetloop", "credentials", "issue", "--robots", f"{robot_id},arm-compose-2",
+                               "--out", str(secrets_dir), "--bucket", dotenv["S3_BUCKET"],
+                               "--prefix", dotenv["S3_PREFIX"], "--no-keys"],
+                              env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        passwords = json.loads((secrets_dir / "passwords.json").read_text())
+
+        def host_path(compose_path: str) -> Path:
+            """A bind mount's or env_file's path in the compose file -> the issued temp dir."""
+            rel = compose_path.removeprefix("./")
+            assert rel.startswith(SECRETS_DIR + "/"), compose_path
+            return secrets_dir / rel[len(SECRETS_DIR) + 1:]
+
+        # -- infrastructure: redis (its compose command, on the issued ACL file), minio (moto) -----
+        redis_svc = services["redis"]
+        redis_cmd = redis_svc["command"]
+        assert redis_cmd[0] == "redis-server" and "--requirepass" not in redis_cmd
+        acl_in_container = redis_cmd[redis_cmd.index("--aclfile") + 1]
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in redis_svc["volumes"] if v.startswith("./")}
+        acl_file = host_path(mounts[acl_in_container])
+        redis_port = free_port()
+        (scratch / "redis").mkdir()
+        argv = [redis_server_binary()] + [a if a != acl_in_container else str(acl_file) for a in redis_cmd[1:]]
+        procs.start("redis", argv + ["--port", str(redis_port), "--bind", "127.0.0.1", "--dir", str(scratch / "redis"),
+                                     "--save", ""], dict(os.environ), cwd=scratch / "redis")
+        health = redis_svc["healthcheck"]["test"]
+        assert health[0] == "CMD-SHELL"
+        redis_health = health[1].replace("redis-cli ", f"redis-cli -p {redis_port} ", 1)
+        wait_for("the redis compose healthcheck", lambda: subprocess.run(["sh", "-c", redis_health],
+                                                                          timeout=10).returncode == 0,
+                 30, procs, alive=("redis",))
+        with pytest.raises(redis.AuthenticationError):  # the default user is off
+            redis.Redis(port=redis_port).get("x")
+        rds = redis.Redis(port=redis_port, username="fleetloop-admin", password=passwords["fleetloop-admin"])
         rds.ping()
         s3.start()
         init_env = services["minio-init"]["environment"]
         bucket = init_env["S3_BUCKET"]
+        admin_env = read_env_file(host_path(services["admin"]["env_file"]))
         boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-                     aws_access_key_id=init_env["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=init_env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
+                     aws_access_key_id=admin_env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=admin_env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
 
         ray_head_port = free_port()
         homes = {name: scratch / name for name in ("ray-head", "dashboard")}
@@ -266,7 +318,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         def localize(value: str, home: Path) -> str:
             """The compose network's names -> loopback; the volume mount point -> this service's dir."""
             return (value.replace("http://minio:9000", s3.endpoint)
-                    .replace("@redis:6379/", f"@127.0.0.1:{redis_srv.port}/")
+                    .replace("@redis:6379/", f"@127.0.0.1:{redis_port}/")
                     .replace("ray-head:6379", f"127.0.0.1:{ray_head_port}")
                     .replace(KEYS_MOUNT, str(scratch / "keys"))
                     .replace(VOLUME_MOUNT, str(home)))
@@ -276,12 +328,19 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         base_env["PATH"] = f"{BIN}{os.pathsep}{base_env.get('PATH', '/usr/bin:/bin')}"
         base_env["PYTHONUNBUFFERED"] = "1"
 
+        identities = {"ray-head": "learner", "dashboard": "dashboard"}
+
         def service_env(name: str) -> dict[str, str]:
-            svc_env = services[name]["environment"]
+            # compose: the env_file first, `environment` over it
+            from_file = read_env_file(host_path(services[name]["env_file"]))
+            svc_env = {**from_file, **services[name]["environment"]}
             env = {k: localize(str(v), homes[name]) for k, v in svc_env.items()}
             # what compose resolved must have been the compose network's names, nothing else
+            who = identities[name]
             assert svc_env["FLEETLOOP_S3_ENDPOINT"] == "http://minio:9000"
-            assert svc_env["FLEETLOOP_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
+            assert svc_env["FLEETLOOP_REDIS_URL"] == f"redis://{who}:{passwords[who]}@redis:6379/0"
+            assert svc_env["AWS_ACCESS_KEY_ID"] == who and svc_env["AWS_SECRET_ACCESS_KEY"] == passwords[who]
+            assert svc_env["FLEETLOOP_STORE"] == from_file["FLEETLOOP_STORE"]  # issued for this bucket/prefix
             assert svc_env["RAY_ADDRESS"] == "ray-head:6379"
             assert env["FLEETLOOP_HOME"] == str(homes[name])
             return {**base_env, **env}
@@ -333,25 +392,23 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         # -- the learner publishes its initial version --------------------------------------------
         store_uri = head_env["FLEETLOOP_STORE"]
         assert store_uri == f"s3://{dotenv['S3_BUCKET']}/{dotenv['S3_PREFIX']}"
-        settings = S3Settings(endpoint_url=s3.endpoint, access_key=dotenv["AWS_ACCESS_KEY_ID"],
-                              secret_key=dotenv["AWS_SECRET_ACCESS_KEY"], create_bucket=False)
+        settings = S3Settings(endpoint_url=s3.endpoint, access_key=admin_env["AWS_ACCESS_KEY_ID"],
+                              secret_key=admin_env["AWS_SECRET_ACCESS_KEY"], create_bucket=False)
         store = open_store(store_uri, settings)
         registry = PolicyRegistry(store, rds)
         version = wait_for("the learner's initial policy version", registry.latest_version, 120, procs,
                            alive=("ray-head", "dashboard"), interval=1)
 
         # -- a robot: `fleetloop actor --config FILE`, environment overriding the example file ----
-        robot_id = "arm-compose-1"
+        # Its actor.env is the issued robot-<id>.env (docs/deploy.md): its own Redis ACL user.
+        robot_file = read_env_file(secrets_dir / "env" / f"robot-{robot_id}.env")
+        assert robot_file["FLEETLOOP_ROBOT_ID"] == robot_id and robot_file["FLEETLOOP_STORE"] == store_uri
+        assert robot_file["FLEETLOOP_REDIS_URL"].startswith(f"redis://robot-{robot_id}:")
         grpc_port = free_port()
         actor_env = {**base_env,
                      "HF_HUB_OFFLINE": "1", "FLEETLOOP_HOME": str(scratch / "robot"),  # the systemd unit's
-                     "FLEETLOOP_ROBOT_ID": robot_id,
-                     "FLEETLOOP_STORE": store_uri,
-                     "FLEETLOOP_S3_ENDPOINT": s3.endpoint,
+                     **{k: localize(v, scratch / "robot") for k, v in robot_file.items()},
                      "AWS_DEFAULT_REGION": dotenv["AWS_DEFAULT_REGION"],
-                     "FLEETLOOP_REDIS_URL": f"redis://:{password}@127.0.0.1:{redis_srv.port}/0",
-                     "AWS_ACCESS_KEY_ID": dotenv["AWS_ACCESS_KEY_ID"],
-                     "AWS_SECRET_ACCESS_KEY": dotenv["AWS_SECRET_ACCESS_KEY"],
                      "FLEETLOOP_SPOOL_DIR": str(scratch / "robot" / "spool"),
                      "FLEETLOOP_SPOOL_MAX": "64MiB",
                      "FLEETLOOP_GRPC_ADDRESS": f"127.0.0.1:{grpc_port}",
@@ -431,6 +488,5 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         procs.stop()
         leftover = marked_pids(mark)
         s3.stop()
-        redis_srv.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     assert not leftover, f"processes outlived teardown: {leftover}"

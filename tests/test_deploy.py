@@ -88,10 +88,23 @@ def compose_cli() -> list[str]:
                 "(Debian: apt-get install docker-compose)")
 
 
-def test_compose_config_resolves_with_env_example():
+def issued_tree(tmp_path: Path) -> Path:
+    """A copy of the compose file beside deploy/secrets issued the documented way, and the
+    deploy/minio/init.sh it mounts."""
+    from fleetloop.credentials import issue
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    (tmp_path / "deploy" / "minio").mkdir(parents=True)
+    shutil.copy(DEPLOY / "minio" / "init.sh", tmp_path / "deploy" / "minio" / "init.sh")
+    issue(tmp_path / "deploy" / "secrets", ["arm-1"], prefix="fleet", keys=False)
+    return tmp_path
+
+
+def test_compose_config_resolves_with_env_example(tmp_path):
     cli = compose_cli()
-    for profile in ([], ["--profile", "gpu"]):
-        r = run(cli + ["-f", str(COMPOSE), "--env-file", str(ENV_EXAMPLE), *profile, "config", "-q"], cwd=REPO)
+    tree = issued_tree(tmp_path)
+    for profile in ([], ["--profile", "gpu"], ["--profile", "tools"]):
+        r = run(cli + ["-f", str(tree / "docker-compose.yml"), "--env-file", str(ENV_EXAMPLE), *profile, "config", "-q"],
+                cwd=tree)
         assert r.returncode == 0, f"{' '.join(cli)} {' '.join(profile)} config -q:\n{r.stdout}{r.stderr}"
 
 
@@ -101,20 +114,32 @@ def test_compose_refuses_to_start_without_secrets(tmp_path):
     shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
     r = run(cli + ["-f", str(tmp_path / "docker-compose.yml"), "config", "-q"], cwd=tmp_path)
     assert r.returncode != 0
-    assert re.search(r"set (REDIS_PASSWORD|MINIO_ROOT_\w+|AWS_\w+|FLEETLOOP_OPERATOR_TOKENS) in \.env", r.stderr + r.stdout)
+    assert re.search(r"set (MINIO_ROOT_\w+|FLEETLOOP_OPERATOR_TOKENS) in \.env", r.stderr + r.stdout)
+
+
+def test_compose_needs_the_issued_credentials(tmp_path):
+    """.env but no deploy/secrets: compose stops on the missing env file instead of starting
+    services without credentials."""
+    cli = compose_cli()
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    r = run(cli + ["-f", str(tmp_path / "docker-compose.yml"), "--env-file", str(ENV_EXAMPLE), "config", "-q"],
+            cwd=tmp_path)
+    assert r.returncode != 0 and "deploy/secrets/env/" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
 def test_compose_services_and_health():
     services = load_compose()["services"]
-    assert set(services) == {"redis", "minio", "minio-init", "keys-init", "ray-head", "ray-worker", "dashboard"}
+    assert set(services) == {"redis", "minio", "minio-init", "keys-init", "ray-head", "ray-worker", "dashboard",
+                             "admin"}
     for name, svc in services.items():
-        if name not in ("minio-init", "keys-init"):  # one-shot jobs
+        if name not in ("minio-init", "keys-init", "admin"):  # one-shot jobs
             assert "healthcheck" in svc, f"{name} has no healthcheck"
             assert svc.get("restart") == "unless-stopped", name
     redis = services["redis"]
     cmd = redis["command"]
     assert cmd[0] == "redis-server" and cmd[cmd.index("--appendonly") + 1] == "yes"
-    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert "--requirepass" not in cmd and "environment" not in redis  # users come from the ACL file only
+    assert "redis-cli --no-auth-warning --user healthcheck" in " ".join(redis["healthcheck"]["test"])
     assert services["minio-init"]["restart"] == "no"
     assert services["minio-init"]["depends_on"] == {"minio": {"condition": "service_healthy"}}
     assert services["keys-init"]["restart"] == "no" and "depends_on" not in services["keys-init"]
@@ -126,6 +151,68 @@ def test_compose_services_and_health():
         assert "signing-keys:/etc/fleetloop/keys:ro" in services[name]["volumes"]
         assert services[name]["environment"]["FLEETLOOP_SIGNING_KEY"] == "/etc/fleetloop/keys/signing.key"
     assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    assert services["admin"]["profiles"] == ["tools"] and services["admin"]["restart"] == "no"
+
+
+def bind_mounts(svc: dict) -> dict[str, dict]:
+    """target -> {source, read_only} of the service's bind mounts (short syntax, which Debian's
+    docker-compose 1.29 also reads)."""
+    out = {}
+    for v in svc.get("volumes", []):
+        src, tgt, *mode = v.split(":")
+        if src.startswith("./"):
+            out[tgt] = {"source": src, "read_only": mode == ["ro"]}
+    return out
+
+
+def test_compose_least_privilege_wiring():
+    """Redis runs on the issued ACL file; minio-init makes the issued MinIO users; each fleetloop
+    service reads its own identity's env file and no service holds a shared password."""
+    services = load_compose()["services"]
+    cmd = services["redis"]["command"]
+    acl = cmd[cmd.index("--aclfile") + 1]
+    mount = bind_mounts(services["redis"])[acl]
+    assert mount["source"] == "./deploy/secrets/redis/users.acl" and mount["read_only"]
+    init = services["minio-init"]
+    secrets = bind_mounts(init)[init["environment"]["FLEETLOOP_MINIO_SECRETS"]]
+    assert secrets["source"] == "./deploy/secrets/minio" and secrets["read_only"]
+    assert not any(k.startswith("AWS_") for k in init["environment"])
+    expected = {"ray-head": "learner", "ray-worker": "learner", "dashboard": "dashboard", "admin": "fleetloop-admin"}
+    for name, identity in expected.items():
+        svc = services[name]
+        assert svc["env_file"] == f"deploy/secrets/env/{identity}.env", name
+        env = svc["environment"]
+        for var in ("FLEETLOOP_REDIS_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert var not in env, f"{name}: {var} must come from its env_file"
+    text = COMPOSE.read_text()
+    assert "REDIS_PASSWORD" not in text and "requirepass" not in text
+    assert "secrets/" in (DEPLOY / ".gitignore").read_text().split()
+
+
+def test_issued_files_fit_the_compose_wiring(tmp_path):
+    """What `fleetloop credentials issue` writes is what compose mounts: the ACL file readable by
+    the Redis container's user (hashes only), a users file and one policy per identity, env files
+    whose users are the ACL file's users."""
+    from fleetloop.credentials import issue
+    out = tmp_path / "secrets"
+    passwords = issue(out, ["arm-1", "arm-2"], prefix="fleet", keys=False)
+    acl = (out / "redis" / "users.acl").read_text()
+    assert (out / "redis" / "users.acl").stat().st_mode & 0o777 == 0o644
+    assert not any(pw in acl for pw in passwords.values())  # only hashes
+    assert "user healthcheck on nopass resetkeys resetchannels nocommands +ping" in acl
+    users = dict(line.split(" ", 1) for line in (out / "minio" / "users").read_text().splitlines())
+    assert set(users) == {"learner", "dashboard", "fleetloop-admin", "robot-arm-1", "robot-arm-2"}
+    assert (out / "minio" / "users").stat().st_mode & 0o077 == 0
+    for who in users:
+        assert (out / "minio" / f"policy-{who}.json").exists()
+        env = dict(line.split("=", 1) for line in (out / "env" / f"{who}.env").read_text().splitlines())
+        assert env["FLEETLOOP_REDIS_URL"].startswith(f"redis://{who}:") and env["AWS_ACCESS_KEY_ID"] == who
+        assert f"user {who} on #" in acl
+    assert not (out / "keys").exists()  # --no-keys: compose's keys-init makes the fleet's key
+    # a re-run with another robot keeps every password and every robot
+    again = issue(out, ["arm-3"], prefix="fleet", keys=False)
+    assert {k: again[k] for k in passwords} == passwords and "robot-arm-3" in again
+    assert "user robot-arm-1 on" in (out / "redis" / "users.acl").read_text()
 
 
 def test_compose_named_volumes():
@@ -210,11 +297,11 @@ def test_required_secrets_fail_closed():
     """Secrets have no default: ${VAR:?message}, so a missing .env stops compose instead of
     starting Redis without a password."""
     text = COMPOSE.read_text()
-    for var in ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY", "FLEETLOOP_OPERATOR_TOKENS"):
+    for var in ("MINIO_ROOT_PASSWORD", "FLEETLOOP_OPERATOR_TOKENS"):
         forms = set(re.findall(r"\$\{" + var + r"(:?[-?])", text))
         assert forms == {":?"}, f"{var} must always be ${{{var}:?...}}, found {forms}"
     env = env_example()
-    for var in ("REDIS_PASSWORD", "MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
+    for var in ("MINIO_ROOT_PASSWORD",):
         assert "change-me" in env[var] and len(env[var]) >= 8
 
 
@@ -569,7 +656,11 @@ def test_gpu_worker_settings_errors(tmp_path):
 
 def test_minio_init_is_idempotent(tmp_path):
     """deploy/minio/init.sh against a stand-in `mc` that, like MinIO, refuses to attach a policy
-    twice: the second run still succeeds; the policy names only the bucket."""
+    twice: the second run still succeeds; every issued identity becomes a MinIO user with its own
+    policy (a robot's names only its own prefix); no bucket-wide user is made."""
+    from fleetloop.credentials import issue
+    secrets = tmp_path / "secrets"
+    passwords = issue(secrets, ["arm-1"], prefix="fleet", keys=False)
     log = tmp_path / "mc.log"
     state = tmp_path / "attached"
     env = fake_bin(tmp_path, {"mc": f"""
@@ -577,19 +668,32 @@ echo "$*" >> "{log}"
 case "$1 $2 $3" in
   "admin policy create") cat "$6" >> "{log}" ;;
   "admin policy attach")
-    if [ -e "{state}" ]; then echo "mc: <ERROR> The specified policy change is already in effect." >&2; exit 1; fi
-    touch "{state}" ;;
+    if [ -e "{state}-$4-$7" ]; then echo "mc: <ERROR> The specified policy change is already in effect." >&2; exit 1; fi
+    touch "{state}-$4-$7" ;;
 esac
 exit 0
 """})
-    env.update(MINIO_ROOT_USER="root", MINIO_ROOT_PASSWORD="rootpass", S3_BUCKET="fleetloop",
-               AWS_ACCESS_KEY_ID="fleetloop", AWS_SECRET_ACCESS_KEY="secret123")
+    env.update(MINIO_ROOT_USER="minio-root", MINIO_ROOT_PASSWORD="rootpass", S3_BUCKET="fleetloop",
+               FLEETLOOP_MINIO_SECRETS=str(secrets / "minio"))
     for _ in range(2):
         r = run(["sh", str(DEPLOY / "minio" / "init.sh")], env=env)
         assert r.returncode == 0, r.stdout + r.stderr
+        assert "4 users with their own policies" in r.stdout
     calls = log.read_text()
     assert "mb --ignore-existing fleet/fleetloop" in calls
-    assert "arn:aws:s3:::fleetloop/*" in calls and "admin user add fleet fleetloop secret123" in calls
+    for who in ("learner", "dashboard", "fleetloop-admin", "robot-arm-1"):
+        assert f"admin user add fleet {who} {passwords[who]}" in calls
+        assert f"admin policy attach fleet fleetloop-{who} --user {who}" in calls
+    assert "arn:aws:s3:::fleetloop/fleet/episodes/arm-1/*" in calls
+    # the generated setup.sh (a MinIO outside compose) does the same
+    r = run(["sh", str(secrets / "minio" / "setup.sh")], env=env)
+    assert r.returncode == 0 and "MinIO user robot-arm-1: policy fleetloop-robot-arm-1" in r.stdout, r.stderr
+    # no issued credentials: a message that says what to run
+    r = run(["sh", str(DEPLOY / "minio" / "init.sh")], env={**env, "FLEETLOOP_MINIO_SECRETS": str(tmp_path / "none")})
+    assert r.returncode == 1 and "fleetloop credentials issue" in r.stderr
+    # the root user's name may not be an identity's
+    r = run(["sh", str(DEPLOY / "minio" / "init.sh")], env={**env, "MINIO_ROOT_USER": "fleetloop-admin"})
+    assert r.returncode == 1 and "MinIO root user's name" in r.stderr
     # any other failure of attach is fatal
     env_fail = fake_bin(tmp_path, {"mc": 'case "$1 $2 $3" in "admin policy attach") echo boom >&2; exit 1;; esac\n'})
     r = run(["sh", str(DEPLOY / "minio" / "init.sh")], env={**env, "PATH": env_fail["PATH"]})
