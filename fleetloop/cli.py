@@ -26,6 +26,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """--help names every option's default, also where the option has no help text (argparse's
+    ArgumentDefaultsHelpFormatter only annotates options that have one)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _show_defaults(child)
+            continue
+        if not action.option_strings or action.default in (None, False, argparse.SUPPRESS, []):
+            continue
+        if not action.help:
+            action.help = "(default: %(default)s)"
+        elif "%(default)" not in action.help and "default" not in action.help.lower():
+            action.help += " (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetloop", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -48,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"fleetloop {args.command}", description=help_text)
     module.add_arguments(sub)
+    _show_defaults(sub)
     sub_args = sub.parse_args(rest)
     code = module.run(sub_args)
     return int(code or 0)
