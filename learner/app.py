@@ -57,6 +57,9 @@ class LearnerConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    worker_resources: dict = field(default_factory=dict)  # more resources per worker, e.g. a node label {"trainer": 1}
+    placement_strategy: str = "PACK"        # Ray Train's: PACK, SPREAD, STRICT_SPREAD (one worker per node), STRICT_PACK
+    replay_on_driver_node: bool = True      # the replay actor on the driver's node (not on a training node)
     torch_threads: int = 1
     max_updates_per_s: float | None = None  # None: as fast as it goes
     max_steps: int | None = None            # stop by itself after this many steps (tests, benches)
@@ -468,8 +471,16 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
                   "checkpoint_prefix": cfg.checkpoint_prefix, "torch_threads": cfg.torch_threads,
                   "buffer": dict(cfg.buffer), "reconcile_interval_s": cfg.reconcile_interval_s}
     # Threaded (stats and loss reports need not queue behind a batch); restarted if it dies,
-    # rebuilding its index from the store and its state from the newest checkpoint.
-    replay = ray.remote(ReplayService).options(num_cpus=0, max_concurrency=4, max_restarts=3).remote(replay_cfg)
+    # rebuilding its index from the store and its state from the newest checkpoint. It needs no
+    # CPU reservation, so Ray could put it on any node -- and a training node that dies would take
+    # it along. It goes on the driver's node (hard affinity: Ray 2.60 ignores a soft one for a
+    # zero-resource actor; if that node dies, the driver and its lease die with it anyway).
+    replay_opts: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 4, "max_restarts": 3}
+    if cfg.replay_on_driver_node:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        replay_opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)
+    replay = ray.remote(ReplayService).options(**replay_opts).remote(replay_cfg)
     try:
         ray.get(replay.ready.remote())
         if published.get("version"):
@@ -489,7 +500,9 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
                            "published": published, "lease": lease.spec(cfg.redis_url)},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker,
-                                                           **({"GPU": 1} if cfg.use_gpu else {})}),
+                                                           **({"GPU": 1} if cfg.use_gpu else {}),
+                                                           **cfg.worker_resources},
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(name=f"fleetloop-{cfg.run_name}-{int(time.time())}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )

@@ -11,6 +11,12 @@ same reads the dashboard already makes, without another dependency or a second r
               (+ _lower/_upper: Wilson 95%), fleetloop_task_intervention_rate{task_id},
               fleetloop_policy_success_rate{version}
   robots      fleetloop_robots{state}, fleetloop_robot_online{robot_id}, fleetloop_robot_spool_episodes{robot_id}
+  reconcile   fleetloop_reconcile_scans_total{index}, fleetloop_reconcile_found_total{index} (committed
+              episodes the index lacked: alert when it grows), fleetloop_reconcile_rejected_total{index},
+              fleetloop_reconcile_errors_total{index}, fleetloop_reconcile_last_found{index},
+              fleetloop_reconcile_last_listed{index}, fleetloop_reconcile_last_scan_seconds{index},
+              fleetloop_reconcile_last_scan_timestamp_seconds{index}; index="dashboard" (this process's
+              reconciler) and index="learner" (from the learner's stats hash, while it reports one)
 """
 from __future__ import annotations
 
@@ -150,5 +156,42 @@ def render(dash) -> str:
                [({"robot_id": r["robot_id"]}, r["spool"]["bytes"]) for r in robots])
     out.metric("fleetloop_robot_takeover_requested", "gauge", "1 while an operator takeover is requested.",
                [({"robot_id": r["robot_id"]}, r["takeover_requested"]) for r in robots])
+    _reconcile(out, dash, learner)
     out.metric("fleetloop_scrape_timestamp_seconds", "gauge", "When this page was rendered.", [({}, time.time())])
     return out.text()
+
+
+_RECONCILE = (  # (metric, kind, stats key, help)
+    ("fleetloop_reconcile_scans_total", "counter", "scans",
+     "Store-vs-index scans by the reconciler (buffer/reconcile.py), per index."),
+    ("fleetloop_reconcile_found_total", "counter", "found_total",
+     "Committed episodes the index lacked and the reconciler ingested (events lost, Redis reset): alert on increase."),
+    ("fleetloop_reconcile_rejected_total", "counter", "rejected_total",
+     "Episodes the reconciler found but refused (failed verification or limits)."),
+    ("fleetloop_reconcile_errors_total", "counter", "errors", "Reconciler scans that failed (store or Redis errors)."),
+    ("fleetloop_reconcile_last_found", "gauge", "last_found", "Episodes the last scan found missing."),
+    ("fleetloop_reconcile_last_listed", "gauge", "last_listed", "Manifests the last scan listed in the store."),
+    ("fleetloop_reconcile_last_scan_seconds", "gauge", "last_scan_s", "Duration of the last scan."),
+)
+
+
+def _reconcile(out: Exposition, dash, learner: dict) -> None:
+    """The reconcilers' counts: the dashboard's own, and the learner's from its stats hash."""
+    sources = []
+    rec = getattr(dash, "reconciler", None)
+    if rec is not None:
+        try:
+            sources.append(("dashboard", rec.stats()))
+        except Exception:  # noqa: BLE001 -- a scrape never fails on one section
+            pass
+    learner_rec = (learner.get("stats") or {}).get("reconcile")
+    if isinstance(learner_rec, dict):
+        sources.append(("learner", learner_rec))
+    if not sources:
+        return
+    for name, kind, key, help_text in _RECONCILE:
+        out.metric(name, kind, help_text, [({"index": idx}, s[key]) for idx, s in sources
+                                           if isinstance(s.get(key), (int, float)) and not isinstance(s.get(key), bool)])
+    out.metric("fleetloop_reconcile_last_scan_timestamp_seconds", "gauge", "When the last scan ended (Unix time).",
+               [({"index": idx}, s["last_scan_ns"] / 1e9) for idx, s in sources
+                if isinstance(s.get("last_scan_ns"), (int, float)) and s.get("last_scan_ns")])
