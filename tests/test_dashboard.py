@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from promtext import scrape
 
 from fleetloop import config
 from fleetloop.actor.daemon import ActorDaemon, FixedPolicySource
@@ -454,21 +455,12 @@ def test_learner_stats_metrics_and_queue_lag(api, daemons, redis_client):
 
     r = api.get("/metrics", headers=VIEW)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    sample = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? '
-                        r'(-?[0-9.e+-]+|NaN|[+-]Inf)$')
-    values = {}
-    for line in r.text.splitlines():
-        if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) \w+ .+$", line), line
-            continue
-        assert sample.match(line), line
-        name_labels, value = line.rsplit(" ", 1)
-        values[name_labels] = float(value)
+    values = scrape(r.text)
     assert values["fleetloop_learner_step"] == 1300
     assert values['fleetloop_queue_lag_messages{group="learner"}'] == 1
     assert values['fleetloop_queue_pending_messages{group="dashboard"}'] == 0
     assert values['fleetloop_learner_stat{key="losses.bc"}'] == 0.25
-    assert values['fleetloop_task_episodes_total{task_id="reach-v3",outcome="success"}'] == 1
+    assert values['fleetloop_task_episodes_total{outcome="success",task_id="reach-v3"}'] == 1
     assert values['fleetloop_task_success_rate{task_id="reach-v3"}'] == 1.0
     assert values['fleetloop_robot_online{robot_id="robot-1"}'] == 1
     assert values["fleetloop_ingest_episodes_per_second"] > 0
@@ -480,10 +472,10 @@ def test_learner_own_step_rate_and_staleness(api, redis_client):
     redis_client.hset(config.LEARNER_STATS_KEY, mapping={"step": "50", "steps_per_s": "2.5", "updated_ns": str(stale_ns)})
     learner = api.get("/api/learner", headers=VIEW).json()
     assert learner["step_rate"] == 2.5 and not learner["fresh"] and learner["age_s"] >= 119
-    text = api.get("/metrics", headers=VIEW).text
-    assert "fleetloop_learner_up 0" in text and "fleetloop_learner_step_rate 2.5" in text
+    values = scrape(api.get("/metrics", headers=VIEW).text)
+    assert values["fleetloop_learner_up"] == 0 and values["fleetloop_learner_step_rate"] == 2.5
     redis_client.hset(config.LEARNER_STATS_KEY, "updated_ns", str(time.time_ns()))
-    assert "fleetloop_learner_up 1" in api.get("/metrics", headers=VIEW).text
+    assert scrape(api.get("/metrics", headers=VIEW).text)["fleetloop_learner_up"] == 1
 
 
 def test_weight_swap_latency_from_heartbeats_in_metrics(api, redis_client):
@@ -492,9 +484,9 @@ def test_weight_swap_latency_from_heartbeats_in_metrics(api, redis_client):
                        "loaded_to_swapped_s": {"n": 2, "last": 2.0, "p50": 1.5, "max": 2.5}}}
     redis_client.hset(config.HEARTBEAT_PREFIX + "robot-5", "status", json.dumps(status))
     redis_client.sadd(config.HEARTBEAT_PREFIX + "all", "robot-5")
-    text = api.get("/metrics", headers=VIEW).text
-    assert 'fleetloop_weight_swap_seconds{robot_id="robot-5",phase="publish_to_loaded",stat="p50"} 0.35' in text
-    assert 'fleetloop_weight_swap_seconds{robot_id="robot-5",phase="loaded_to_swapped",stat="max"} 2.5' in text
+    values = scrape(api.get("/metrics", headers=VIEW).text)
+    assert values['fleetloop_weight_swap_seconds{phase="publish_to_loaded",robot_id="robot-5",stat="p50"}'] == 0.35
+    assert values['fleetloop_weight_swap_seconds{phase="loaded_to_swapped",robot_id="robot-5",stat="max"}'] == 2.5
 
 
 def test_event_stream_sends_fleet_snapshots(api, daemons):

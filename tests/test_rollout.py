@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+from promtext import scrape
 from fastapi.testclient import TestClient
 
 from fleetloop import config
@@ -255,10 +256,10 @@ def test_dashboard_shows_the_gate_and_audits_manual_decisions(api, registry, red
     assert api.put("/api/rollout/enabled", headers=OP, json={"enabled": "no"}).status_code == 422
     r = api.put("/api/rollout/enabled", headers=OP, json={"enabled": False})
     assert r.status_code == 200 and r.json()["enabled"] is False and not registry.pointer()["pinned"]
-    text = api.get("/metrics/rollout", headers=VIEW).text
-    assert 'fleetloop_rollout_decisions_total{decision="promote",by="operator"} 1' in text
-    assert 'fleetloop_rollout_decisions_total{decision="refuse",by="operator"} 1' in text
-    assert "fleetloop_rollout_enabled 0" in text
+    values = scrape(api.get("/metrics/rollout", headers=VIEW).text)
+    assert values['fleetloop_rollout_decisions_total{by="operator",decision="promote"}'] == 1
+    assert values['fleetloop_rollout_decisions_total{by="operator",decision="refuse"}'] == 1
+    assert values["fleetloop_rollout_enabled"] == 0
     assert api.get("/metrics/rollout").status_code == 401
     assert [e["decision"] for e in api.get("/api/rollout/decisions", headers=VIEW).json()["decisions"]][:3] == \
         ["disable", "refuse", "promote"]

@@ -1,5 +1,5 @@
-"""Prometheus text exposition (format 0.0.4), written by hand: a few dozen series computed from the
-same reads the dashboard already makes, without another dependency or a second registry of state.
+"""Prometheus metrics: a few dozen series computed at scrape time from the same reads the dashboard
+already makes (no second registry of state), written out by prometheus_client.
 
   ingest      fleetloop_ingest_episodes_per_second, fleetloop_ingest_frames_per_second,
               fleetloop_episode_stream_length, fleetloop_dead_letter_length
@@ -24,40 +24,41 @@ import math
 import time
 from typing import Iterable
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+
+# The classic text format, which every Prometheus version scrapes (all our names are ASCII).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _escape(value) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _number(v) -> str:
+def _value(v) -> float:
     if v is None:
-        return "NaN"
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, float) and math.isinf(v):
-        return "+Inf" if v > 0 else "-Inf"
-    return repr(float(v)) if isinstance(v, float) else str(int(v))
+        return math.nan
+    return float(v)  # bools become 0/1
 
 
 class Exposition:
+    """The series of one scrape, as prometheus_client metric families (a one-shot collector)."""
+
     def __init__(self):
-        self.lines: list[str] = []
-        self._declared: set[str] = set()
+        self._families: dict[str, Metric] = {}
 
     def metric(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict, object]]) -> None:
-        samples = list(samples)
-        if name not in self._declared:
-            self._declared.add(name)
-            self.lines.append(f"# HELP {name} {help_text}")
-            self.lines.append(f"# TYPE {name} {kind}")
+        family = self._families.get(name)
+        if family is None:
+            # a counter's family is named without _total; its samples keep the full name
+            base = name[:-len("_total")] if kind == "counter" and name.endswith("_total") else name
+            family = self._families[name] = Metric(base, help_text, kind)
         for labels, value in samples:
-            lab = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-            self.lines.append(f"{name}{{{lab}}} {_number(value)}" if lab else f"{name} {_number(value)}")
+            family.add_sample(name, {k: str(v) for k, v in labels.items()}, _value(value))
+
+    def collect(self):
+        return list(self._families.values())
 
     def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(self)
+        return generate_latest(registry).decode()
 
 
 def _numeric_leaves(value, prefix: str = ""):
