@@ -49,6 +49,10 @@ class EpisodeRejected(Exception):
 class Limits:
     max_steps: int = 20_000
     max_bytes: int = 512 * 1024 * 1024
+    max_image_pixels: int = 4096 * 4096  # decoding refuses more: a forged frame cannot cost GBs
+
+
+MAX_IMAGE_PIXELS = Limits.max_image_pixels
 
 
 RESERVED_IDS = {"all", "acks"}  # names the Redis key scheme uses next to robot ids
@@ -101,8 +105,12 @@ def encode_image(array: np.ndarray, camera: str = "front", encoding: str = "png"
     return pb.Image(camera=camera, encoding=encoding, height=h, width=w, channels=c, data=data)
 
 
-def decode_image(img: pb.Image) -> np.ndarray:
+def decode_image(img: pb.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """HxWxC uint8. Frames above max_pixels are refused before anything is allocated for them
+    (a PNG's size is read from its header first)."""
     if img.encoding == "raw":
+        if img.height * img.width > max_pixels:
+            raise ValueError(f"image of {img.width}x{img.height} exceeds {max_pixels} pixels")
         arr = np.frombuffer(img.data, dtype=np.uint8)
         expected = img.height * img.width * img.channels
         if arr.size != expected:
@@ -110,7 +118,11 @@ def decode_image(img: pb.Image) -> np.ndarray:
         return arr.reshape(img.height, img.width, img.channels)
     if img.encoding == "png":
         from PIL import Image as PILImage
-        arr = np.asarray(PILImage.open(io.BytesIO(img.data)))
+        with PILImage.open(io.BytesIO(img.data)) as im:  # lazy: only the header is read here
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ValueError(f"image of {w}x{h} exceeds {max_pixels} pixels")
+            arr = np.asarray(im)
         return arr if arr.ndim == 3 else arr[:, :, None]
     raise ValueError(f"unknown image encoding {img.encoding!r}")
 
