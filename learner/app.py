@@ -168,6 +168,11 @@ def _train_worker(loop_cfg: dict) -> None:
     if rank == 0:
         client = redis.Redis.from_url(cfg.redis_url, socket_timeout=30, socket_connect_timeout=5)
         registry = PolicyRegistry(store, client, fence=lease)
+        if loaded is not None and published.get("version"):
+            # Versions the previous incarnation published after this checkpoint still count.
+            later = [v for v in registry.list_versions()
+                     if v["version"] > published["version"] and v.get("algorithm") == cfg.algo]
+            published["count"] = published.get("count", 0) + len(later)
         if published.get("version"):
             replay.published.remote(published["version"], published.get("step", 0), published.get("count", 0))
     losses: list[float] = []
