@@ -112,7 +112,7 @@ class PolicySlot:
                 self.swaps += 1
                 self._loaded_to_swapped.append((now - p.loaded_ns) / 1e9)
                 self._changed.notify_all()
-                log.info("robot %s now runs policy %s", self.robot_id, p.version)
+                log.debug("robot %s now runs policy %s", self.robot_id, p.version)
             if self._current is None:
                 raise NoPolicyYet(f"robot {self.robot_id}: no policy loaded yet (nothing published?)")
             return self._current, self._current_version or ""
@@ -196,8 +196,8 @@ class PolicySlot:
         with self._lock:
             if v == self._current_version:
                 if self._pending is not None:  # e.g. rolled back before the swap happened
-                    log.info("robot %s: dropping pending %s, target is current %s",
-                             self.robot_id, self._pending.version, v)
+                    log.debug("robot %s: dropping pending %s, target is current %s",
+                              self.robot_id, self._pending.version, v)
                     self._pending = None
                 return None
             if self._pending is not None:
@@ -220,7 +220,7 @@ class PolicySlot:
         except redis.RedisError:
             still = v  # cannot tell now; the next resolution corrects it before most swaps
         if still != v:
-            log.info("robot %s: %s superseded by %s while loading; not staged", self.robot_id, v, still)
+            log.debug("robot %s: %s superseded by %s while loading; not staged", self.robot_id, v, still)
             return None
         with self._lock:
             self._pending = loaded
@@ -259,8 +259,8 @@ class PolicySlot:
                           "bytes_moved": f.bytes_moved, "fetch_s": round(t1 - t0, 4), "load_s": round(t2 - t1, 4),
                           "publish_to_loaded_s": None if latency is None else round(latency, 4),
                           "since_ns": target.since_ns, "loaded_ns": loaded_ns}
-        log.info("robot %s: policy %s ready (%s, %.1f MB, fetch %.2fs, load %.2fs)", self.robot_id,
-                 target.version, f.via, f.bytes_moved / 1e6, t1 - t0, t2 - t1)
+        log.debug("robot %s: policy %s ready (%s, %.1f MB, fetch %.2fs, load %.2fs)", self.robot_id,
+                  target.version, f.via, f.bytes_moved / 1e6, t1 - t0, t2 - t1)
         return _Loaded(policy, target.version, target.since_ns, loaded_ns, t1 - t0, t2 - t1, f.bytes_moved, f.via)
 
     def _fail(self, version: str, e: BaseException) -> None:

@@ -138,12 +138,12 @@ def _initial_policy(store_uri: str, tasks: list[str], args) -> tuple[Path, list[
     return ckpt, pretrained_tasks
 
 
-def _evaluate(policy, tasks, episodes, images) -> dict:
+def _evaluate(policy, tasks, episodes, images, indicator=None) -> dict:
     from fleetloop.actor.sim.evaluate import evaluate
     return {r.task: {"episodes": r.episodes, "successes": r.successes, "success_rate": round(r.success_rate, 4),
                      "ci95": [round(r.ci95[0], 4), round(r.ci95[1], 4)],
                      "successes_per_hour_at_30hz": round(r.successes_per_hour, 1)}
-            for r in evaluate(policy, tasks, episodes, images=images)}
+            for r in evaluate(policy, tasks, episodes, images=images, indicator=indicator)}
 
 
 class Robot:
@@ -434,18 +434,26 @@ def run_demo(args) -> dict:
         for t in threads:
             t.start()
         reported: set = set()
+        stop_when = getattr(args, "stop_when", None)  # bench scaling: end the loop once its figure is in
+        stopped_early_at = None
         while any(t.is_alive() for t in threads):
-            time.sleep(5)
+            stop.wait(5)
             st = learner.stats()
             eps = sorted((e for r in robots for e in list(r.episodes)), key=lambda e: e["t"])
+            if stop_when is not None and stopped_early_at is None and stop_when(eps):
+                stopped_early_at = round(time.time() - t_loop, 1)
+                log.info("t=%4.0fs stopping the loop early: the stop condition is met", stopped_early_at)
+                stop.set()
             rolling = {}
             for task in tasks:
-                w = [e for e in eps if e["task"] == task][-TIME_TO_WINDOW:]
+                w = [mark_robot_success(dict(e)) for e in eps if e["task"] == task][-TIME_TO_WINDOW:]
                 if w:
-                    rolling[task] = f"{sum(e['success'] and not e['intervention_steps'] for e in w)}/{len(w)}"
-            log.info("t=%4.0fs episodes=%d learner step=%s versions=%s  autonomous success, last %d per task: %s",
+                    rolling[task] = (f"{sum(e['robot_success'] for e in w)}/{len(w)}"
+                                     f"({sum(e['autonomous_success'] for e in w)})")
+            log.info("t=%4.0fs episodes=%d learner step=%s versions=%s  success over the last %d per task, "
+                     "robot drove >= %d%% (no takeover at all): %s",
                      time.time() - t_loop, len(eps), st.get("step"), st.get("versions_published"), TIME_TO_WINDOW,
-                     " ".join(f"{k}={v}" for k, v in rolling.items()))
+                     round(ROBOT_SHARE * 100), " ".join(f"{k}={v}" for k, v in rolling.items()))
             for r in robots:
                 if r.error and r.robot_id not in reported:
                     reported.add(r.robot_id)
@@ -460,12 +468,14 @@ def run_demo(args) -> dict:
         manifest, weights = registry.fetch(final_version)
         final_policy = PolicyRuntime.from_bytes(manifest.config_json, weights, final_version)
         log.info("evaluating %s: %d episodes per task", final_version, args.eval_episodes)
-        after = _evaluate(final_policy, eval_tasks, args.eval_episodes, args.images) if args.eval_episodes else {}
+        # evaluated as the robots ran it: RECAP with its improvement indicator "positive"
+        after = _evaluate(final_policy, eval_tasks, args.eval_episodes, args.images,
+                          indicator=indicator) if args.eval_episodes else {}
         _print_eval(f"after ({final_version})", after)
 
         episodes = [mark_robot_success(e) for e in sorted((e for r in robots for e in r.episodes), key=lambda e: e["t"])]
         per_task: dict = {t: [e for e in episodes if e["task"] == t] for t in tasks}
-        hours = args.minutes / 60
+        hours = (stopped_early_at if stopped_early_at is not None else args.minutes * 60) / 3600
         swap = [r.slot.status() for r in robots]
         t08 = time_to_08(per_task)
         results.update({
@@ -473,7 +483,9 @@ def run_demo(args) -> dict:
             "versions_published": len(registry.list_versions()),
             "time_to_0_8": t08,
             "learner": learner_final,
-            "wall_s": {"total": round(time.time() - t_start, 1), "loop": round(args.minutes * 60, 1)},
+            "wall_s": {"total": round(time.time() - t_start, 1), "loop": round(args.minutes * 60, 1)
+                       if stopped_early_at is None else stopped_early_at},
+            "stopped_early_at_s": stopped_early_at,
             "per_task": {},
             "weight_swap": {
                 "publish_to_loaded_s_p50": [s["publish_to_loaded_s"].get("p50") for s in swap],

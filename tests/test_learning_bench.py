@@ -93,6 +93,37 @@ def test_bench_learning_json_shape(tmp_path, capsys):
     assert (tmp_path / "learning.json").exists()
 
 
+def test_bench_learning_compares_algorithms(tmp_path, capsys):
+    """--algos hg-dagger,recap: both from the same pretrained weights, per task `after` with a
+    Wilson interval per algorithm; RECAP deploys and is evaluated with indicator positive."""
+    from fleetloop.bench import learning
+    p = argparse.ArgumentParser()
+    learning.add_arguments(p)
+    args = p.parse_args(["--tasks", "reach-v3,push-v3", "--train", "reach-v3,push-v3", "--demos", "1",
+                         "--pretrain-steps", "3", "--eval-episodes", "1", "--rounds", "2", "--steps-per-round", "2",
+                         "--batch-size", "16", "--conditions", "offline-all", "--algos", "hg-dagger,recap",
+                         "--out", str(tmp_path), "--json"])
+    assert learning.parse_algos(args) == ["hg-dagger", "recap"]
+    assert learning.run(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["algos"] == ["hg-dagger", "recap"] and set(doc["summary_by_algo"]) == {"hg-dagger", "recap"}
+    for row in doc["per_task"].values():
+        assert set(row["by_algo"]) == {"hg-dagger", "recap"}
+        for a in ("hg-dagger", "recap"):
+            assert set(row["by_algo"][a]["after"]) >= {"success_rate", "ci95"}
+        assert row["after"] == row["by_algo"]["hg-dagger"]["after"]  # the single-algorithm keys: the first's
+    by_algo = doc["runs"][0]["by_algo"]
+    assert by_algo["recap"]["offline-all"]["deploy_indicator"] == "positive"
+    assert by_algo["recap"]["offline-all"]["algo_stats"]["value_fitted"] is True
+    assert by_algo["hg-dagger"]["offline-all"]["deploy_indicator"] == "none"
+    assert by_algo["recap"]["offline-all"]["online"]["push-v3"]["episodes"] == 2
+    p2 = argparse.ArgumentParser()
+    learning.add_arguments(p2)
+    assert learning.parse_algos(p2.parse_args(["--algo", "recap"])) == ["recap"]
+    with pytest.raises(SystemExit):
+        learning.parse_algos(p2.parse_args(["--algos", "hg-dagger,ppo"]))
+
+
 # ---- fleetloop eval --policy --------------------------------------------------------------------
 
 def test_eval_loads_checkpoint_dir_and_reports_bad_specs(checkpoint, tmp_path):

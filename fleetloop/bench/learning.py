@@ -44,6 +44,7 @@ from pathlib import Path
 log = logging.getLogger("fleetloop.bench.learning")
 
 CONDITIONS = ("trained-only", "offline-all", "l2")
+ALGOS = ("hg-dagger", "recap")
 DEFAULT_TRAIN = ("reach-v3", "push-v3", "pick-place-v3")
 
 
@@ -58,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="demonstrations per task: 'suite' (the recipe above), N, or task=N,... over the recipe")
     p.add_argument("--seeds", default="0", help="benchmark seeds, comma-separated (demos, init, online scenes)")
     p.add_argument("--conditions", default="trained-only,offline-all", help=f"of {', '.join(CONDITIONS)}")
+    p.add_argument("--algo", default=None, choices=ALGOS, help="the online algorithm (default hg-dagger)")
+    p.add_argument("--algos", default=None,
+                   help="several, comma-separated (e.g. hg-dagger,recap): each from the same pretrained weights, "
+                        "same budget, same evaluation scenes")
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--size", default="tiny", help="tiny backend size preset")
     p.add_argument("--images", action="store_true", help="camera images too (about 10x the CPU)")
@@ -143,9 +148,11 @@ def pretrain_suite(store_uri: str, work: Path, demos: dict[str, int], seed: int,
     return target
 
 
-def evaluate_counts(policy, tasks: list[str], episodes: int, images: bool) -> dict[str, tuple[int, int]]:
+def evaluate_counts(policy, tasks: list[str], episodes: int, images: bool,
+                    indicator=None) -> dict[str, tuple[int, int]]:
     from fleetloop.actor.sim.evaluate import evaluate
-    return {r.task: (r.successes, r.episodes) for r in evaluate(policy, tasks, episodes, images=images)}
+    return {r.task: (r.successes, r.episodes)
+            for r in evaluate(policy, tasks, episodes, images=images, indicator=indicator)}
 
 
 class L2Anchor:
@@ -165,8 +172,19 @@ class L2Anchor:
         return loss + self.weight * reg, dict(metrics, l2_to_pretrained=float(reg.detach()))
 
 
-def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], seed: int, condition: str, args):
-    """Online HG-DAgger on `train` from the checkpoint; returns (policy runtime, stats)."""
+def deploy_settings(algo) -> tuple:
+    """(indicator, beta) robots run a version with: RECAP's "advantage positive" with its guidance
+    weight, as the algorithm publishes them (inference_settings); HG-DAgger none."""
+    from fleetloop.learner.algorithms.base import INDICATOR_POSITIVE
+    s = algo.inference_settings()
+    positive = s.get("inference_indicator") == float(INDICATOR_POSITIVE)
+    return (True if positive else None), float(s.get("inference_beta", 1.0))
+
+
+def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], seed: int, condition: str, args,
+               algo_name: str = "hg-dagger"):
+    """Online post-training (HG-DAgger or RECAP) on `train` from the checkpoint; returns
+    (policy runtime, stats, (indicator, beta) to evaluate it with)."""
     import numpy as np
 
     from fleetloop.actor.sim.collect import StoreEpisodeWriter
@@ -188,7 +206,11 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
     torch.manual_seed(seed)
     net = load_checkpoint(ckpt)
     spec = net.spec
-    algo = make_algorithm("hg-dagger")
+    algo = make_algorithm(algo_name, **({"seed": seed} if algo_name == "recap" else {}))
+    if algo_name == "recap":
+        from fleetloop.policy.language import get_encoder
+        algo.bind(get_encoder().encode)  # the value function's instruction embedding
+    indicator, beta = deploy_settings(algo)
     index = FrameIndex()
     for key in list_manifests(store):
         m = read_manifest(store, key)
@@ -201,7 +223,8 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
     learner_algo = L2Anchor(algo, net, args.l2) if condition == "l2" else algo
     core = LearnerCore(net, LocalSource(sampler, args.batch_size), learner_algo,
                        CoreConfig(batch_size=args.batch_size, lr=args.lr))
-    writer = StoreEpisodeWriter(store, robot_id=f"bench-{condition}-s{seed}", kind=pb.EPISODE_KIND_ROLLOUT,
+    tag = condition if algo_name == "hg-dagger" else f"{algo_name}-{condition}"
+    writer = StoreEpisodeWriter(store, robot_id=f"bench-{tag}-s{seed}", kind=pb.EPISODE_KIND_ROLLOUT,
                                 labelled_by="metaworld-success")
     images = bool(spec.cameras)
     robots = {}
@@ -209,18 +232,18 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
         teleop = SimTeleoperator(ScriptedExpert(task, seed=seed * 100 + i), GatingConfig.style("attentive"),
                                  seed=seed * 100 + i)
         env = SimEnv(task, images=images, image_size=spec.image_size, camera=list(spec.cameras) or "front")
-        robots[task] = SimRobot(env, PolicyRuntime(net, version="init"), teleop=teleop, callbacks=writer,
-                                execute_steps=4)
+        robots[task] = SimRobot(env, PolicyRuntime(net, version="init", beta=beta), teleop=teleop, callbacks=writer,
+                                execute_steps=4, indicator=indicator)
     stats = {t: {"episodes": 0, "successes": 0, "with_intervention": 0, "intervention_steps": 0, "steps": 0,
                  "autonomous_successes": 0} for t in train}
     t0 = time.time()
     try:
         for r in range(args.rounds):
             version = f"v{r + 1:06d}"
-            policy = PolicyRuntime.from_bytes(None, export_version(net, trained_only=False).weights, version)
+            policy = PolicyRuntime.from_bytes(None, export_version(net, trained_only=False).weights, version, beta=beta)
             for task, robot in robots.items():
                 robot.set_policy(policy)
-                writer.episode_id = f"online-{condition}-s{seed}-{task}-r{r:04d}"
+                writer.episode_id = f"online-{tag}-s{seed}-{task}-r{r:04d}"
                 res = robot.run_episode(online_seed(seed, r))
                 index.add(entry_from_loaded(read_episode(store, writer.last_manifest_key)))
                 s = stats[task]
@@ -231,19 +254,34 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
                 s["intervention_steps"] += res.intervention_steps
                 s["steps"] += res.num_steps
             sampler.set_learner_version(version)
+            algo.refresh(index)  # RECAP: the value function (fitted once), advantages, thresholds; HG-DAgger: no-op
             for _ in range(args.steps_per_round):
                 core.train_step()
     finally:
         for robot in robots.values():
             robot.env.close()
     net.eval()
-    final = PolicyRuntime.from_bytes(None, export_version(net, trained_only=False).weights, "post-trained")
-    return final, {"learner_steps": core.step, "online_s": round(time.time() - t0, 1),
+    final = PolicyRuntime.from_bytes(None, export_version(net, trained_only=False).weights, "post-trained", beta=beta)
+    return final, {"algo": algo_name, "deploy_indicator": "positive" if indicator else "none", "deploy_beta": beta,
+                   "learner_steps": core.step, "online_s": round(time.time() - t0, 1),
                    "online": stats, "final_loss": round(float(core.last_metrics.get("loss", float("nan"))), 4),
-                   "eligible_frames": sampler.eligible_frames()}
+                   "eligible_frames": sampler.eligible_frames(),
+                   **({"algo_stats": _jsonable(algo.stats())} if algo_name == "recap" else {})}, (indicator, beta)
+
+
+def _jsonable(doc):
+    return json.loads(json.dumps(doc, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 # ---- the benchmark ---------------------------------------------------------------------------------
+
+def parse_algos(args) -> list[str]:
+    names = [a.strip() for a in (args.algos or args.algo or "hg-dagger").split(",") if a.strip()]
+    for a in names:
+        if a not in ALGOS:
+            raise SystemExit(f"unknown algorithm {a!r}: choose from {', '.join(ALGOS)}")
+    return list(dict.fromkeys(names))
+
 
 def bench(args) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -262,6 +300,7 @@ def bench(args) -> dict:
     for c in conditions:
         if c not in CONDITIONS:
             raise SystemExit(f"unknown condition {c!r}: choose from {', '.join(CONDITIONS)}")
+    algos = parse_algos(args)
     seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     demos = parse_demos(args.demos, tasks)
     out = Path(args.out).resolve()
@@ -279,18 +318,22 @@ def bench(args) -> dict:
         before = evaluate_counts(PolicyRuntime.from_checkpoint(ckpt, version="pretrained"), tasks,
                                  args.eval_episodes, args.images)
         run = {"seed": seed, "pretrain_s": round(pre_s, 1), "eval_s": round(time.time() - t, 1),
-               "pretrained": {k: rate(*v) for k, v in before.items()}, "conditions": {}}
+               "pretrained": {k: rate(*v) for k, v in before.items()}, "by_algo": {}}
         log.info("seed %d pretrained: %s", seed, {k: v["success_rate"] for k, v in run["pretrained"].items()})
-        for cond in conditions:
-            offline = tasks if cond == "offline-all" else train
-            policy, stats = post_train(ckpt, store, train, offline, seed, cond, args)
-            t = time.time()
-            after = evaluate_counts(policy, tasks, args.eval_episodes, args.images)
-            run["conditions"][cond] = dict(stats, eval_s=round(time.time() - t, 1),
-                                           after={k: rate(*v) for k, v in after.items()})
-            log.info("seed %d %s after: %s", seed, cond, {k: v["success_rate"] for k, v in run["conditions"][cond]["after"].items()})
+        for algo in algos:
+            run["by_algo"][algo] = {}
+            for cond in conditions:
+                offline = tasks if cond == "offline-all" else train
+                policy, stats, (indicator, _beta) = post_train(ckpt, store, train, offline, seed, cond, args, algo)
+                t = time.time()
+                after = evaluate_counts(policy, tasks, args.eval_episodes, args.images, indicator=indicator)
+                run["by_algo"][algo][cond] = dict(stats, eval_s=round(time.time() - t, 1),
+                                                  after={k: rate(*v) for k, v in after.items()})
+                log.info("seed %d %s %s after: %s", seed, algo, cond,
+                         {k: v["success_rate"] for k, v in run["by_algo"][algo][cond]["after"].items()})
+        run["conditions"] = run["by_algo"][algos[0]]  # the single-algorithm shape: the first one's
         runs.append(run)
-    return summarise(args, tasks, train, held, demos, seeds, conditions, runs, time.time() - started)
+    return summarise(args, tasks, train, held, demos, seeds, conditions, runs, time.time() - started, algos)
 
 
 def _pool(runs: list[dict], getter, tasks: list[str]) -> dict:
@@ -299,7 +342,12 @@ def _pool(runs: list[dict], getter, tasks: list[str]) -> dict:
     return rate(s, n)
 
 
-def summarise(args, tasks, train, held, demos, seeds, conditions, runs, wall_s) -> dict:
+def _after(algo: str, cond: str):
+    return lambda r: r["by_algo"][algo][cond]["after"]
+
+
+def summarise(args, tasks, train, held, demos, seeds, conditions, runs, wall_s, algos=("hg-dagger",)) -> dict:
+    algos = list(algos)
     default = "offline-all" if "offline-all" in conditions else (conditions[0] if conditions else None)
     per_task = {}
     for t in tasks:
@@ -307,31 +355,45 @@ def summarise(args, tasks, train, held, demos, seeds, conditions, runs, wall_s) 
         row = {"held_out": t in held, "demos": demos[t], "pretrained": pre,
                "pretrained_per_seed": [r["pretrained"][t]["success_rate"] for r in runs]}
         if conditions:
-            row["after"] = _pool(runs, lambda r: r["conditions"][default]["after"], [t])
-            row["by_condition"] = {}
-            for c in conditions:
-                a = _pool(runs, lambda r, c=c: r["conditions"][c]["after"], [t])
-                row["by_condition"][c] = {"after": a, "change": change(pre, a),
-                                          "worse_than_pretrained_interval": a["success_rate"] < pre["ci95"][0],
-                                          "after_per_seed": [r["conditions"][c]["after"][t]["success_rate"] for r in runs]}
+            row["by_algo"] = {}
+            for algo in algos:
+                by_cond = {}
+                for c in conditions:
+                    a = _pool(runs, _after(algo, c), [t])
+                    by_cond[c] = {"after": a, "change": change(pre, a),
+                                  "worse_than_pretrained_interval": a["success_rate"] < pre["ci95"][0],
+                                  "clear_of_pretrained_interval": a["ci95"][0] > pre["ci95"][1],
+                                  "after_per_seed": [r["by_algo"][algo][c]["after"][t]["success_rate"] for r in runs]}
+                row["by_algo"][algo] = {"after": by_cond[default]["after"], "change": by_cond[default]["change"],
+                                        "by_condition": by_cond}
+            # the single-algorithm shape: `after` and `by_condition` are the first algorithm's
+            row["after"] = row["by_algo"][algos[0]]["after"]
+            row["by_condition"] = row["by_algo"][algos[0]]["by_condition"]
         per_task[t] = row
-    summary = {}
-    for c in conditions:
-        doc = {}
-        for name, group in (("held_out", held), ("trained", train)):
-            if not group:
-                continue
-            pre = _pool(runs, lambda r: r["pretrained"], group)
-            a = _pool(runs, lambda r, c=c: r["conditions"][c]["after"], group)
-            doc[name] = {"pretrained": pre, "after": a, "change": change(pre, a)}
-        doc["held_out_worse_than_pretrained_interval"] = [t for t in held
-                                                          if per_task[t]["by_condition"][c]["worse_than_pretrained_interval"]]
-        summary[c] = doc
+    summary_by_algo = {}
+    for algo in algos:
+        summary = {}
+        for c in conditions:
+            doc = {}
+            for name, group in (("held_out", held), ("trained", train)):
+                if not group:
+                    continue
+                pre = _pool(runs, lambda r: r["pretrained"], group)
+                a = _pool(runs, _after(algo, c), group)
+                doc[name] = {"pretrained": pre, "after": a, "change": change(pre, a)}
+            doc["held_out_worse_than_pretrained_interval"] = [
+                t for t in held if per_task[t]["by_algo"][algo]["by_condition"][c]["worse_than_pretrained_interval"]]
+            doc["tasks_at_or_above_0_95"] = [t for t in tasks
+                                             if per_task[t]["by_algo"][algo]["by_condition"][c]["after"]["success_rate"] >= 0.95]
+            summary[c] = doc
+        summary_by_algo[algo] = summary
     settings = {k: v for k, v in vars(args).items() if k not in ("json",)}
     return {"benchmark": "learning", "tasks": tasks, "trained": train, "held_out": held, "seeds": seeds,
+            "algos": algos, "algo": algos[0],
             "conditions": conditions, "after_is": default, "eval_episodes_per_task_per_seed": args.eval_episodes,
             "online_episodes_per_trained_task": args.rounds, "learner_steps": args.rounds * args.steps_per_round,
-            "per_task": per_task, "summary": summary, "wall_s": round(wall_s, 1), "settings": settings,
+            "per_task": per_task, "summary": summary_by_algo[algos[0]] if conditions else {},
+            "summary_by_algo": summary_by_algo, "wall_s": round(wall_s, 1), "settings": settings,
             "runs": runs}
 
 
@@ -346,8 +408,9 @@ def run(args) -> int:
         print(json.dumps(result, indent=1))
     else:
         print(json.dumps({t: {"held_out": v["held_out"], "pretrained": v["pretrained"]["success_rate"],
-                              **({c: v["by_condition"][c]["after"]["success_rate"] for c in v.get("by_condition", {})})}
+                              **({f"{a} {c}": x["after"]["success_rate"] for a, ba in v.get("by_algo", {}).items()
+                                  for c, x in ba["by_condition"].items()})}
                           for t, v in result["per_task"].items()}, indent=1))
-        print(json.dumps(result["summary"], indent=1))
+        print(json.dumps(result["summary_by_algo"], indent=1))
         print(f"wrote {out / 'learning.json'}")
     return 0
