@@ -62,9 +62,9 @@ def test_reconciler_heals_the_index_after_redis_data_loss(tmp_path, redis_client
     rec.start_thread(stop, initial=False)
     try:
         time.sleep(0.3)                 # it has seen Redis as it was
-        redis_client.flushall()         # Redis loses everything: the stream, the group, the events
-        for k in range(4):              # robots committed these; their events are gone
+        for k in range(4):              # robots committed these; their events will be gone
             commit(store, f"b{k}", now + 10 + k)
+        redis_client.flushall()         # Redis loses everything: the stream, the group, the events
         assert wait(lambda: len(index) == 7), rec.stats()
     finally:
         stop.set()
