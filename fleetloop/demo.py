@@ -17,7 +17,6 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 log = logging.getLogger("fleetloop.demo")

@@ -5,6 +5,7 @@ the fleet's policy in any way, nor listen to another robot. Plus the consumer's 
 episode's robot id is the robot that wrote it."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import time
@@ -30,10 +31,12 @@ def _redis_major() -> int:
 pytestmark = pytest.mark.skipif(_redis_major() < 7, reason="ACL selectors need Redis >= 7")
 
 
-@pytest.fixture
-def acl_redis(tmp_path):
+@contextlib.contextmanager
+def acl_redis_server(tmp_path, robots):
+    """A real redis-server running the ACL file `fleetloop credentials issue` wrote for `robots`;
+    yields (connect(user) -> client, the secrets dir)."""
     secrets_dir = tmp_path / "secrets"
-    passwords = issue(secrets_dir, ["robot-1", "robot-2"], redis_host="127.0.0.1:0")
+    passwords = issue(secrets_dir, robots, redis_host="127.0.0.1:0")
     port = free_port()
     proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--aclfile", str(secrets_dir / "redis" / "users.acl"),
@@ -42,11 +45,18 @@ def acl_redis(tmp_path):
         _wait_port(port, proc, "redis-server")
 
         def connect(user: str) -> redis.Redis:
-            return redis.Redis(port=port, username=user, password=passwords[user])
+            return redis.Redis(port=port, username=user, password=passwords[user], socket_timeout=5,
+                               socket_connect_timeout=3)
         yield connect, secrets_dir
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def acl_redis(tmp_path):
+    with acl_redis_server(tmp_path, ["robot-1", "robot-2"]) as server:
+        yield server
 
 
 def test_robot_credentials_cannot_move_the_fleet(acl_redis, tmp_path):

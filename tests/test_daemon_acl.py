@@ -7,7 +7,6 @@ pointer, pin, set a canary or roll back. The learner's own ACL user then ingests
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import numpy as np
@@ -21,15 +20,13 @@ from fleetloop.actor.spool import Spool
 from fleetloop.actor.weights import PolicySlot
 from fleetloop.buffer.codec import manifest_key, read_manifest
 from fleetloop.buffer.store import LocalStore
-from fleetloop.credentials import issue
 from fleetloop.policy.interface import Observation
 from fleetloop.policy.registry import PolicyRegistry
 from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.proto.v1 import policy_pb2
-from fleetloop.services import _wait_port, free_port, redis_server_binary
 from google.protobuf import json_format
 
-from test_credentials import _redis_major
+from test_credentials import _redis_major, acl_redis_server
 from test_robot_contract import SPEC, consume
 
 pytestmark = [pytest.mark.skipif(_redis_major() < 7, reason="ACL selectors need Redis >= 7"),
@@ -63,22 +60,8 @@ def wait(what, fn, timeout=15.0):
 
 @pytest.fixture
 def acl_redis(tmp_path):
-    secrets_dir = tmp_path / "secrets"
-    passwords = issue(secrets_dir, ["arm-1", "arm-2"], redis_host="127.0.0.1:0")
-    port = free_port()
-    proc = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--aclfile", str(secrets_dir / "redis" / "users.acl"),
-                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_port(port, proc, "redis-server")
-
-        def connect(user: str) -> redis.Redis:
-            return redis.Redis(port=port, username=user, password=passwords[user], socket_timeout=5,
-                               socket_connect_timeout=3)
+    with acl_redis_server(tmp_path, ["arm-1", "arm-2"]) as (connect, _secrets):
         yield connect
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_daemon_on_robot_credentials(acl_redis, tmp_path):

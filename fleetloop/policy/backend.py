@@ -34,9 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 import torch
@@ -314,15 +314,6 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         return model_from_weights(path.read_bytes(), cfg, sha256=doc.get("weights_sha256"), device=device)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-def trainable_names(model: nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
-
-
-def select_tensors(model: nn.Module, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
-    return {n: sd[n].detach().to("cpu").contiguous() for n in sorted(names)}
 
 
 __all__ = ["BACKENDS", "CheckpointError", "ObservationSpec", "PolicyModel", "backend_class", "backend_names",
