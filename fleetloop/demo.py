@@ -300,11 +300,27 @@ def _start_dashboard(redis_url: str, store, port: int):
 
 
 def time_to_success(episodes: list[dict], threshold: float = 0.8, window: int = 20,
-                    key: str = "autonomous_success"):
+                    key: str = "autonomous_success", hold: int = 0):
     """Wall time (s) when the rolling rate of `key` over the last `window` episodes first reaches
-    `threshold` (window full), or None. (Default window 20: what `bench scaling` has always used on
-    the pooled fleet; the demo's per-task figures use TIME_TO_WINDOW.)"""
-    return next((r[0] for r in _rolling(episodes, window, key) if r[4] >= window and r[1] >= threshold), None)
+    `threshold` (window full), or None. (Default window 20: what `bench scaling` uses on the pooled
+    fleet; the demo's per-task figures use TIME_TO_WINDOW.)
+
+    hold > 0 asks for a crossing that held up: one counts only if the `hold` episodes after it,
+    fresh evidence disjoint from the window that crossed, are at `threshold` too. The first
+    crossing of a noisy rolling rate is an optimistic figure (it is the maximum of many
+    overlapping windows); a confirmed one is not, and its time is still the crossing's."""
+    rolling = _rolling(episodes, window, key)
+    for i, r in enumerate(rolling):
+        if r[4] < window or r[1] < threshold:
+            continue
+        if hold <= 0:
+            return r[0]
+        after = episodes[i + 1: i + 1 + hold]
+        if len(after) < hold:
+            return None  # not confirmed (yet)
+        if sum(bool(e.get(key)) for e in after) / hold >= threshold:
+            return r[0]
+    return None
 
 
 # An episode is "robot success" when it succeeded and the robot drove at least this share of its

@@ -90,3 +90,23 @@ def test_real_loop_tiny_budget(tmp_path, capsys, monkeypatch):
         for s in ("0", "1"):
             assert doc["runs"][n]["per_seed"][s]["episodes"] > 0
             assert doc["runs"][n]["per_seed"][s]["robot_errors"] == {}
+
+
+def test_time_to_threshold_must_hold_up():
+    """A lucky window that crosses 0.8 and falls back does not count when --hold asks for the
+    next episodes to be at the threshold too; the confirmed crossing's time is the crossing's."""
+    from fleetloop.demo import time_to_success
+
+    def eps(pattern):  # one episode per second, "1" = autonomous success
+        return [{"t": float(i + 1), "autonomous_success": c == "1"} for i, c in enumerate(pattern)]
+
+    lucky = "0000011111" + "0101010101" + "1111111111" + "1111111111"
+    first = time_to_success(eps(lucky), 0.8, window=5, hold=0)
+    held = time_to_success(eps(lucky), 0.8, window=5, hold=10)
+    assert first == 9.0          # window 5..9 is 0,1,1,1,1 = 0.8: the first crossing
+    # the crossings at t = 9-12 are followed by 0.5-0.6; the window 18..22 (1,0,1,1,1) crosses
+    # at t = 22 and the ten episodes after it are all successes
+    assert held == 22.0
+    # a crossing near the end cannot be confirmed yet
+    assert time_to_success(eps("0000011111"), 0.8, window=5, hold=10) is None
+    assert time_to_success(eps("0000011111"), 0.8, window=5, hold=0) == 9.0

@@ -3,8 +3,12 @@
 Each fleet size runs the demo's loop from the same pretrained policy (fresh store, Redis and
 learner each time), with every simulated robot held to a real-time control rate (--hz) so
 robot time, not CPU, is the scarce resource, as on real robots. Success is the fleet's rolling
-autonomous success (episodes finished with no intervention) over the last 20 episodes; the
-speed-up is time(smallest fleet) / time(N robots). SOP reported 2.4x from 1 to 4 robots.
+autonomous success (episodes finished with no intervention) over the last 20 episodes; the time
+to the threshold is the first time that rolling rate reached it *and held up*: the --hold
+episodes after the crossing (default 20, disjoint from the window) were at the threshold too.
+The first crossing alone (`first_crossing_s`, also reported) is optimistic -- the maximum of
+many overlapping noisy windows -- and measured so it had already fallen back in most 4-robot runs.
+The speed-up is time(smallest fleet) / time(N robots). SOP reported 2.4x from 1 to 4 robots.
 
 Seeds: benchmark seed s pretrains its own policy (demonstrations on scene seeds s..s+n-1, its
 own initialisation) and runs every fleet size from it with robot seeds s*1000 + i + 1, so the
@@ -47,6 +51,8 @@ def add_arguments(p) -> None:
     p.add_argument("--algo", default="hg-dagger", choices=["hg-dagger", "recap"])
     p.add_argument("--tasks", default="demo")
     p.add_argument("--threshold", type=float, default=0.8)
+    p.add_argument("--hold", type=int, default=WINDOW,
+                   help="episodes after the crossing that must be at the threshold too (0: the first crossing)")
     p.add_argument("--demos-per-task", type=int, default=None, help="demonstrations per task (demo's default: 5)")
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--no-early-stop", action="store_true", help="run every fleet for the whole budget")
@@ -63,9 +69,9 @@ def parse_seeds(text: str, first: int = 0) -> list[int]:
     return list(range(first, first + max(1, int(text))))
 
 
-def pooled_time_to(episodes: list[dict], threshold: float, window: int = WINDOW):
+def pooled_time_to(episodes: list[dict], threshold: float, window: int = WINDOW, hold: int = WINDOW):
     from fleetloop import demo
-    return demo.time_to_success(episodes, threshold, window=window)
+    return demo.time_to_success(episodes, threshold, window=window, hold=hold)
 
 
 def stats_of(values: list[float]) -> dict:
@@ -87,12 +93,14 @@ def one_run(root: Path, seed: int, n: int, args) -> dict:
     a = base.parse_args(argv)
     a.pretrained_dir = str(root / f"seed-{seed}" / "pretrained")  # one pretrained policy per seed, every fleet size
     if not args.no_early_stop:
-        a.stop_when = lambda eps: pooled_time_to(eps, args.threshold) is not None
+        a.stop_when = lambda eps: pooled_time_to(eps, args.threshold, hold=args.hold) is not None
     t0 = time.time()
     res = demo.run_demo(a)
     episodes = json.loads((Path(a.out) / "episodes.json").read_text())
-    t = pooled_time_to(episodes, args.threshold)
+    t = pooled_time_to(episodes, args.threshold, hold=args.hold)
+    first = pooled_time_to(episodes, args.threshold, hold=0)
     return {"time_to_threshold_s": None if t is None else round(t, 1), "reached": t is not None,
+            "first_crossing_s": None if first is None else round(first, 1),
             "episodes": len(episodes), "versions_published": res["versions_published"],
             "autonomous_success_last_20": round(sum(e["autonomous_success"] for e in episodes[-WINDOW:])
                                                 / max(1, len(episodes[-WINDOW:])), 3),
@@ -120,12 +128,15 @@ def summarise(sizes: list[int], seeds: list[int], per_seed_runs: dict, args, out
             elif t1 is None and tn:  # the smallest fleet never got there within the budget
                 lb[str(n)] = round(budget_s / tn, 3)
                 lower[n].append(lb[str(n)])
-        per_seed.append({"seed": s, "time_to_threshold_s": times, "speedup_vs_%d" % first_n: sp,
+        per_seed.append({"seed": s, "time_to_threshold_s": times,
+                         "first_crossing_s": {str(n): runs[n].get("first_crossing_s") for n in sizes},
+                         "speedup_vs_%d" % first_n: sp,
                          "speedup_lower_bound_vs_%d" % first_n: lb,
                          "episodes": {str(n): runs[n]["episodes"] for n in sizes}})
     head = stats_of(speedups[last_n])
     result = {"hz": args.hz, "budget_minutes": args.minutes, "threshold": args.threshold, "algo": args.algo,
-              "window_episodes": WINDOW, "success": "pooled fleet autonomous success (no takeover)",
+              "window_episodes": WINDOW, "hold_episodes": getattr(args, "hold", WINDOW),
+              "success": "pooled fleet autonomous success (no takeover)",
               "sizes": sizes, "seeds": seeds, "early_stop": not args.no_early_stop,
               "speedup_of": f"{last_n} vs {first_n} robots",
               "speedup_mean": head["mean"], "speedup_min": head["min"], "speedup_max": head["max"],
