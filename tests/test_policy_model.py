@@ -302,3 +302,14 @@ def test_native_encoder_matches_sentence_transformers():
     texts = ["reach to the red goal", "Open the drawer, then close it again!"]
     ref = LanguageEncoder("sentence-transformers").encode_many(texts)
     np.testing.assert_allclose(get_encoder().embed(texts), ref, atol=1e-5)
+
+
+def test_evaluation_renders_only_what_the_policy_reads(tiny_img):
+    """`fleetloop eval` asks the policy's ObservationSpec whether to render: a state + language
+    policy gets no camera (rendering it anyway cost ~10x the evaluation's CPU), an image policy
+    its own cameras and size."""
+    from fleetloop.actor.sim.evaluate import policy_image_needs
+    state_only = VLAPolicyNet(ModelConfig.preset("tiny", use_images=False))
+    assert policy_image_needs(PolicyRuntime(state_only))[0] is False
+    images, size, cameras = policy_image_needs(PolicyRuntime(tiny_img))
+    assert images is True and size == tiny_img.config.image_size and cameras == list(tiny_img.config.cameras)

@@ -55,10 +55,14 @@ class TaskEval:
 
 
 def policy_image_needs(policy: Policy) -> tuple[bool, int, list[str]]:
-    """(images?, image size, cameras) a policy wants. fleetloop's VLA says so in its config;
-    the scripted expert reads state only; anything else is assumed to want the default camera."""
+    """(images?, image size, cameras) a policy wants. A fleetloop policy says so in its
+    ObservationSpec (`spec`; no cameras = state + language, so nothing is rendered); the scripted
+    expert reads state only; anything else is assumed to want the default camera."""
     if isinstance(policy, ExpertPolicy):
         return False, 64, [FRONT_CAMERA]
+    spec = getattr(policy, "spec", None)
+    if spec is not None and hasattr(spec, "cameras"):
+        return bool(spec.cameras), int(spec.image_size), list(spec.cameras) or [FRONT_CAMERA]
     cfg = getattr(policy, "config", None)
     if cfg is not None and hasattr(cfg, "use_images"):
         return bool(cfg.use_images), int(getattr(cfg, "image_size", 64)), list(getattr(cfg, "cameras", [FRONT_CAMERA]))
