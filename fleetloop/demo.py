@@ -158,7 +158,7 @@ class Robot:
         from fleetloop.actor.sim.env import SimEnv
         from fleetloop.actor.sim.expert import ScriptedExpert
         from fleetloop.actor.sim.gating import GatingConfig, SimTeleoperator
-        from fleetloop.actor.sim.robot import SimRobot
+        from fleetloop.actor.sim.robot import EXECUTE_STEPS, SimRobot
         from fleetloop.actor.spool import Spool
         from fleetloop.actor.weights import PolicySlot
         from fleetloop.policy.registry import PolicyRegistry
@@ -186,7 +186,7 @@ class Robot:
         def sim_robot(task: str) -> SimRobot:
             teleop = SimTeleoperator(ScriptedExpert(task, seed=seed), GatingConfig.style("attentive"), seed=seed)
             return SimRobot(SimEnv(task, images=images), LinkedPolicy(self.link), teleop=teleop,
-                            callbacks=link_callbacks(self.link, on_end), execute_steps=4, control_hz=control_hz)
+                            callbacks=link_callbacks(self.link, on_end), execute_steps=EXECUTE_STEPS, control_hz=control_hz)
 
         # The simulated robots are built in the robot's own thread (run_until): with --images each
         # env owns an EGL context, and a context made current on the thread that created it cannot

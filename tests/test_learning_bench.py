@@ -61,6 +61,18 @@ def test_bench_seeds_are_disjoint_from_evaluation():
         assert max(used) < EVAL_SEED
 
 
+def test_learner_steps_scale_with_the_trained_tasks():
+    """The update-to-data ratio is per online episode: ten trained tasks get ten times the steps
+    of one after a round; --steps-per-round still overrides."""
+    from fleetloop.bench import learning
+    p = argparse.ArgumentParser()
+    learning.add_arguments(p)
+    args = p.parse_args([])
+    assert learning.steps_per_round(args, 1) == args.steps_per_episode
+    assert learning.steps_per_round(args, 10) == 10 * args.steps_per_episode
+    assert learning.steps_per_round(p.parse_args(["--steps-per-round", "7"]), 10) == 7
+
+
 def test_change_interval_contains_the_difference():
     from fleetloop.bench.learning import change, rate
     c = change(rate(10, 30), rate(25, 30))
@@ -82,7 +94,7 @@ def test_bench_learning_json_shape(tmp_path, capsys):
     assert doc["trained"] == ["reach-v3"] and doc["held_out"] == ["push-v3"]
     for task, row in doc["per_task"].items():
         assert row["held_out"] == (task == "push-v3")
-        for k in ("pretrained", "after"):
+        for k in ("pretrained", "after", "expert"):  # expert: the teacher's ceiling on the same scenes
             assert set(row[k]) >= {"success_rate", "ci95"}
         assert set(row["by_condition"]) == {"trained-only", "offline-all", "l2"}
     run = doc["runs"][0]["conditions"]
@@ -90,6 +102,7 @@ def test_bench_learning_json_shape(tmp_path, capsys):
     assert "push-v3" in run["offline-all"]["eligible_frames"]
     assert "push-v3" not in run["trained-only"]["eligible_frames"]
     assert run["trained-only"]["online"]["reach-v3"]["episodes"] == 1
+    assert "failed_without_takeover" in run["trained-only"]["online"]["reach-v3"]
     assert (tmp_path / "learning.json").exists()
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 from fleetloop.actor.sim.env import FRONT_CAMERA, SimEnv
 from fleetloop.actor.sim.expert import ExpertPolicy
-from fleetloop.actor.sim.robot import SimRobot
+from fleetloop.actor.sim.robot import EXECUTE_STEPS, SimRobot
 from fleetloop.actor.sim.tasks import parse_task_list
 from fleetloop.policy.interface import Policy
 from fleetloop.stats import wilson_interval
@@ -71,7 +71,7 @@ def policy_image_needs(policy: Policy) -> tuple[bool, int, list[str]]:
 
 def evaluate(policy: Policy, tasks: list[str], episodes: int, *, seed: int = EVAL_SEED,
              images: Optional[bool] = None, image_size: Optional[int] = None, cameras: Optional[list[str]] = None,
-             max_steps: Optional[int] = None, execute_steps: Optional[int] = None,
+             max_steps: Optional[int] = None, execute_steps: Optional[int] = EXECUTE_STEPS,
              indicator: Optional[bool] = None, progress=None) -> list[TaskEval]:
     """Run `episodes` autonomous episodes per task; images/size/cameras default to what the
     policy needs. `progress(task, episode_index, success)`, if given, is called per episode."""
@@ -230,8 +230,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", action=argparse.BooleanOptionalAction, default=None,
                         help="render camera images (default: whatever the policy needs)")
     parser.add_argument("--max-steps", type=int, default=None, help="episode length (default: per task)")
-    parser.add_argument("--execute-steps", type=int, default=None,
-                        help="actions executed per chunk before re-planning (default: whole chunk)")
+    parser.add_argument("--execute-steps", type=int, default=EXECUTE_STEPS,
+                        help="actions executed per chunk before re-planning, as on the fleet's robots "
+                             "(0: the whole chunk)")
     parser.add_argument("--indicator", choices=("none", "positive", "negative"), default="none",
                         help="RECAP improvement indicator passed to the policy (positive at deployment)")
     parser.add_argument("--beta", type=float, default=None, help="classifier-free guidance weight (VLA only)")
@@ -249,7 +250,7 @@ def run(args: argparse.Namespace) -> int:
     indicator = {"none": None, "positive": True, "negative": False}[args.indicator]
     started = time.monotonic()
     results = evaluate(policy, tasks, args.episodes, seed=args.seed, images=args.images,
-                       max_steps=args.max_steps, execute_steps=args.execute_steps, indicator=indicator)
+                       max_steps=args.max_steps, execute_steps=args.execute_steps or None, indicator=indicator)
     if args.json:
         doc = {"policy": args.policy, "policy_version": str(policy.version), "episodes_per_task": args.episodes,
                "seed": args.seed, "indicator": args.indicator, "wall_s": round(time.monotonic() - started, 2),

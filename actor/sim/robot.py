@@ -84,6 +84,13 @@ class EpisodeCallbacks:
         pass
 
 
+# Actions a simulated robot executes from each chunk before re-planning. One value for every
+# place a policy drives a simulated robot -- the demo's and the benchmarks' robots and the
+# evaluations -- so a policy is evaluated the way it was deployed. (Executing the whole 8-step
+# chunk open-loop scored 0.58 on the suite's pretrained policy vs 0.63 at 4, 200 episodes.)
+EXECUTE_STEPS = 4
+
+
 class ChunkBroker:
     """Plays a policy's action chunks open-loop: executes the first `execute_steps` actions of
     each [H, A] chunk, then asks the policy again from the newest observation. Executing fewer

@@ -65,13 +65,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "same budget, same evaluation scenes")
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--size", default="tiny", help="tiny backend size preset")
+    p.add_argument("--horizon", type=int, default=8, help="H: actions per predicted chunk (robots execute 4 of them)")
     p.add_argument("--images", action="store_true", help="camera images too (about 10x the CPU)")
     p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task, before and after")
     p.add_argument("--rounds", type=int, default=20, help="online rounds (one episode per trained task each)")
-    p.add_argument("--steps-per-round", type=int, default=50, help="learner steps after each round")
+    p.add_argument("--steps-per-episode", type=int, default=25,
+                   help="learner steps per online episode (the update-to-data ratio; a round of M trained "
+                        "tasks is followed by M times this many steps)")
+    p.add_argument("--steps-per-round", type=int, default=None,
+                   help="learner steps after each round, overriding --steps-per-episode")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--l2", type=float, default=1.0, help="l2 condition: weight of sum((theta - theta0)^2)")
+    p.add_argument("--gate", default="attentive", choices=("attentive", "strict", "relaxed"),
+                   help="the simulated human's takeover style (actor.sim.gating.GatingConfig.style)")
+    p.add_argument("--autonomous", default="none", choices=("none", "success", "all"),
+                   help="HG-DAgger: which robot-driven frames train besides the human's (see hg_dagger.py)")
     p.add_argument("--pretrain-only", action="store_true", help="stop after the pretrained evaluation")
     p.add_argument("--out", default="runs/bench-learning", help="work directory (store, checkpoints, JSON)")
     p.add_argument("--json", action="store_true", help="print the JSON only")
@@ -117,6 +126,15 @@ def demo_seeds(seed: int, n: int) -> list[int]:
     return [seed * 10_000 + i for i in range(n)]
 
 
+def steps_per_round(args, trained_tasks: int) -> int:
+    """Learner steps after a round of one episode per trained task. Per episode, not per round,
+    so the update-to-data ratio does not shrink as tasks are added: at a fixed 50 per round, ten
+    trained tasks got 5 steps per episode and the hard ones did not move (docs/learning.md)."""
+    if getattr(args, "steps_per_round", None) is not None:
+        return int(args.steps_per_round)
+    return int(args.steps_per_episode) * max(1, trained_tasks)
+
+
 def online_seed(seed: int, round_: int) -> int:
     return seed * 10_000 + 5_000 + round_
 
@@ -127,6 +145,8 @@ def pretrain_suite(store_uri: str, work: Path, demos: dict[str, int], seed: int,
     from fleetloop.policy import pretrain as pretrain_mod
     target = work / "pretrained"
     key = {"demos": demos, "seed": seed, "steps": args.pretrain_steps, "size": args.size, "images": args.images}
+    if getattr(args, "horizon", 8) != 8:  # (8: keeps the cache key of runs before --horizon existed)
+        key["horizon"] = args.horizon
     if (target / "model.safetensors").exists() and (target / "bench-key.json").exists() \
             and json.loads((target / "bench-key.json").read_text()) == key:
         return target
@@ -135,6 +155,7 @@ def pretrain_suite(store_uri: str, work: Path, demos: dict[str, int], seed: int,
     parser = argparse.ArgumentParser()
     pretrain_mod.add_arguments(parser)
     argv = ["--store", store_uri, "--out", str(target), "--size", args.size, "--steps", str(args.pretrain_steps),
+            "--horizon", str(getattr(args, "horizon", 8)),
             "--seed", str(seed), "--threads", "1", "--log-every", str(max(1, args.pretrain_steps)),
             "--tasks", *demos]
     if not args.images:
@@ -191,7 +212,7 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
     from fleetloop.actor.sim.env import SimEnv
     from fleetloop.actor.sim.expert import ScriptedExpert
     from fleetloop.actor.sim.gating import GatingConfig, SimTeleoperator
-    from fleetloop.actor.sim.robot import SimRobot
+    from fleetloop.actor.sim.robot import EXECUTE_STEPS, SimRobot
     from fleetloop.buffer.codec import read_episode, read_manifest
     from fleetloop.buffer.index import FrameIndex, PayloadCache, entry_from_loaded
     from fleetloop.buffer.sampler import BufferSampler, SamplerConfig
@@ -206,7 +227,8 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
     torch.manual_seed(seed)
     net = load_checkpoint(ckpt)
     spec = net.spec
-    algo = make_algorithm(algo_name, **({"seed": seed} if algo_name == "recap" else {}))
+    algo = make_algorithm(algo_name, **({"seed": seed} if algo_name == "recap"
+                                        else {"autonomous": getattr(args, "autonomous", "none")}))
     if algo_name == "recap":
         from fleetloop.policy.language import get_encoder
         algo.bind(get_encoder().encode)  # the value function's instruction embedding
@@ -229,13 +251,13 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
     images = bool(spec.cameras)
     robots = {}
     for i, task in enumerate(train):
-        teleop = SimTeleoperator(ScriptedExpert(task, seed=seed * 100 + i), GatingConfig.style("attentive"),
+        teleop = SimTeleoperator(ScriptedExpert(task, seed=seed * 100 + i), GatingConfig.style(getattr(args, "gate", "attentive")),
                                  seed=seed * 100 + i)
         env = SimEnv(task, images=images, image_size=spec.image_size, camera=list(spec.cameras) or "front")
         robots[task] = SimRobot(env, PolicyRuntime(net, version="init", beta=beta), teleop=teleop, callbacks=writer,
-                                execute_steps=4, indicator=indicator)
+                                execute_steps=EXECUTE_STEPS, indicator=indicator)
     stats = {t: {"episodes": 0, "successes": 0, "with_intervention": 0, "intervention_steps": 0, "steps": 0,
-                 "autonomous_successes": 0} for t in train}
+                 "autonomous_successes": 0, "failed_without_takeover": 0} for t in train}
     t0 = time.time()
     try:
         for r in range(args.rounds):
@@ -251,11 +273,13 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
                 s["successes"] += int(res.success)
                 s["autonomous_successes"] += int(res.success and not res.segments)
                 s["with_intervention"] += int(bool(res.segments))
+                # a failure the gate never reacted to: no correction, so HG-DAgger learns nothing from it
+                s["failed_without_takeover"] += int(not res.success and not res.segments)
                 s["intervention_steps"] += res.intervention_steps
                 s["steps"] += res.num_steps
             sampler.set_learner_version(version)
             algo.refresh(index)  # RECAP: the value function (fitted once), advantages, thresholds; HG-DAgger: no-op
-            for _ in range(args.steps_per_round):
+            for _ in range(steps_per_round(args, len(train))):
                 core.train_step()
     finally:
         for robot in robots.values():
@@ -305,6 +329,10 @@ def bench(args) -> dict:
     demos = parse_demos(args.demos, tasks)
     out = Path(args.out).resolve()
     started = time.time()
+    # The teacher's ceiling: the scripted expert (the demonstrator and the simulated human) on the
+    # same evaluation scenes. A student that imitates it is not expected to beat it.
+    from fleetloop.actor.sim.expert import ExpertPolicy
+    expert = {k: rate(*v) for k, v in evaluate_counts(ExpertPolicy(), tasks, args.eval_episodes, False).items()}
     runs = []
     for seed in seeds:
         work = out / f"seed-{seed}"
@@ -333,7 +361,8 @@ def bench(args) -> dict:
                          {k: v["success_rate"] for k, v in run["by_algo"][algo][cond]["after"].items()})
         run["conditions"] = run["by_algo"][algos[0]]  # the single-algorithm shape: the first one's
         runs.append(run)
-    return summarise(args, tasks, train, held, demos, seeds, conditions, runs, time.time() - started, algos)
+    return summarise(args, tasks, train, held, demos, seeds, conditions, runs, time.time() - started, algos,
+                     expert=expert)
 
 
 def _pool(runs: list[dict], getter, tasks: list[str]) -> dict:
@@ -346,13 +375,15 @@ def _after(algo: str, cond: str):
     return lambda r: r["by_algo"][algo][cond]["after"]
 
 
-def summarise(args, tasks, train, held, demos, seeds, conditions, runs, wall_s, algos=("hg-dagger",)) -> dict:
+def summarise(args, tasks, train, held, demos, seeds, conditions, runs, wall_s, algos=("hg-dagger",),
+              expert: dict | None = None) -> dict:
     algos = list(algos)
+    expert = expert or {}
     default = "offline-all" if "offline-all" in conditions else (conditions[0] if conditions else None)
     per_task = {}
     for t in tasks:
         pre = _pool(runs, lambda r: r["pretrained"], [t])
-        row = {"held_out": t in held, "demos": demos[t], "pretrained": pre,
+        row = {"held_out": t in held, "demos": demos[t], "pretrained": pre, "expert": expert.get(t),
                "pretrained_per_seed": [r["pretrained"][t]["success_rate"] for r in runs]}
         if conditions:
             row["by_algo"] = {}
@@ -363,6 +394,8 @@ def summarise(args, tasks, train, held, demos, seeds, conditions, runs, wall_s, 
                     by_cond[c] = {"after": a, "change": change(pre, a),
                                   "worse_than_pretrained_interval": a["success_rate"] < pre["ci95"][0],
                                   "clear_of_pretrained_interval": a["ci95"][0] > pre["ci95"][1],
+                                  # at the teacher's level: not below the expert's interval
+                                  "at_expert_level": (t in expert and a["success_rate"] >= expert[t]["ci95"][0]),
                                   "after_per_seed": [r["by_algo"][algo][c]["after"][t]["success_rate"] for r in runs]}
                 row["by_algo"][algo] = {"after": by_cond[default]["after"], "change": by_cond[default]["change"],
                                         "by_condition": by_cond}
@@ -385,13 +418,15 @@ def summarise(args, tasks, train, held, demos, seeds, conditions, runs, wall_s, 
                 t for t in held if per_task[t]["by_algo"][algo]["by_condition"][c]["worse_than_pretrained_interval"]]
             doc["tasks_at_or_above_0_95"] = [t for t in tasks
                                              if per_task[t]["by_algo"][algo]["by_condition"][c]["after"]["success_rate"] >= 0.95]
+            doc["tasks_at_expert_level"] = [t for t in tasks
+                                            if per_task[t]["by_algo"][algo]["by_condition"][c]["at_expert_level"]]
             summary[c] = doc
         summary_by_algo[algo] = summary
     settings = {k: v for k, v in vars(args).items() if k not in ("json",)}
     return {"benchmark": "learning", "tasks": tasks, "trained": train, "held_out": held, "seeds": seeds,
             "algos": algos, "algo": algos[0],
             "conditions": conditions, "after_is": default, "eval_episodes_per_task_per_seed": args.eval_episodes,
-            "online_episodes_per_trained_task": args.rounds, "learner_steps": args.rounds * args.steps_per_round,
+            "online_episodes_per_trained_task": args.rounds, "learner_steps": args.rounds * steps_per_round(args, len(train)),
             "per_task": per_task, "summary": summary_by_algo[algos[0]] if conditions else {},
             "summary_by_algo": summary_by_algo, "wall_s": round(wall_s, 1), "settings": settings,
             "runs": runs}
