@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -47,8 +48,10 @@ def add_arguments(p) -> None:
                         "only the post-trained --tasks")
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--eval-episodes", type=int, default=30, help="evaluation episodes per task, before and after")
-    p.add_argument("--images", action="store_true",
-                   help="give the policy the 64x64 camera too (about 10x slower on a CPU)")
+    p.add_argument("--images", action=argparse.BooleanOptionalAction, default=None,
+                   help="give the policy the 64x64 camera too (default: on where a CUDA GPU trains the "
+                        "policy, off on a CPU-only machine, where it costs several times the CPU: "
+                        "docs/learning.md, 'Images')")
     p.add_argument("--size", default="tiny", help="tiny backend: model size preset")
     p.add_argument("--backend", default="tiny", choices=["tiny", "hf-vla"],
                    help="policy backend: fleetloop's tiny model, or a Hugging Face VLM + flow-matching expert "
@@ -63,9 +66,19 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def images_by_default() -> bool:
+    """The camera is on by default where the budget allows it: a CUDA GPU to train the vision
+    encoder on. On a CPU-only machine rendering and training on 64x64 frames cost several times
+    the CPU of state + language (measured: docs/learning.md, 'Images'), so it is off there."""
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 -- no usable torch build: the CPU default
+        return False
+
+
 def _pretrained(out: Path, store_uri: str, tasks: list[str], args) -> Path:
     """Offline buffer + behaviour cloning, cached by settings in OUT/pretrained."""
-    import argparse
 
     from fleetloop.policy import pretrain as pretrain_mod
 
@@ -391,6 +404,10 @@ def run_demo(args) -> dict:
     if args.tasks is None:
         args.tasks = PRESETS[args.preset]
     tasks = parse_task_list(args.tasks)
+    if args.images is None:
+        args.images = images_by_default()
+        log.info("camera images %s (%s; --images/--no-images decides)", "on" if args.images else "off",
+                 "a CUDA GPU is here" if args.images else "no GPU here: on a CPU the camera costs several times the CPU")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.backend != "tiny":

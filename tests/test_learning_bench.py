@@ -278,3 +278,19 @@ def test_time_to_08_counts_robot_success_when_most_episodes_have_a_nudge():
     assert t["fleet_robot_success_s"] == 9.0 and t["fleet_autonomous_s"] is None
     heavy = [demo.mark_robot_success(dict(e, intervention_steps=50)) for e in eps]
     assert demo.time_to_08({"peg": heavy})["per_task"]["peg"]["robot_success_s"] is None
+
+
+def test_images_default_follows_the_machine(monkeypatch):
+    """--images is on by default only where a CUDA GPU trains the policy; --images/--no-images
+    decide explicitly."""
+    import torch
+
+    from fleetloop import demo
+    p = argparse.ArgumentParser()
+    demo.add_arguments(p)
+    assert p.parse_args([]).images is None
+    assert p.parse_args(["--images"]).images is True and p.parse_args(["--no-images"]).images is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert demo.images_by_default() is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert demo.images_by_default() is False

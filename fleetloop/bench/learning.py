@@ -66,7 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--size", default="tiny", help="tiny backend size preset")
     p.add_argument("--horizon", type=int, default=8, help="H: actions per predicted chunk (robots execute 4 of them)")
-    p.add_argument("--images", action="store_true", help="camera images too (about 10x the CPU)")
+    p.add_argument("--images", action=argparse.BooleanOptionalAction, default=None,
+                   help="camera images too (default: on with a CUDA GPU, off on a CPU-only machine: they cost "
+                        "several times the CPU there; docs/learning.md, 'Images')")
     p.add_argument("--eval-episodes", type=int, default=20, help="evaluation episodes per task, before and after")
     p.add_argument("--rounds", type=int, default=20, help="online rounds (one episode per trained task each)")
     p.add_argument("--steps-per-episode", type=int, default=25,
@@ -317,6 +319,9 @@ def bench(args) -> dict:
 
     tasks = parse_task_list(args.tasks)
     train = parse_task_list(args.train) if args.train else []
+    if args.images is None:
+        from fleetloop.demo import images_by_default
+        args.images = images_by_default()
     if not set(train) <= set(tasks):
         raise SystemExit(f"--train {train} must be a subset of --tasks {tasks}")
     held = [t for t in tasks if t not in train]
