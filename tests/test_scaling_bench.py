@@ -53,6 +53,7 @@ def test_statistics_and_plot_from_fake_runs(tmp_path, monkeypatch, capsys):
     def fake_run(root, seed, n, args):
         t = times[seed][n]
         return {"time_to_threshold_s": t, "reached": t is not None, "episodes": 10 * n, "versions_published": 3,
+                "first_crossing_s": None if t is None else t / 2,
                 "autonomous_success_last_20": 0.5, "loop_s": 60.0, "stopped_early_at_s": t, "robot_errors": {},
                 "demo_fleet_time_to_0_8_success_s": None, "wall_s": 1.0}
 
@@ -68,6 +69,7 @@ def test_statistics_and_plot_from_fake_runs(tmp_path, monkeypatch, capsys):
     assert doc["time_to_threshold_s"]["1"]["censored"] == 1
     assert doc["per_seed"][2]["time_to_threshold_s"]["1"] is None
     assert doc["runs"]["4"]["time_to_threshold_s_per_seed"] == [25.0, 40.0, 30.0]
+    assert doc["speedup_first_crossing"]["n"] == 2 and doc["speedup_first_crossing"]["mean"] == pytest.approx(3.5)
     png = tmp_path / "out" / "scaling.png"
     assert doc["plot"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "out" / "scaling.json").read_text())["speedup_mean"] == doc["speedup_mean"]
