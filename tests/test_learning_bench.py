@@ -104,6 +104,9 @@ def test_bench_learning_json_shape(tmp_path, capsys):
     assert run["trained-only"]["online"]["reach-v3"]["episodes"] == 1
     assert "failed_without_takeover" in run["trained-only"]["online"]["reach-v3"]
     assert (tmp_path / "learning.json").exists()
+    assert doc["plot"] == str(tmp_path / "learning.png")
+    assert (tmp_path / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run["offline-all"]["online"]["reach-v3"]["success_by_round"] in ([0], [1])
 
 
 def test_bench_learning_compares_algorithms(tmp_path, capsys):

@@ -259,7 +259,7 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
         robots[task] = SimRobot(env, PolicyRuntime(net, version="init", beta=beta), teleop=teleop, callbacks=writer,
                                 execute_steps=EXECUTE_STEPS, indicator=indicator)
     stats = {t: {"episodes": 0, "successes": 0, "with_intervention": 0, "intervention_steps": 0, "steps": 0,
-                 "autonomous_successes": 0, "failed_without_takeover": 0} for t in train}
+                 "autonomous_successes": 0, "failed_without_takeover": 0, "success_by_round": []} for t in train}
     t0 = time.time()
     try:
         for r in range(args.rounds):
@@ -279,6 +279,7 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
                 s["failed_without_takeover"] += int(not res.success and not res.segments)
                 s["intervention_steps"] += res.intervention_steps
                 s["steps"] += res.num_steps
+                s["success_by_round"].append(int(res.success and not res.segments))  # autonomous: for the curve
             sampler.set_learner_version(version)
             algo.refresh(index)  # RECAP: the value function (fitted once), advantages, thresholds; HG-DAgger: no-op
             for _ in range(steps_per_round(args, len(train))):
@@ -437,12 +438,81 @@ def summarise(args, tasks, train, held, demos, seeds, conditions, runs, wall_s, 
             "runs": runs}
 
 
+CURVE_WINDOW = 5  # rounds in the plot's rolling online success
+
+
+def plot(result: dict, path: Path) -> None:
+    """learning.png: left, per task the pretrained, post-trained (per algorithm, the default
+    condition) and expert success with Wilson 95% intervals; right, per trained task the online
+    autonomous success (no takeover) over rounds, rolling over CURVE_WINDOW rounds and pooled
+    over seeds, with its Wilson band -- success over time (in rounds) for the first algorithm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from fleetloop.stats import wilson_interval
+    tasks, algos, cond = result["tasks"], result["algos"], result["after_is"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    series = [("pretrained", lambda row: row["pretrained"])]
+    if cond:
+        series += [(f"{a} after", (lambda a: lambda row: row["by_algo"][a]["by_condition"][cond]["after"])(a))
+                   for a in algos]
+    width = 0.8 / (len(series) + 1)
+    x = np.arange(len(tasks))
+    for k, (label, get) in enumerate(series + [("expert", lambda row: row.get("expert"))]):
+        vals = [get(result["per_task"][t]) for t in tasks]
+        if any(v is None for v in vals):
+            continue
+        y = np.array([v["success_rate"] for v in vals])
+        err = np.array([[v["success_rate"] - v["ci95"][0] for v in vals], [v["ci95"][1] - v["success_rate"] for v in vals]])
+        ax1.bar(x + (k - len(series) / 2) * width, y, width, yerr=err, capsize=2, label=label,
+                color="lightgrey" if label == "expert" else None, edgecolor="grey" if label == "expert" else None)
+    ax1.axhline(0.95, ls=":", color="grey", lw=1)
+    ax1.set_xticks(x, [t.replace("-v3", "") for t in tasks], rotation=35, ha="right", fontsize=8)
+    ax1.set_ylim(0, 1.05)
+    ax1.set_ylabel("success (Wilson 95%)")
+    ax1.set_title(f"{len(result['seeds'])} seed(s) x {result['eval_episodes_per_task_per_seed']} episodes per task")
+    ax1.legend(fontsize=7, loc="lower right")
+    drawn = 0
+    if cond and result["runs"]:
+        algo = algos[0]
+        for t in result["trained"]:
+            per_seed = [r["by_algo"][algo][cond]["online"][t].get("success_by_round") for r in result["runs"]]
+            if not per_seed or any(not s for s in per_seed):
+                continue
+            n_rounds = min(len(s) for s in per_seed)
+            xs, ys, lo, hi = [], [], [], []
+            for i in range(n_rounds):
+                w = [s[j] for s in per_seed for j in range(max(0, i - CURVE_WINDOW + 1), i + 1)]
+                a, b = wilson_interval(sum(w), len(w))
+                xs.append(i + 1), ys.append(sum(w) / len(w)), lo.append(a), hi.append(b)
+            line, = ax2.plot(xs, ys, label=t.replace("-v3", ""), lw=1.2)
+            ax2.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.08)
+            drawn += 1
+        ax2.set_xlabel("online round (one episode per trained task)")
+        ax2.set_ylabel(f"autonomous success, rolling {CURVE_WINDOW} rounds")
+        ax2.set_ylim(0, 1.05)
+        ax2.set_title(f"online, {algo}, {cond}")
+    if drawn:
+        ax2.legend(fontsize=6, ncol=2, loc="lower right")
+    else:
+        ax2.text(0.5, 0.5, "no online rounds recorded", ha="center", va="center", transform=ax2.transAxes)
+    fig.suptitle("fleetloop bench learning", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run(args) -> int:
     if not args.json:
         logging.basicConfig(level=logging.INFO)
     result = bench(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    png = out / "learning.png"
+    plot(result, png)
+    result["plot"] = str(png)
     (out / "learning.json").write_text(json.dumps(result, indent=1))
     if args.json:
         print(json.dumps(result, indent=1))
