@@ -11,12 +11,16 @@ Per benchmark seed s:
   3. "pretrained": evaluate on every task, --eval-episodes episodes on the fixed evaluation seeds;
   4. per condition, from the same pretrained weights: online HG-DAgger post-training on the
      --train subset only -- rounds of one episode per trained task (the current weights on a
-     simulated robot, the simulated human taking over per the "attentive" gate), each followed by
-     --steps-per-round learner steps; the learner is fleetloop's own (buffer.sampler's
+     simulated robot, the simulated human taking over per the --gate style, "attentive" by
+     default), each followed by --steps-per-episode learner steps per episode of the round; the
+     learner is fleetloop's own (buffer.sampler's
      task-balanced adaptive sampler, the HG-DAgger algorithm, learner.core.LearnerCore), in this
      process and in lock-step instead of over Ray/Redis/gRPC, so a run costs CPU for learning
      only and is deterministic for a seed;
   5. "after": every task again on the same evaluation seeds.
+Once per run, "expert": the scripted expert (demonstrator and simulated human) on the same
+evaluation seeds -- the teacher's ceiling. Every evaluation executes EXECUTE_STEPS actions of a
+chunk before re-planning, as the robots do.
 
 Conditions (--conditions):
   trained-only   the sampler's offline buffer holds the trained tasks' demonstrations only (what a
@@ -28,7 +32,8 @@ Conditions (--conditions):
 Per task it reports `pretrained` and `after` (success_rate, ci95 Wilson; successes pooled over
 seeds -- every seed its own pretrained policy, the same evaluation scenes), `held_out`, and per
 condition the change after - pretrained with Newcombe's 95% interval for a difference of two
-proportions; per condition the held-out and trained tasks pooled.
+proportions; per condition the held-out and trained tasks pooled, and the tasks at or above 0.95
+and at the expert's level. learning.png (next to learning.json) plots it.
 """
 from __future__ import annotations
 
