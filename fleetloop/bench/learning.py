@@ -460,9 +460,11 @@ def plot(result: dict, path: Path) -> None:
     tasks, algos, cond = result["tasks"], result["algos"], result["after_is"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     series = [("pretrained", lambda row: row["pretrained"])]
-    if cond:
-        series += [(f"{a} after", (lambda a: lambda row: row["by_algo"][a]["by_condition"][cond]["after"])(a))
-                   for a in algos]
+    conds = result["conditions"]
+    for a in algos:
+        for c in conds:
+            label = f"{a} after" + (f" ({c})" if len(conds) > 1 else "")
+            series.append((label, (lambda a, c: lambda row: row["by_algo"][a]["by_condition"][c]["after"])(a, c)))
     width = 0.8 / (len(series) + 1)
     x = np.arange(len(tasks))
     for k, (label, get) in enumerate(series + [("expert", lambda row: row.get("expert"))]):
