@@ -79,7 +79,6 @@ def images_by_default() -> bool:
 
 def _pretrained(out: Path, store_uri: str, tasks: list[str], args) -> Path:
     """Offline buffer + behaviour cloning, cached by settings in OUT/pretrained."""
-
     from fleetloop.policy import pretrain as pretrain_mod
 
     demos = demos_per_task(tasks, args)

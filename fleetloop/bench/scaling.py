@@ -134,9 +134,11 @@ def summarise(sizes: list[int], seeds: list[int], per_seed_runs: dict, args, out
                          "speedup_lower_bound_vs_%d" % first_n: lb,
                          "episodes": {str(n): runs[n]["episodes"] for n in sizes}})
     head = stats_of(speedups[last_n])
-    firsts = [per_seed_runs[s][first_n].get("first_crossing_s") and per_seed_runs[s][last_n].get("first_crossing_s")
-              and per_seed_runs[s][first_n]["first_crossing_s"] / per_seed_runs[s][last_n]["first_crossing_s"]
-              for s in seeds]
+    firsts = []  # the same ratio from first crossings, where both fleets crossed
+    for s in seeds:
+        f1, fn = (per_seed_runs[s][n].get("first_crossing_s") for n in (first_n, last_n))
+        if f1 and fn:
+            firsts.append(round(f1 / fn, 3))
     result = {"hz": args.hz, "budget_minutes": args.minutes, "threshold": args.threshold, "algo": args.algo,
               "window_episodes": WINDOW, "hold_episodes": getattr(args, "hold", WINDOW),
               "success": "pooled fleet autonomous success (no takeover)",
@@ -146,7 +148,7 @@ def summarise(sizes: list[int], seeds: list[int], per_seed_runs: dict, args, out
               "speedup_std": head["std"], "speedup_seeds_counted": head["n"],
               "speedup_lower_bounds": lower[last_n],
               # the same ratio from first crossings (the pre-hold definition; optimistic), for comparison
-              "speedup_first_crossing": stats_of([round(x, 3) for x in firsts if x]),
+              "speedup_first_crossing": stats_of(firsts),
               "speedup": {str(n): dict(stats_of(speedups[n]), lower_bounds=lower[n]) for n in sizes},
               "time_to_threshold_s": {str(n): dict(stats_of([per_seed_runs[s][n]["time_to_threshold_s"] for s in seeds
                                                              if per_seed_runs[s][n]["time_to_threshold_s"] is not None]),
