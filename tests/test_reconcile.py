@@ -47,6 +47,11 @@ def wait(cond, timeout=20.0):
     return cond()
 
 
+def alerts(caplog) -> list[int]:
+    return [int(m.group(1)) for r in list(caplog.records)
+            if (m := re.search(r"ALERT reconcile: (\d+) committed episodes", r.getMessage()))]
+
+
 def test_reconciler_heals_the_index_after_redis_data_loss(tmp_path, redis_client, caplog):
     store = LocalStore(tmp_path / "store")
     index = FrameIndex()
@@ -67,14 +72,14 @@ def test_reconciler_heals_the_index_after_redis_data_loss(tmp_path, redis_client
             commit(store, f"b{k}", now + 10 + k)
         redis_client.flushall()         # Redis loses everything: the stream, the group, the events
         assert wait(lambda: len(index) == 7), rec.stats()
+        # a scan adds to the index first, then records its counts, then logs its alert: wait for
+        # the alert lines (one per scan that found something; under load the four may come in
+        # two scans), the last thing a scan does
+        assert wait(lambda: sum(alerts(caplog)) == 4), (alerts(caplog), rec.stats())
     finally:
         stop.set()
     s = rec.stats()
     assert s["found_total"] == 4 and s["last_trigger"] in ("episode stream shrank", "consumer group gone")
-    # one alert line per scan that found something; under load the four may come in two scans
-    found = [int(m.group(1)) for r in caplog.records
-             if (m := re.search(r"ALERT reconcile: (\d+) committed episodes", r.getMessage()))]
-    assert sum(found) == 4, found
     # a lost event with no sign in Redis at all: the periodic scan finds it
     commit(store, "c0", now + 20)
     assert rec.scan("periodic") == 1 and "c0" in index and rec.scan() == 0
