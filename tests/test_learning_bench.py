@@ -297,3 +297,23 @@ def test_images_default_follows_the_machine(monkeypatch):
     assert demo.images_by_default() is True
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert demo.images_by_default() is False
+
+
+def test_bad_counts_are_clear_errors_before_any_work(tmp_path, capsys):
+    """Negative or zero counts stop `bench learning` and `fleetloop eval` with a message naming
+    the option, before anything is recorded or trained; a broker refuses a non-positive k."""
+    from fleetloop.actor.sim import evaluate as ev
+    from fleetloop.actor.sim.robot import ChunkBroker
+    from fleetloop.bench import learning
+    p = argparse.ArgumentParser()
+    learning.add_arguments(p)
+    for bad in (["--rounds", "0"], ["--steps-per-episode", "-1"], ["--steps-per-round", "-5"], ["--horizon", "0"]):
+        with pytest.raises(SystemExit, match=bad[0]):
+            learning.bench(p.parse_args(bad + ["--out", str(tmp_path / "out")]))
+    assert not (tmp_path / "out").exists()
+    pe = argparse.ArgumentParser()
+    ev.add_arguments(pe)
+    assert ev.run(pe.parse_args(["--policy", "expert", "--execute-steps", "-1"])) == 2
+    assert "--execute-steps must be >= 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="execute_steps"):
+        ChunkBroker(policy=None, execute_steps=0)

@@ -241,6 +241,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     tasks = parse_task_list(args.tasks)
+    if args.execute_steps < 0:
+        print(f"fleetloop eval: --execute-steps must be >= 0 (0: the whole chunk), got {args.execute_steps}",
+              file=sys.stderr)
+        return 2
     from fleetloop.policy.backend import CheckpointError
     try:
         policy = load_policy(args.policy, args.beta, getattr(args, "store", None))

@@ -102,6 +102,8 @@ class ChunkBroker:
     and asks again when it has executed k or the rows run out."""
 
     def __init__(self, policy: Policy, execute_steps: Optional[int] = None, action_dim: Optional[int] = None):
+        if execute_steps is not None and execute_steps < 1:
+            raise ValueError(f"execute_steps must be >= 1 (None: the whole chunk), got {execute_steps}")
         self.policy = policy
         self.execute_steps = execute_steps
         self.action_dim = action_dim

@@ -137,7 +137,7 @@ def steps_per_round(args, trained_tasks: int) -> int:
     """Learner steps after a round of one episode per trained task. Per episode, not per round,
     so the update-to-data ratio does not shrink as tasks are added: at a fixed 50 per round, ten
     trained tasks got 5 steps per episode and the hard ones did not move (docs/learning.md)."""
-    if getattr(args, "steps_per_round", None) is not None:
+    if args.steps_per_round is not None:
         return int(args.steps_per_round)
     return int(args.steps_per_episode) * max(1, trained_tasks)
 
@@ -151,9 +151,8 @@ def pretrain_suite(store_uri: str, work: Path, demos: dict[str, int], seed: int,
     from fleetloop.actor.sim.collect import collect_task
     from fleetloop.policy import pretrain as pretrain_mod
     target = work / "pretrained"
-    key = {"demos": demos, "seed": seed, "steps": args.pretrain_steps, "size": args.size, "images": args.images}
-    if getattr(args, "horizon", 8) != 8:  # (8: keeps the cache key of runs before --horizon existed)
-        key["horizon"] = args.horizon
+    key = {"demos": demos, "seed": seed, "steps": args.pretrain_steps, "size": args.size, "images": args.images,
+           "horizon": args.horizon}
     if (target / "model.safetensors").exists() and (target / "bench-key.json").exists() \
             and json.loads((target / "bench-key.json").read_text()) == key:
         return target
@@ -162,7 +161,7 @@ def pretrain_suite(store_uri: str, work: Path, demos: dict[str, int], seed: int,
     parser = argparse.ArgumentParser()
     pretrain_mod.add_arguments(parser)
     argv = ["--store", store_uri, "--out", str(target), "--size", args.size, "--steps", str(args.pretrain_steps),
-            "--horizon", str(getattr(args, "horizon", 8)),
+            "--horizon", str(args.horizon),
             "--seed", str(seed), "--threads", "1", "--log-every", str(max(1, args.pretrain_steps)),
             "--tasks", *demos]
     if not args.images:
@@ -235,7 +234,7 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
     net = load_checkpoint(ckpt)
     spec = net.spec
     algo = make_algorithm(algo_name, **({"seed": seed} if algo_name == "recap"
-                                        else {"autonomous": getattr(args, "autonomous", "none")}))
+                                        else {"autonomous": args.autonomous}))
     if algo_name == "recap":
         from fleetloop.policy.language import get_encoder
         algo.bind(get_encoder().encode)  # the value function's instruction embedding
@@ -258,7 +257,7 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
     images = bool(spec.cameras)
     robots = {}
     for i, task in enumerate(train):
-        teleop = SimTeleoperator(ScriptedExpert(task, seed=seed * 100 + i), GatingConfig.style(getattr(args, "gate", "attentive")),
+        teleop = SimTeleoperator(ScriptedExpert(task, seed=seed * 100 + i), GatingConfig.style(args.gate),
                                  seed=seed * 100 + i)
         env = SimEnv(task, images=images, image_size=spec.image_size, camera=list(spec.cameras) or "front")
         robots[task] = SimRobot(env, PolicyRuntime(net, version="init", beta=beta), teleop=teleop, callbacks=writer,
@@ -276,15 +275,16 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
                 res = robot.run_episode(online_seed(seed, r))
                 index.add(entry_from_loaded(read_episode(store, writer.last_manifest_key)))
                 s = stats[task]
+                autonomous = bool(res.success and not res.segments)
                 s["episodes"] += 1
                 s["successes"] += int(res.success)
-                s["autonomous_successes"] += int(res.success and not res.segments)
+                s["autonomous_successes"] += int(autonomous)
                 s["with_intervention"] += int(bool(res.segments))
                 # a failure the gate never reacted to: no correction, so HG-DAgger learns nothing from it
                 s["failed_without_takeover"] += int(not res.success and not res.segments)
                 s["intervention_steps"] += res.intervention_steps
                 s["steps"] += res.num_steps
-                s["success_by_round"].append(int(res.success and not res.segments))  # autonomous: for the curve
+                s["success_by_round"].append(int(autonomous))  # for the plot's curve
             sampler.set_learner_version(version)
             algo.refresh(index)  # RECAP: the value function (fitted once), advantages, thresholds; HG-DAgger: no-op
             for _ in range(steps_per_round(args, len(train))):
@@ -325,6 +325,12 @@ def bench(args) -> dict:
 
     tasks = parse_task_list(args.tasks)
     train = parse_task_list(args.train) if args.train else []
+    for name in ("rounds", "eval_episodes", "horizon", "batch_size", "pretrain_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("steps_per_episode", "steps_per_round"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.images is None:
         from fleetloop.demo import images_by_default
         args.images = images_by_default()
@@ -493,7 +499,10 @@ def plot(result: dict, path: Path) -> None:
             for i in range(n_rounds):
                 w = [s[j] for s in per_seed for j in range(max(0, i - CURVE_WINDOW + 1), i + 1)]
                 a, b = wilson_interval(sum(w), len(w))
-                xs.append(i + 1), ys.append(sum(w) / len(w)), lo.append(a), hi.append(b)
+                xs.append(i + 1)
+                ys.append(sum(w) / len(w))
+                lo.append(a)
+                hi.append(b)
             line, = ax2.plot(xs, ys, label=t.replace("-v3", ""), lw=1.2)
             ax2.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.08)
             drawn += 1

@@ -140,7 +140,7 @@ def summarise(sizes: list[int], seeds: list[int], per_seed_runs: dict, args, out
         if f1 and fn:
             firsts.append(round(f1 / fn, 3))
     result = {"hz": args.hz, "budget_minutes": args.minutes, "threshold": args.threshold, "algo": args.algo,
-              "window_episodes": WINDOW, "hold_episodes": getattr(args, "hold", WINDOW),
+              "window_episodes": WINDOW, "hold_episodes": args.hold,
               "success": "pooled fleet autonomous success (no takeover)",
               "sizes": sizes, "seeds": seeds, "early_stop": not args.no_early_stop,
               "speedup_of": f"{last_n} vs {first_n} robots",
