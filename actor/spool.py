@@ -12,6 +12,14 @@ explicit: "drop-new" (default) abandons the episode being recorded and keeps eve
 waiting; "drop-oldest" deletes the oldest sealed, not yet uploaded episodes to make room. Either
 way it is logged and counted (`dropped_episodes`), and the robot keeps running.
 
+Deleting an uploaded episode is atomic too: the directory is first renamed to
+`.removing-<episode_id>` and then emptied, so a kill -9 mid-delete leaves either the whole sealed
+episode (uploaded again: idempotent) or a leftover that the next start deletes -- never a sealed
+episode with some chunks gone, nor chunks without end.json that recovery would seal again as a
+second, incomplete copy of an episode the store already has. An entry that is damaged anyway
+(a chunk deleted by hand) is moved aside to `.damaged-<episode_id>` by the uploader, so it does not
+block the episodes behind it.
+
 A disk that is really full (ENOSPC, EDQUOT) takes the same path as a full budget: SpoolFull,
 the episode is dropped with a one-line warning. `bytes` counts what is on disk: a write that
 fails takes back what it counted and removes what it left, so a disk that fills up once does
@@ -32,6 +40,8 @@ from fleetloop.files import write_atomic
 log = logging.getLogger(__name__)
 
 POLICIES = ("drop-new", "drop-oldest")
+REMOVING = ".removing-"  # an uploaded episode being deleted (purged at start)
+DAMAGED = ".damaged-"    # a sealed episode the uploader could not read, kept for an operator
 
 
 def read_json(path: Path) -> dict | None:
@@ -81,6 +91,9 @@ class Spool:
         self._lock = threading.Lock()
         self.dropped_episodes = 0
         self.sealed_event = threading.Event()  # set whenever an episode is sealed (wakes the uploader)
+        for d in self.root.glob(REMOVING + "*"):  # a delete cut short by a crash: finish it
+            shutil.rmtree(d, ignore_errors=True)
+        self.damaged = len(list(self.root.glob(DAMAGED + "*")))
         self.bytes = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
 
     # -- recording side ---------------------------------------------------------------------
@@ -130,15 +143,23 @@ class Spool:
             if d.name == keep:
                 continue
             size = _dir_size(d)
-            shutil.rmtree(d, ignore_errors=True)
+            gone = self.root / (REMOVING + d.name)
+            try:
+                os.rename(d, gone)  # all-or-nothing across a crash, as in remove()
+            except FileNotFoundError:
+                continue  # uploaded and removed meanwhile
+            shutil.rmtree(gone, ignore_errors=True)
             self.bytes -= size
             self.dropped_episodes += 1
             log.warning("spool full: dropped oldest waiting episode %s (%d bytes) to keep recording", d.name, size)
 
     # -- uploading side ---------------------------------------------------------------------
+    def _episode_dirs(self) -> list[Path]:
+        return [d for d in self.root.iterdir() if not d.name.startswith(".")]
+
     def _sealed_dirs(self) -> list[Path]:
         sealed = []
-        for d in self.root.iterdir():
+        for d in self._episode_dirs():
             try:  # the uploader may delete a directory while we look
                 sealed.append(((d / "end.json").stat().st_mtime_ns, d))
             except (FileNotFoundError, NotADirectoryError):
@@ -150,17 +171,23 @@ class Spool:
         return [d.name for d in self._sealed_dirs()]
 
     def unsealed(self) -> list[str]:
-        return sorted(d.name for d in self.root.iterdir() if d.is_dir() and not (d / "end.json").exists())
+        return sorted(d.name for d in self._episode_dirs() if d.is_dir() and not (d / "end.json").exists())
 
     def path(self, episode_id: str) -> Path:
         return self.root / episode_id
 
     def remove(self, episode_id: str) -> None:
-        """Delete an episode's directory, uncounting exactly the files that went away."""
+        """Delete an episode's directory, uncounting exactly the files that went away. The rename
+        first makes the delete all-or-nothing across a crash (see the module docstring)."""
         d = self.root / episode_id
+        gone = self.root / (REMOVING + episode_id)
+        try:
+            os.rename(d, gone)
+        except FileNotFoundError:
+            return
         freed = 0
         try:
-            files = list(d.iterdir())
+            files = list(gone.iterdir())
         except (FileNotFoundError, NotADirectoryError):
             files = []
         for f in files:
@@ -173,11 +200,22 @@ class Spool:
             except OSError as e:
                 log.warning("spool: could not delete %s: %s", f, e)
         try:
-            d.rmdir()
+            gone.rmdir()
         except OSError:
             pass
         with self._lock:
             self.bytes = max(0, self.bytes - freed)
+
+    def set_aside(self, episode_id: str, why: str) -> None:
+        """Move a damaged sealed episode out of the upload queue, kept on disk for inspection."""
+        try:
+            os.rename(self.root / episode_id, self.root / (DAMAGED + episode_id))
+        except FileNotFoundError:
+            return  # removed meanwhile (evicted by drop-oldest): nothing left to set aside
+        with self._lock:
+            self.damaged += 1
+        log.error("spool: episode %s is damaged (%s); moved to %s%s and skipped so the episodes "
+                  "behind it upload", episode_id, why, DAMAGED, episode_id)
 
     def recount(self) -> int:
         """Recompute `bytes` from the disk (the accounting check the tests use)."""
@@ -187,7 +225,7 @@ class Spool:
 
     def backlog(self) -> dict:
         return {"episodes": len(self.sealed()), "bytes": self.bytes, "max_bytes": self.max_bytes,
-                "dropped_episodes": self.dropped_episodes}
+                "dropped_episodes": self.dropped_episodes, "damaged_episodes": self.damaged}
 
 
 def _dir_size(d: Path) -> int:

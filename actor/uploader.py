@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from fleetloop.actor.spool import Spool, read_json
 from fleetloop.buffer.codec import (EncodedChunk, EpisodeRejected, chunk_ref, decode_chunk, decode_image_chunk,
-                                   finish_manifest, manifest_key,
+                                   finish_manifest, manifest_from_bytes, manifest_key,
                                    manifest_to_bytes)
 from fleetloop.buffer.queue import EpisodeAnnouncer
 from fleetloop.buffer.store import ObjectStore, StoreError
@@ -25,6 +25,10 @@ from fleetloop.proto.v1 import SCHEMA_VERSION
 from fleetloop.proto.v1 import episode_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+class DamagedEntry(Exception):
+    """A sealed spool entry that no retry can upload (a file gone or unreadable)."""
 
 
 def recover_unsealed(spool: Spool) -> list[str]:
@@ -93,20 +97,35 @@ class Uploader:
         self.last_error: str | None = None
 
     def upload_one(self, episode_id: str) -> None:
+        """Raises DamagedEntry for an entry that can never upload; outages propagate."""
         d = self.spool.path(episode_id)
         meta, end = read_json(d / "meta.json"), read_json(d / "end.json")
         if meta is None or end is None:
-            raise RuntimeError(f"spool entry {episode_id} lacks meta.json/end.json")
+            raise DamagedEntry(f"spool entry {episode_id} lacks a readable meta.json/end.json")
+        mkey = manifest_key(meta["robot_id"], episode_id)
         manifest = build_manifest(meta, end)
         for i, ref_json in enumerate(end["chunks"]):
             ref = json_format.ParseDict(ref_json, pb.ChunkRef())
+            try:
+                data = (d / f"chunk-{i:05d}.flc").read_bytes()
+            except FileNotFoundError:
+                if self.store.exists(mkey):
+                    # Committed before a spool that deleted file by file was cut short: finish the
+                    # steps after the commit point (announce again -- deduped -- and delete).
+                    manifest_bytes = self.store.get(mkey)
+                    try:
+                        manifest = manifest_from_bytes(manifest_bytes, mkey)
+                    except EpisodeRejected as e:
+                        raise DamagedEntry(f"chunk {i} is missing and the stored manifest is bad: {e}") from None
+                    break
+                raise DamagedEntry(f"chunk {i} of {len(end['chunks'])} is missing") from None
             # Re-putting a chunk after a crash is harmless: same key, same bytes.
-            self.store.put(ref.key, (d / f"chunk-{i:05d}.flc").read_bytes())
+            self.store.put(ref.key, data)
             manifest.chunks.append(ref)
-        finish_manifest(manifest)
-        mkey = manifest_key(meta["robot_id"], episode_id)
-        manifest_bytes = manifest_to_bytes(manifest)
-        self.store.put(mkey, manifest_bytes)  # the commit point (idempotent too)
+        else:
+            finish_manifest(manifest)
+            manifest_bytes = manifest_to_bytes(manifest)
+            self.store.put(mkey, manifest_bytes)  # the commit point (idempotent too)
         self.announcer.announce(pb.EpisodeEvent(
             episode_id=episode_id, manifest_key=mkey, robot_id=meta["robot_id"], task_id=meta["task_id"],
             ended_ns=end["ended_ns"], schema_version=SCHEMA_VERSION, manifest_json=manifest_bytes.decode()))
@@ -119,7 +138,11 @@ class Uploader:
         """Upload everything sealed now; returns the number uploaded. Raises on outage."""
         n = 0
         for episode_id in self.spool.sealed():
-            self.upload_one(episode_id)
+            try:
+                self.upload_one(episode_id)
+            except DamagedEntry as e:
+                self.spool.set_aside(episode_id, str(e))
+                continue
             n += 1
         return n
 

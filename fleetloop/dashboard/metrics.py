@@ -155,6 +155,9 @@ def render(dash) -> str:
                [({"robot_id": r["robot_id"]}, r["spool"]["episodes"]) for r in robots])
     out.metric("fleetloop_robot_spool_bytes", "gauge", "Bytes waiting in the robot's spool.",
                [({"robot_id": r["robot_id"]}, r["spool"]["bytes"]) for r in robots])
+    out.metric("fleetloop_robot_spool_damaged_episodes", "gauge",
+               "Sealed episodes the robot's uploader set aside as unreadable (kept on its disk).",
+               [({"robot_id": r["robot_id"]}, r["spool"]["damaged_episodes"]) for r in robots])
     out.metric("fleetloop_robot_takeover_requested", "gauge", "1 while an operator takeover is requested.",
                [({"robot_id": r["robot_id"]}, r["takeover_requested"]) for r in robots])
     _reconcile(out, dash, learner)

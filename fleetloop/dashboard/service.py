@@ -485,7 +485,8 @@ class Dashboard:
             "target_version": target, "target_source": source,
             "takeover_requested": bool(hb.get("takeover_requested")), "paused": bool(hb.get("paused")),
             "spool": {"episodes": int(spool.get("episodes") or 0), "bytes": int(spool.get("bytes") or 0),
-                      "max_bytes": spool.get("max_bytes"), "dropped_episodes": int(spool.get("dropped_episodes") or 0)},
+                      "max_bytes": spool.get("max_bytes"), "dropped_episodes": int(spool.get("dropped_episodes") or 0),
+                      "damaged_episodes": int(spool.get("damaged_episodes") or 0)},
             "upload_error": hb.get("upload_error") or "",
             **tally.as_dict(),
         }

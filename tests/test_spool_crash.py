@@ -1,0 +1,150 @@
+"""A kill -9 while the uploader deletes an uploaded episode from the spool (the step after the
+commit point), and a sealed entry that is damaged: neither may stall the spool or duplicate an
+episode. The fresh-clone CI once hung here: the kill landed after chunk-00000 was deleted but
+before end.json, and the restarted uploader retried the missing chunk forever."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from fleetloop.actor.recorder import EpisodeRecorder
+from fleetloop.actor.spool import DAMAGED, REMOVING, Spool
+from fleetloop.actor.synthetic import synthetic_steps
+from fleetloop.actor.uploader import Uploader
+from fleetloop.buffer.codec import manifest_key
+from fleetloop.buffer.consumer import DataConsumer
+from fleetloop.buffer.index import FrameIndex
+from fleetloop.config import EPISODE_STREAM as STREAM
+from fleetloop.buffer.store import LocalStore
+from fleetloop.proto.v1 import episode_pb2 as pb
+
+ROBOT = "robot-c"
+
+
+def record(spool: Spool, n: int, seed: int = 0) -> list[str]:
+    rec = EpisodeRecorder(spool, ROBOT, chunk_steps=4, chunk_bytes=16 * 1024)
+    rng = np.random.default_rng(seed)
+    ids = []
+    for _ in range(n):
+        rec.start("synthetic-v0", "do it", "v000001")
+        for step in synthetic_steps(rng, 48 * 1024, steps=16):
+            rec.add_step(step)
+        eid, _ = rec.end(pb.OUTCOME_SUCCESS, pb.LABEL_SOURCE_ROBOT, "t")
+        ids.append(eid)
+    assert rec.flush()
+    return ids
+
+
+def on_disk(spool: Spool) -> int:
+    return sum(f.stat().st_size for f in spool.root.rglob("*") if f.is_file())
+
+
+def index_all(store, client, expect: int) -> FrameIndex:
+    index = FrameIndex()
+    consumer = DataConsumer(store, client, index)
+    for _ in range(40):
+        consumer.poll_once(block_ms=50)
+        if len(index) >= expect:
+            break
+    consumer.poll_once(block_ms=50)  # and anything after it (a duplicate would show up here)
+    return index
+
+
+KILL_MID_DELETE = textwrap.dedent("""
+    import os, pathlib, signal, sys
+    import redis
+    from fleetloop.actor.spool import Spool
+    from fleetloop.actor.uploader import Uploader
+    from fleetloop.buffer.store import LocalStore
+
+    spool_dir, store_dir, redis_url = sys.argv[1:4]
+    unlink = pathlib.Path.unlink
+    def unlink_then_die(self, *a, **k):   # kill -9 right after the first chunk file is deleted
+        unlink(self, *a, **k)
+        if self.name.endswith(".flc"):
+            os.kill(os.getpid(), signal.SIGKILL)
+    pathlib.Path.unlink = unlink_then_die
+    Uploader(Spool(spool_dir), LocalStore(store_dir), redis.Redis.from_url(redis_url)).drain_once()
+    sys.exit(3)  # not reached
+""")
+
+
+def test_kill_9_while_deleting_an_uploaded_episode(tmp_path, redis_server, redis_client):
+    spool = Spool(tmp_path / "spool")
+    ids = record(spool, 3)
+    script = tmp_path / "kill_mid_delete.py"
+    script.write_text(KILL_MID_DELETE)
+    proc = subprocess.run([sys.executable, str(script), str(spool.root), str(tmp_path / "store"), redis_server.url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    store = LocalStore(tmp_path / "store")
+    first = ids[0]  # uploaded, committed and announced; killed while its spool copy was deleted
+    committed = store.get(manifest_key(ROBOT, first))
+    assert redis_client.xlen(STREAM) == 1
+    left = sorted(os.listdir(spool.root))
+    assert left == sorted([REMOVING + first] + ids[1:])  # whole episodes, and one half-deleted aside
+
+    restarted = Spool(spool.root)  # the robot comes back
+    assert sorted(os.listdir(spool.root)) == sorted(ids[1:])  # the half-deleted one is finished off
+    assert restarted.sealed() == ids[1:] and restarted.unsealed() == []
+    assert restarted.bytes == on_disk(restarted)
+    assert Uploader(restarted, store, redis_client).drain_once() == 2
+    assert os.listdir(spool.root) == [] and restarted.bytes == 0
+    assert store.get(manifest_key(ROBOT, first)) == committed  # not re-sealed as an incomplete copy
+    index = index_all(store, redis_client, 3)
+    assert sorted(e.episode_id for e in index.episodes()) == sorted(ids)
+    assert not any(e.incomplete for e in index.episodes())
+
+
+def test_committed_episode_with_chunks_gone_finishes_instead_of_retrying(tmp_path, redis_server, redis_client,
+                                                                         caplog):
+    """A spool left by a build that deleted file by file: end.json is there, chunk 0 is not, and
+    the store already has the manifest. Before, the uploader retried the missing file forever."""
+    spool = Spool(tmp_path / "spool")
+    ids = record(spool, 2)
+    store = LocalStore(tmp_path / "store")
+    uploader = Uploader(spool, store, redis_client)
+    real_remove = spool.remove
+    spool.remove = lambda eid: (spool.path(eid) / "chunk-00000.flc").unlink()  # the old crash, frozen
+    uploader.upload_one(ids[0])
+    spool.remove = real_remove
+    committed = store.get(manifest_key(ROBOT, ids[0]))
+
+    restarted = Spool(spool.root)
+    caplog.set_level(logging.WARNING)
+    assert Uploader(restarted, store, redis_client).drain_once() == 2
+    assert os.listdir(spool.root) == [] and restarted.damaged == 0
+    assert store.get(manifest_key(ROBOT, ids[0])) == committed
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    index = index_all(store, redis_client, 2)  # announced twice, indexed once
+    assert redis_client.xlen(STREAM) == 3
+    assert sorted(e.episode_id for e in index.episodes()) == sorted(ids) and len(index) == 2
+
+
+def test_damaged_entry_is_set_aside_and_the_rest_upload(tmp_path, redis_server, redis_client, caplog):
+    spool = Spool(tmp_path / "spool")
+    ids = record(spool, 3)
+    (spool.path(ids[0]) / "chunk-00001.flc").unlink()   # deleted by hand, never uploaded
+    (spool.path(ids[1]) / "end.json").write_text("{not json")  # corrupted seal
+    store = LocalStore(tmp_path / "store")
+    uploader = Uploader(spool, store, redis_client)
+    caplog.set_level(logging.WARNING)
+    assert uploader.drain_once() == 1                    # the good one is not held up
+    assert not store.exists(manifest_key(ROBOT, ids[0]))  # nothing half-committed
+    assert sorted(os.listdir(spool.root)) == sorted([DAMAGED + ids[0], DAMAGED + ids[1]])
+    assert spool.damaged == 2 and spool.backlog()["damaged_episodes"] == 2 and spool.sealed() == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(ids[0] in m and "chunk 1 of" in m and "missing" in m for m in errors)
+    assert any(ids[1] in m and "end.json" in m for m in errors)
+    assert uploader.drain_once() == 0                    # and it is not retried
+    # a restart still knows how many are set aside, and they stay on disk for an operator
+    assert Spool(spool.root).damaged == 2
+    index = index_all(store, redis_client, 1)
+    assert [e.episode_id for e in index.episodes()] == [ids[2]]
+    assert json.loads((spool.root / (DAMAGED + ids[0]) / "meta.json").read_text())["episode_id"] == ids[0]
