@@ -20,6 +20,12 @@ second, incomplete copy of an episode the store already has. An entry that is da
 (a chunk deleted by hand) is moved aside to `.damaged-<episode_id>` by the uploader, so it does not
 block the episodes behind it.
 
+With `durable` (the default) the spool survives a power cut, not only a killed process: chunk
+and meta files are fsync'd as they are written (on the writer thread, off the control loop), and
+end.json is fsync'd before its rename and its directory after, so a sealed episode on disk always
+has its chunks. An end.json that is unreadable anyway (a disk without honest flushes) is not the
+end of the episode: the uploader seals it again from its chunks, as after a crash (incomplete).
+
 A disk that is really full (ENOSPC, EDQUOT) takes the same path as a full budget: SpoolFull,
 the episode is dropped with a one-line warning. `bytes` counts what is on disk: a write that
 fails takes back what it counted and removes what it left, so a disk that fills up once does
@@ -35,7 +41,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from fleetloop.files import write_atomic
+from fleetloop.files import fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +69,12 @@ def _write_counted(spool: "Spool", path: Path, data: bytes, atomic: bool = False
     count is taken back and a partial file removed; a full disk raises SpoolFull."""
     try:
         if atomic:
-            write_atomic(path, data)
+            write_atomic(path, data, durable=spool.durable)
+        elif spool.durable:
+            with open(path, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # its name is made durable by the seal's directory sync
         else:
             path.write_bytes(data)
     except OSError as e:
@@ -80,14 +91,15 @@ def _write_counted(spool: "Spool", path: Path, data: bytes, atomic: bool = False
 
 
 class Spool:
-    def __init__(self, root: str | os.PathLike, max_bytes: int = 2 * 1024 ** 3, on_full: str = "drop-new"):
+    def __init__(self, root: str | os.PathLike, max_bytes: int = 2 * 1024 ** 3, on_full: str = "drop-new",
+                 durable: bool = True):
         if on_full not in POLICIES:
             raise ValueError(f"spool on_full must be one of {POLICIES}, not {on_full!r}")
         if max_bytes <= 0:
             raise ValueError("spool max_bytes must be positive")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.max_bytes, self.on_full = max_bytes, on_full
+        self.max_bytes, self.on_full, self.durable = max_bytes, on_full, durable
         self._lock = threading.Lock()
         self.dropped_episodes = 0
         self.sealed_event = threading.Event()  # set whenever an episode is sealed (wakes the uploader)
@@ -109,6 +121,8 @@ class Spool:
         with self._lock:
             self.bytes += len(data)
         _write_counted(self, d / "meta.json", data)
+        if self.durable:
+            fsync_dir(self.root)  # the episode's directory survives a power cut too
         return d
 
     def write_chunk(self, episode_id: str, index: int, data: bytes) -> None:
@@ -125,9 +139,14 @@ class Spool:
 
     def seal(self, episode_id: str, end: dict) -> None:
         data = json.dumps(end).encode()
+        path = self.root / episode_id / "end.json"
+        try:
+            replaced = path.stat().st_size  # an unreadable seal being redone
+        except FileNotFoundError:
+            replaced = 0
         with self._lock:
-            self.bytes += len(data)
-        _write_counted(self, self.root / episode_id / "end.json", data, atomic=True)
+            self.bytes += len(data) - replaced
+        _write_counted(self, path, data, atomic=True)
         self.sealed_event.set()
 
     def drop(self, episode_id: str, why: str) -> None:

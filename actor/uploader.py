@@ -35,40 +35,43 @@ def recover_unsealed(spool: Spool) -> list[str]:
     """After a crash, seal episodes that were still recording: what reached the disk is kept,
     marked incomplete (outcome unknown). A chunk cut short by the crash, and any after it,
     is dropped."""
-    recovered = []
-    for episode_id in spool.unsealed():
-        d = spool.path(episode_id)
-        meta = read_json(d / "meta.json")
-        if meta is None:
-            spool.remove(episode_id)  # died before the episode really began
-            continue
-        refs, flags, cameras = [], [], []
-        for i, f in enumerate(sorted(d.glob("chunk-*.flc"))):
-            try:
-                enc = EncodedChunk.from_object(f.read_bytes(), str(f))
-                chunk = decode_chunk(enc.steps, str(f))
-                images = decode_image_chunk(enc.images, str(f)) if enc.images else None
-            except EpisodeRejected:
-                log.warning("recovery: %s was cut short by the crash; dropping it and later chunks", f)
-                break
-            if images is not None and not cameras and images.steps:
-                cameras = [img.camera for img in images.steps[0].images]
-            refs.append(json_format.MessageToDict(chunk_ref(meta["robot_id"], episode_id, i, len(chunk.steps), enc)))
-            flags.extend(s.intervention for s in chunk.steps)
-        segments, start = [], None
-        for i, flag in enumerate(flags + [False]):
-            if flag and start is None:
-                start = i
-            elif not flag and start is not None:
-                segments.append({"start_step": start, "end_step": i, "operator": "", "reason": ""})
-                start = None
-        spool.seal(episode_id, {"outcome": pb.OUTCOME_UNKNOWN, "outcome_source": 0, "labelled_by": "",
-                                "incomplete": True, "ended_ns": time.time_ns(), "num_steps": len(flags),
-                                "chunks": refs,
-                                "interventions": segments, "cameras": cameras})
-        recovered.append(episode_id)
-        log.warning("recovered episode %s from the spool (%d steps, marked incomplete)", episode_id, len(flags))
-    return recovered
+    return [episode_id for episode_id in spool.unsealed() if reseal_from_chunks(spool, episode_id)]
+
+
+def reseal_from_chunks(spool: Spool, episode_id: str) -> bool:
+    """Seal one episode from the chunks on disk (replacing an unreadable end.json, if any);
+    False when there is nothing to keep (removed)."""
+    d = spool.path(episode_id)
+    meta = read_json(d / "meta.json")
+    if meta is None:
+        spool.remove(episode_id)  # died before the episode really began
+        return False
+    refs, flags, cameras = [], [], []
+    for i, f in enumerate(sorted(d.glob("chunk-*.flc"))):
+        try:
+            enc = EncodedChunk.from_object(f.read_bytes(), str(f))
+            chunk = decode_chunk(enc.steps, str(f))
+            images = decode_image_chunk(enc.images, str(f)) if enc.images else None
+        except EpisodeRejected:
+            log.warning("recovery: %s was cut short by the crash; dropping it and later chunks", f)
+            break
+        if images is not None and not cameras and images.steps:
+            cameras = [img.camera for img in images.steps[0].images]
+        refs.append(json_format.MessageToDict(chunk_ref(meta["robot_id"], episode_id, i, len(chunk.steps), enc)))
+        flags.extend(s.intervention for s in chunk.steps)
+    segments, start = [], None
+    for i, flag in enumerate(flags + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            segments.append({"start_step": start, "end_step": i, "operator": "", "reason": ""})
+            start = None
+    spool.seal(episode_id, {"outcome": pb.OUTCOME_UNKNOWN, "outcome_source": 0, "labelled_by": "",
+                            "incomplete": True, "ended_ns": time.time_ns(), "num_steps": len(flags),
+                            "chunks": refs,
+                            "interventions": segments, "cameras": cameras})
+    log.warning("recovered episode %s from the spool (%d steps, marked incomplete)", episode_id, len(flags))
+    return True
 
 
 def build_manifest(meta: dict, end: dict) -> pb.EpisodeManifest:
@@ -100,8 +103,13 @@ class Uploader:
         """Raises DamagedEntry for an entry that can never upload; outages propagate."""
         d = self.spool.path(episode_id)
         meta, end = read_json(d / "meta.json"), read_json(d / "end.json")
-        if meta is None or end is None:
-            raise DamagedEntry(f"spool entry {episode_id} lacks a readable meta.json/end.json")
+        if meta is None:
+            raise DamagedEntry(f"spool entry {episode_id} lacks a readable meta.json")
+        if end is None:  # its seal did not survive (a power cut on a disk that lies about flushes)
+            log.warning("spool entry %s has an unreadable end.json; sealing it again from its chunks", episode_id)
+            if not reseal_from_chunks(self.spool, episode_id):
+                return
+            end = read_json(d / "end.json")
         mkey = manifest_key(meta["robot_id"], episode_id)
         manifest = build_manifest(meta, end)
         for i, ref_json in enumerate(end["chunks"]):

@@ -129,22 +129,51 @@ def test_committed_episode_with_chunks_gone_finishes_instead_of_retrying(tmp_pat
 
 def test_damaged_entry_is_set_aside_and_the_rest_upload(tmp_path, redis_server, redis_client, caplog):
     spool = Spool(tmp_path / "spool")
-    ids = record(spool, 3)
-    (spool.path(ids[0]) / "chunk-00001.flc").unlink()   # deleted by hand, never uploaded
-    (spool.path(ids[1]) / "end.json").write_text("{not json")  # corrupted seal
+    ids = record(spool, 4)
+    (spool.path(ids[0]) / "chunk-00001.flc").unlink()    # deleted by hand, never uploaded
+    (spool.path(ids[1]) / "meta.json").write_text("")     # what the episode is: gone
+    (spool.path(ids[2]) / "end.json").write_text("{not j")  # its seal did not survive: sealed again
+    spool.recount()                                       # (the hand edits above bypassed the count)
     store = LocalStore(tmp_path / "store")
     uploader = Uploader(spool, store, redis_client)
     caplog.set_level(logging.WARNING)
-    assert uploader.drain_once() == 1                    # the good one is not held up
+    assert uploader.drain_once() == 2                    # the good ones are not held up
     assert not store.exists(manifest_key(ROBOT, ids[0]))  # nothing half-committed
     assert sorted(os.listdir(spool.root)) == sorted([DAMAGED + ids[0], DAMAGED + ids[1]])
     assert spool.damaged == 2 and spool.backlog()["damaged_episodes"] == 2 and spool.sealed() == []
+    assert spool.bytes == on_disk(spool)
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(ids[0] in m and "chunk 1 of" in m and "missing" in m for m in errors)
-    assert any(ids[1] in m and "end.json" in m for m in errors)
+    assert any(ids[1] in m and "meta.json" in m for m in errors)
     assert uploader.drain_once() == 0                    # and it is not retried
     # a restart still knows how many are set aside, and they stay on disk for an operator
     assert Spool(spool.root).damaged == 2
-    index = index_all(store, redis_client, 1)
-    assert [e.episode_id for e in index.episodes()] == [ids[2]]
+    index = index_all(store, redis_client, 2)
+    assert sorted(e.episode_id for e in index.episodes()) == sorted(ids[2:])
+    resealed, whole = index.get(ids[2]), index.get(ids[3])
+    assert resealed.incomplete and not whole.incomplete
+    assert resealed.num_steps == whole.num_steps == 16   # every step kept, only the outcome unknown
     assert json.loads((spool.root / (DAMAGED + ids[0]) / "meta.json").read_text())["episode_id"] == ids[0]
+
+
+def test_durable_spool_syncs_what_a_seal_promises(tmp_path, monkeypatch):
+    """Power-cut safety is ordering: chunk data on disk before the seal's rename, the rename
+    itself synced through the directory. Count the syncs of one episode (a real power cut
+    cannot be staged here)."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 real_fsync(fd)))
+    spool = Spool(tmp_path / "spool")
+    eid = record(spool, 1)[0]
+    d = str(spool.path(eid))
+    chunks = sorted(str(p) for p in spool.path(eid).glob("chunk-*.flc"))
+    assert len(chunks) == 4
+    names = [os.path.basename(p) for p in synced]
+    assert set(chunks) <= set(synced) and d + "/meta.json" in synced
+    assert synced.index(str(spool.root)) < synced.index(chunks[0])        # the episode's directory entry
+    assert max(synced.index(c) for c in chunks) < synced.index(d) == len(synced) - 1  # seal last: dir sync
+    assert names[-2].startswith(".tmp-")                                   # end.json's data before its rename
+    synced.clear()
+    record(Spool(tmp_path / "fast", durable=False), 1)
+    assert synced == []
