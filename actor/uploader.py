@@ -35,17 +35,26 @@ def recover_unsealed(spool: Spool) -> list[str]:
     """After a crash, seal episodes that were still recording: what reached the disk is kept,
     marked incomplete (outcome unknown). A chunk cut short by the crash, and any after it,
     is dropped."""
-    return [episode_id for episode_id in spool.unsealed() if reseal_from_chunks(spool, episode_id)]
+    recovered = []
+    for episode_id in spool.unsealed():
+        try:
+            if reseal_from_chunks(spool, episode_id):
+                recovered.append(episode_id)
+        except (DamagedEntry, *_MALFORMED) as e:
+            spool.set_aside(episode_id, str(e) or repr(e))
+    return recovered
 
 
 def reseal_from_chunks(spool: Spool, episode_id: str) -> bool:
     """Seal one episode from the chunks on disk (replacing an unreadable end.json, if any);
-    False when there is nothing to keep (removed)."""
+    False when there is nothing to keep (removed); DamagedEntry when meta.json is unusable."""
     d = spool.path(episode_id)
     meta = read_json(d / "meta.json")
-    if meta is None:
+    if meta is None and not (d / "end.json").exists():
         spool.remove(episode_id)  # died before the episode really began
         return False
+    if not isinstance(meta, dict) or not isinstance(meta.get("robot_id"), str):
+        raise DamagedEntry(f"spool entry {episode_id} lacks a usable meta.json")
     refs, flags, cameras = [], [], []
     for i, f in enumerate(sorted(d.glob("chunk-*.flc"))):
         try:
@@ -88,6 +97,18 @@ def build_manifest(meta: dict, end: dict) -> pb.EpisodeManifest:
     return m
 
 
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, json_format.ParseError)
+
+
+def _parse_entry(episode_id: str, meta: dict, end: dict | None) -> tuple[str, pb.EpisodeManifest, list[pb.ChunkRef]]:
+    """The manifest key, the manifest (without chunks) and the chunk refs of a sealed entry;
+    raises one of _MALFORMED when a field is missing or of the wrong type."""
+    if end is None:
+        raise ValueError("")
+    refs = [json_format.ParseDict(r, pb.ChunkRef()) for r in end["chunks"]]
+    return manifest_key(meta["robot_id"], episode_id), build_manifest(meta, end), refs
+
+
 class Uploader:
     def __init__(self, spool: Spool, store: ObjectStore, client: redis.Redis,
                  max_backoff_s: float = 5.0, on_uploaded=None):
@@ -103,17 +124,25 @@ class Uploader:
         """Raises DamagedEntry for an entry that can never upload; outages propagate."""
         d = self.spool.path(episode_id)
         meta, end = read_json(d / "meta.json"), read_json(d / "end.json")
-        if meta is None:
+        if not isinstance(meta, dict):
             raise DamagedEntry(f"spool entry {episode_id} lacks a readable meta.json")
-        if end is None:  # its seal did not survive (a power cut on a disk that lies about flushes)
-            log.warning("spool entry %s has an unreadable end.json; sealing it again from its chunks", episode_id)
-            if not reseal_from_chunks(self.spool, episode_id):
-                return
+        try:
+            mkey, manifest, refs = _parse_entry(episode_id, meta, end)
+        except _MALFORMED as e:
+            # Its seal did not survive (a power cut on a disk that lies about flushes) or was
+            # written wrong: seal again from the chunks, which hold every step.
+            log.warning("spool entry %s has an unusable end.json (%s); sealing it again from its chunks",
+                        episode_id, e or "unreadable")
+            try:
+                reseal_from_chunks(self.spool, episode_id)
+            except _MALFORMED as e:
+                raise DamagedEntry(f"cannot seal it again from its chunks: {e!r}") from None
             end = read_json(d / "end.json")
-        mkey = manifest_key(meta["robot_id"], episode_id)
-        manifest = build_manifest(meta, end)
-        for i, ref_json in enumerate(end["chunks"]):
-            ref = json_format.ParseDict(ref_json, pb.ChunkRef())
+            try:
+                mkey, manifest, refs = _parse_entry(episode_id, meta, end)
+            except _MALFORMED as e:
+                raise DamagedEntry(f"no manifest can be built from its meta.json: {e!r}") from None
+        for i, ref in enumerate(refs):
             try:
                 data = (d / f"chunk-{i:05d}.flc").read_bytes()
             except FileNotFoundError:
@@ -126,7 +155,7 @@ class Uploader:
                     except EpisodeRejected as e:
                         raise DamagedEntry(f"chunk {i} is missing and the stored manifest is bad: {e}") from None
                     break
-                raise DamagedEntry(f"chunk {i} of {len(end['chunks'])} is missing") from None
+                raise DamagedEntry(f"chunk {i} of {len(refs)} is missing") from None
             # Re-putting a chunk after a crash is harmless: same key, same bytes.
             self.store.put(ref.key, data)
             manifest.chunks.append(ref)
@@ -163,10 +192,12 @@ class Uploader:
                 self.drain_once()
                 backoff = 0.05
                 self.last_error = None
-            except (StoreError, redis.RedisError, OSError) as e:
+            except Exception as e:  # outages (store, Redis, disk) and anything unforeseen: the thread lives on
                 self.failures += 1
                 self.last_error = str(e)
-                log.warning("upload failed (%s); retrying in %.2fs; the robot keeps recording", e, backoff)
+                expected = isinstance(e, (StoreError, redis.RedisError, OSError))
+                log.warning("upload failed (%s); retrying in %.2fs; the robot keeps recording", e, backoff,
+                            exc_info=not expected)
                 stop.wait(backoff)
                 backoff = min(self.max_backoff_s, backoff * 2)
                 continue

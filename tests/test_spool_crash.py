@@ -16,7 +16,7 @@ import numpy as np
 from fleetloop.actor.recorder import EpisodeRecorder
 from fleetloop.actor.spool import DAMAGED, REMOVING, Spool
 from fleetloop.actor.synthetic import synthetic_steps
-from fleetloop.actor.uploader import Uploader
+from fleetloop.actor.uploader import Uploader, recover_unsealed
 from fleetloop.buffer.codec import manifest_key
 from fleetloop.buffer.consumer import DataConsumer
 from fleetloop.buffer.index import FrameIndex
@@ -60,7 +60,7 @@ KILL_MID_DELETE = textwrap.dedent("""
     import os, pathlib, signal, sys
     import redis
     from fleetloop.actor.spool import Spool
-    from fleetloop.actor.uploader import Uploader
+    from fleetloop.actor.uploader import Uploader, recover_unsealed
     from fleetloop.buffer.store import LocalStore
 
     spool_dir, store_dir, redis_url = sys.argv[1:4]
@@ -133,11 +133,12 @@ def test_damaged_entry_is_set_aside_and_the_rest_upload(tmp_path, redis_server, 
     (spool.path(ids[0]) / "chunk-00001.flc").unlink()    # deleted by hand, never uploaded
     (spool.path(ids[1]) / "meta.json").write_text("")     # what the episode is: gone
     (spool.path(ids[2]) / "end.json").write_text("{not j")  # its seal did not survive: sealed again
+    (spool.path(ids[3]) / "end.json").write_text("{}")      # nor this one (valid JSON, no fields)
     spool.recount()                                       # (the hand edits above bypassed the count)
     store = LocalStore(tmp_path / "store")
     uploader = Uploader(spool, store, redis_client)
     caplog.set_level(logging.WARNING)
-    assert uploader.drain_once() == 2                    # the good ones are not held up
+    assert uploader.drain_once() == 2                    # the others are not held up
     assert not store.exists(manifest_key(ROBOT, ids[0]))  # nothing half-committed
     assert sorted(os.listdir(spool.root)) == sorted([DAMAGED + ids[0], DAMAGED + ids[1]])
     assert spool.damaged == 2 and spool.backlog()["damaged_episodes"] == 2 and spool.sealed() == []
@@ -150,9 +151,9 @@ def test_damaged_entry_is_set_aside_and_the_rest_upload(tmp_path, redis_server, 
     assert Spool(spool.root).damaged == 2
     index = index_all(store, redis_client, 2)
     assert sorted(e.episode_id for e in index.episodes()) == sorted(ids[2:])
-    resealed, whole = index.get(ids[2]), index.get(ids[3])
-    assert resealed.incomplete and not whole.incomplete
-    assert resealed.num_steps == whole.num_steps == 16   # every step kept, only the outcome unknown
+    for eid in ids[2:]:
+        resealed = index.get(eid)
+        assert resealed.incomplete and resealed.num_steps == 16  # every step kept, only the outcome unknown
     assert json.loads((spool.root / (DAMAGED + ids[0]) / "meta.json").read_text())["episode_id"] == ids[0]
 
 
@@ -177,3 +178,21 @@ def test_durable_spool_syncs_what_a_seal_promises(tmp_path, monkeypatch):
     synced.clear()
     record(Spool(tmp_path / "fast", durable=False), 1)
     assert synced == []
+
+
+def test_recovery_at_start_sets_aside_an_episode_it_cannot_read(tmp_path, caplog):
+    """An episode cut short by a crash whose meta.json is garbage must not stop the robot's
+    daemon from starting (recovery runs before recording)."""
+    spool = Spool(tmp_path / "spool")
+    rec = EpisodeRecorder(spool, ROBOT, chunk_steps=4, chunk_bytes=16 * 1024)
+    for eid, meta in (("ep-list", "[1, 2]"), ("ep-badid", json.dumps({"robot_id": "no/slashes"}))):
+        rec.start("synthetic-v0", "do it", "v000001", episode_id=eid)
+        for step in synthetic_steps(np.random.default_rng(0), 8 * 1024, steps=8):
+            rec.add_step(step)
+        assert rec.flush()
+        rec._current = None                              # the process died mid-episode
+        (spool.path(eid) / "meta.json").write_text(meta)
+    good = record(spool, 1)[0]
+    caplog.set_level(logging.WARNING)
+    assert recover_unsealed(Spool(spool.root)) == []
+    assert sorted(os.listdir(spool.root)) == sorted([DAMAGED + "ep-list", DAMAGED + "ep-badid", good])
