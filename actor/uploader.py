@@ -5,6 +5,12 @@ then delete the spool copy. Each step is
 idempotent, so a kill -9 anywhere means redoing at most one step after restart; a duplicate
 event is absorbed by the consumer's dedupe. Store or Redis outages are retried with
 exponential backoff while the robot keeps recording into the spool.
+
+An entry that no retry can fix never blocks the ones behind it: an unusable end.json is sealed
+again from the chunks (every step kept, marked incomplete); a missing chunk of an episode the
+store already committed just finishes the steps after the commit point; anything else (a chunk
+gone before the commit, an unreadable meta.json) is moved aside to `.damaged-<id>`, logged as an
+error and counted (`damaged_episodes` in the heartbeat, the dashboard and /metrics).
 """
 from __future__ import annotations
 
