@@ -336,3 +336,85 @@ def test_simulated_fleet_broken_version_stays_on_canaries_and_a_good_one_is_prom
     assert out["good_promoted"] and out["good_decision"] == "promote", out["decisions"]
     # batching: a version published while another was under test is skipped for the newest
     assert not out["skipped_was_candidate"] and out["newest_decision"] in ("promote", "refuse")
+
+
+# ---- the watch after a promotion ------------------------------------------------------------------
+
+def test_watch_rolls_back_a_promoted_version_the_fleet_shows_worse(registry, redis_client):
+    from fleetloop.dashboard.rollout_api import render_metrics
+    book = EvidenceBook()
+    gate = RolloutGate(registry, RolloutSettings(canary_robots=("r9",)), book)
+    v1 = publish(registry, 1)
+    gate.tick()
+    add(book, v1, "t", 16, 4)                        # reference 17/22 = 0.77
+    v2 = publish(registry, 2)
+    assert gate.tick()["decision"] == "canary"
+    add(book, v2, "t", 45, 5, robot="r9")            # lucky on the canary
+    d = gate.tick()
+    assert d["decision"] == "promote" and d["watched_against"] == v1
+    assert gate.state()["watch"] == v2 and gate.state()["watch_prev"] == v1
+    v3 = publish(registry, 3)
+    assert gate.tick()["version"] == v3              # the next test runs while v2 is watched
+    assert gate.tick() is None                       # the canary episodes of v2 do not count again
+    add(book, v2, "t", 2, 10, robot="r1")            # the whole fleet says otherwise
+    assert 'fleetloop_rollout_watch{replaced="v000001",version="v000002"} 1' in render_metrics(gate)
+    d = gate.tick()
+    assert d["decision"] == "rollback" and d["version"] == v2 and d["to"] == v1 and d["by"] == "rollout-gate"
+    assert d["evidence"]["n"] == 12 and d["evidence"]["per_task"]["t"]["reference"] == pytest.approx(17 / 22, abs=1e-3)
+    assert registry.pointer()["version"] == v1 and registry.pointer()["pinned"]
+    assert registry.resolve("r1").version == v1 and registry.canary() is None
+    assert gate.decided()[v2] == "rollback" and gate.decided()[v3] == "abandon"
+    assert gate.state()["baseline"] == v1 and gate.state()["watch"] is None and gate.state()["candidate"] is None
+    assert [x["decision"] for x in gate.decisions(3)] == ["rollback", "abandon", "canary"]
+    assert gate.tick() is None                       # v3 was abandoned: wait for the next version
+    v4 = publish(registry, 4)
+    assert gate.tick()["version"] == v4 and gate.state()["baseline"] == v1
+    assert 'fleetloop_rollout_decisions_total{by="gate",decision="rollback"} 1' in render_metrics(gate)
+
+
+def test_watch_confirms_settles_and_leaves_operator_moves_alone(registry, redis_client):
+    book = EvidenceBook()
+    gate = RolloutGate(registry, RolloutSettings(canary_robots=("r9",), max_episodes=30), book)
+    v1 = publish(registry, 1)
+    gate.tick()
+    add(book, v1, "t", 16, 4)
+    v2 = publish(registry, 2)
+    gate.tick()
+    d = gate.manual_promote(v2, by="alice", reason="ship it")   # an operator's promotion is watched too
+    assert d["watched_against"] == v1 and gate.state()["watch"] == v2
+    add(book, v2, "t", 40, 2, robot="r1")
+    d = gate.tick()
+    assert d["decision"] == "confirm" and d["version"] == v2 and gate.state()["watch"] is None
+    assert registry.pointer()["version"] == v2 and gate.decided()[v2] == "promote"
+    # between the hypotheses for max_episodes: the watch ends and the version stays
+    add(book, v2, "t", 60, 0, robot="r1")                       # v2's reference: 101/104
+    v3 = publish(registry, 3)
+    gate.tick()
+    gate.manual_promote(v3, by="alice")
+    add(book, v3, "t", 27, 3, robot="r1")                       # 0.90: neither 0.97 nor 0.82
+    d = gate.tick()
+    assert d["decision"] == "settle" and registry.pointer()["version"] == v3 and gate.state()["watch"] is None
+    # an operator who moves the fleet by hand ends the watch; a move back is not watched
+    v4 = publish(registry, 4)
+    gate.tick()
+    gate.manual_promote(v4, by="alice")
+    registry.pin_fleet(v3, by="bob")
+    gate.tick()
+    assert gate.state()["watch"] is None and gate.state()["baseline"] == v3
+    gate.manual_promote(v2, by="alice", reason="back to a known good one")
+    assert gate.state()["watch"] is None
+    # switched off in the settings: nothing is watched
+    quiet = RolloutGate(registry, RolloutSettings(canary_robots=("r9",), watch=False), book)
+    v5 = publish(registry, 5)
+    assert "watched_against" not in quiet.manual_promote(v5, by="alice") and quiet.state()["watch"] is None
+
+
+def test_simulated_fleet_rolls_back_a_broken_version_promoted_by_hand(tmp_path, redis_client):
+    """Six simulated robots on the real registry, the gate as its thread: an operator promotes a
+    sign-flipped version; every robot runs it until the watch rolls the fleet back."""
+    from fleetloop.bench.rollout import scenario_watch
+    out = scenario_watch(redis_client, str(tmp_path / "sim"), robots=6, episode_s=0.01,
+                         settings=RolloutSettings(tick_s=0.05), timeout=45)
+    assert out["decision"] == "rollback" and out["rolled_back_to"] == out["v1"] and out["pointer"] == out["v1"]
+    assert out["broken_success"]["rate"] < 0.2
+    assert out["episodes_counted"] < 20 and out["broken_episodes"] < 60, out

@@ -15,6 +15,8 @@ the gate never reads. The gate (fleetloop.policy.rollout.GateService) follows th
 Phases, each on a fresh fleet:
   gate on:  good v1 (bootstrap) -> broken version -> good version (+ two more published while it
             is under test, to show batching)
+  watch:    good v1 -> an operator promotes a broken version by hand: every robot runs it, and
+            the watch after the promotion rolls the fleet back (`watch` in the JSON)
   gate off: the same broken and good versions pushed to every robot at once (SOP)
 
 Prints one JSON object: broken_episodes_before_rollback, broken_reached_non_canary,
@@ -288,6 +290,48 @@ def scenario_gate(redis_client, store_dir: str, robots: int = 8, episode_s: floa
         fleet.close()
 
 
+def scenario_watch(redis_client, store_dir: str, robots: int = 8, episode_s: float = 0.02, seed: int = 2,
+                   settings=None, timeout: float = 60.0) -> dict:
+    """Gate on: an operator promotes a broken version by hand (or a lucky canary test let one
+    through): every robot runs it, and the watch after the promotion rolls the fleet back."""
+    from fleetloop.policy.rollout import GateService, RolloutSettings
+    settings = settings or RolloutSettings(tick_s=0.05)
+    fleet = SimFleet(redis_client, store_dir, robots=robots, episode_s=episode_s, seed=seed)
+    gate = None
+    try:
+        v1 = fleet.publish(0.3, step=1)
+        gate = GateService(fleet.registry, settings, store=fleet.store).start()
+        fleet.start()
+        g = gate.gate
+        fleet.wait(lambda: g.state()["baseline"] == v1, timeout, "bootstrap")
+        fleet.wait(lambda: all(gate.book.tally(v1, t).known >= 3 * settings.min_baseline for t in TASKS),
+                   timeout, "baseline evidence")
+        bad = fleet.publish(-0.3, step=2)
+        t_bad = time.monotonic()
+        g.manual_promote(bad, by="operator", reason="promoted by hand, untested")
+        fleet.wait(lambda: g.decided().get(bad) not in (None, "promote"), timeout, "the watch's decision")
+        t_decided = time.monotonic()
+        fleet.wait(lambda: all(r.slot.current_version != bad for r in fleet.robots), timeout,
+                   "every robot back on the replaced version")
+        t_clean = time.monotonic()
+        time.sleep(0.2)
+        eps = fleet.snapshot()
+        bad_eps = [e for e in eps if e.version == bad]
+        rollback = next((d for d in reversed(g.decisions(200)) if d["version"] == bad and d["decision"] == "rollback"),
+                        None)
+        return {"v1": v1, "broken": bad, "decision": g.decided()[bad],
+                "rolled_back_to": rollback.get("to") if rollback else None,
+                "episodes_counted": rollback["evidence"]["n"] if rollback and rollback.get("evidence") else None,
+                "broken_episodes": len(bad_eps), "broken_robots": len({e.robot_id for e in bad_eps}),
+                "broken_success": rate(bad_eps),
+                "decided_after_s": round(t_decided - t_bad, 3), "fleet_clean_after_s": round(t_clean - t_bad, 3),
+                "pointer": fleet.registry.pointer()["version"]}
+    finally:
+        if gate is not None:
+            gate.stop()
+        fleet.close()
+
+
 def scenario_sop(redis_client, store_dir: str, robots: int = 8, episode_s: float = 0.02, seed: int = 1,
                  broken_s: float = 1.0, timeout: float = 60.0) -> dict:
     """Gate off (every publish moves the fleet, as in SOP and the demo): the same versions."""
@@ -342,6 +386,9 @@ def run(args) -> int:
             gated = scenario_gate(client, f"{tmp}/gate", robots=args.robots, episode_s=args.episode_s,
                                   seed=args.seed, settings=settings)
             client.flushdb()
+            watch = scenario_watch(client, f"{tmp}/watch", robots=args.robots, episode_s=args.episode_s,
+                                   seed=args.seed + 2, settings=settings)
+            client.flushdb()
             sop = scenario_sop(client, f"{tmp}/sop", robots=args.robots, episode_s=args.episode_s,
                                seed=args.seed + 1)
         out = {
@@ -364,11 +411,15 @@ def run(args) -> int:
             "good_delay_episode_lengths": gated["good_delay_episode_lengths"],
             "batching": {"published_during_test": gated["skipped"], "tested": gated["skipped_was_candidate"],
                          "newest": gated["newest"], "newest_decision": gated["newest_decision"]},
+            "watch": {k: watch[k] for k in ("decision", "rolled_back_to", "episodes_counted", "broken_episodes",
+                                            "broken_robots", "broken_success", "decided_after_s",
+                                            "fleet_clean_after_s")},
         }
         if args.verbose:
             out["decisions"] = gated["decisions"]
         print(json.dumps(out))
-        return 0 if out["good_promoted"] and out["broken_reached_non_canary"] == 0 else 1
+        return 0 if (out["good_promoted"] and out["broken_reached_non_canary"] == 0
+                     and watch["decision"] == "rollback") else 1
     finally:
         if server is not None:
             server.stop()

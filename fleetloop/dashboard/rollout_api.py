@@ -22,7 +22,8 @@ from fleetloop.dashboard.auth import Identity
 from fleetloop.dashboard.service import CannotApply
 from fleetloop.policy.rollout import GateBusy, RolloutGate, RolloutSettings
 
-DECISIONS = ("canary", "promote", "refuse", "expire", "abandon", "observe", "enable", "disable")
+DECISIONS = ("canary", "promote", "refuse", "expire", "abandon", "observe", "enable", "disable",
+             "confirm", "settle", "rollback")
 
 
 class RolloutDecisionBody(Strict):
@@ -63,6 +64,14 @@ def render_metrics(gate: RolloutGate) -> str:
     out.metric("fleetloop_rollout_candidate_age_seconds", "gauge", "Seconds the candidate has been on the canaries.",
                [({"version": cand}, round((time.time_ns() - st["candidate_since_ns"]) / 1e9, 3))]
                if cand and st["candidate_since_ns"] else [])
+    watched, wtest = st["watch"], (ev.get("watch") or {}).get("test") or {}
+    out.metric("fleetloop_rollout_watch", "gauge",
+               "1 for the fleet version under watch after its promotion (rolled back if shown worse).",
+               [({"version": watched, "replaced": st["watch_replaced"] or ""}, 1)] if watched else [])
+    out.metric("fleetloop_rollout_watch_episodes", "gauge", "Fleet episodes since the promotion counted by the watch.",
+               [({"version": watched}, wtest.get("n", 0))] if watched else [])
+    out.metric("fleetloop_rollout_watch_llr", "gauge", "The watch's SPRT log-likelihood ratio (rollback at/below refuse_at).",
+               [({"version": watched}, wtest.get("llr"))] if watched and wtest else [])
     s = st["settings"]
     out.metric("fleetloop_rollout_threshold", "gauge", "The test's thresholds (log-LR) and settings.",
                [({"name": k}, s.get(k)) for k in ("promote_at_llr", "refuse_at_llr", "margin", "alpha", "beta",

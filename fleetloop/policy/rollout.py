@@ -55,6 +55,7 @@ ROBOTS_SET = config.HEARTBEAT_PREFIX + "all"
 DECISIONS_MAX = 5000
 GATE = "rollout-gate"                # the `by` of the gate's own registry moves
 
+NO_WATCH = {"watch": "", "watch_prev": "", "watch_since_ns": 0, "watch_refs": {}}
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 
 
@@ -82,6 +83,8 @@ class RolloutSettings:
     lookback_s: float = 6 * 3600.0  # how far back the episode stream is read at start
     online_after_s: float = 10.0    # a heartbeat younger than this: the robot is online
     tick_s: float = 0.2             # the gate's loop period (and XREAD block)
+    watch: bool = True              # after a promotion, test the new fleet version on every robot's
+                                    # episodes against the one it replaced; roll back if worse
 
     def __post_init__(self):
         if isinstance(self.canary_robots, str):
@@ -114,7 +117,7 @@ class RolloutSettings:
             raw = env.get("FLEETLOOP_ROLLOUT_" + f.name.upper())
             if raw is None:
                 continue
-            if f.name == "enabled":
+            if f.name in ("enabled", "watch"):
                 kw[f.name] = raw.strip().lower() not in ("0", "false", "no", "off")
             elif f.name == "canary_robots":
                 kw[f.name] = raw
@@ -221,7 +224,8 @@ class EvidenceBook:
                 r.outcome, r.labelled_by = outcome, by
                 self.changes += 1
 
-    def records(self, version: str, task_id: Optional[str] = None, newest: Optional[int] = None) -> list[EpisodeRecord]:
+    def records(self, version: str, task_id: Optional[str] = None, newest: Optional[int] = None,
+                since_ns: int = 0) -> list[EpisodeRecord]:
         with self._lock:
             keys = [(v, t) for (v, t) in self._by_vt if v == version and (task_id is None or t == task_id)]
             out = []
@@ -229,12 +233,14 @@ class EvidenceBook:
                 ids = list(self._by_vt[k])
                 if newest is not None:
                     ids = ids[-newest:]
-                out.extend(self._episodes[i] for i in ids if i in self._episodes)
+                out.extend(self._episodes[i] for i in ids if i in self._episodes
+                           and self._episodes[i].ended_ns >= since_ns)
             return out
 
-    def tally(self, version: str, task_id: Optional[str] = None, newest: Optional[int] = None) -> Tally:
+    def tally(self, version: str, task_id: Optional[str] = None, newest: Optional[int] = None,
+              since_ns: int = 0) -> Tally:
         t = Tally()
-        for r in self.records(version, task_id, newest):
+        for r in self.records(version, task_id, newest, since_ns):
             t.add(r)
         return t
 
@@ -417,7 +423,10 @@ class RolloutGate:
         return {"baseline": raw.get("baseline") or None, "candidate": raw.get("candidate") or None,
                 "since_ns": int(raw.get("since_ns") or 0), "refs": json.loads(raw.get("refs") or "{}"),
                 "canary_robots": json.loads(raw.get("canary_robots") or "[]"),
-                "gate_seen_ns": int(raw.get("gate_seen_ns") or 0), "note": raw.get("note", "")}
+                "gate_seen_ns": int(raw.get("gate_seen_ns") or 0), "note": raw.get("note", ""),
+                "watch": raw.get("watch") or None, "watch_prev": raw.get("watch_prev") or None,
+                "watch_since_ns": int(raw.get("watch_since_ns") or 0),
+                "watch_refs": json.loads(raw.get("watch_refs") or "{}")}
 
     def decided(self) -> dict[str, str]:
         return {_s(k): _s(v) for k, v in self.redis.hgetall(DECIDED_KEY).items()}
@@ -433,7 +442,7 @@ class RolloutGate:
         pipe = self.redis.pipeline()
         pipe.rpush(DECISIONS_KEY, json.dumps(entry, allow_nan=False, default=str))
         pipe.ltrim(DECISIONS_KEY, -DECISIONS_MAX, -1)
-        if version and decision in ("promote", "refuse", "expire", "abandon"):
+        if version and decision in ("promote", "refuse", "expire", "abandon", "rollback"):
             pipe.hset(DECIDED_KEY, version, decision)
         pipe.hincrby(COUNTERS_KEY, f"{decision}|{kind}", 1)
         pipe.execute()
@@ -511,12 +520,16 @@ class RolloutGate:
                 note = f"fleet moved {st['baseline']} -> {current} outside the gate"
                 self._record("observe", current, "operator", note)
             if cand and cand == current:  # the candidate itself was promoted by hand
-                self._set_state(baseline=current, candidate="", since_ns=0, refs={}, note="")
+                self._set_state(baseline=current, candidate="", since_ns=0, refs={}, note="", **NO_WATCH)
                 if canary and canary["version"] == cand:
                     reg.clear_canary(by=GATE)
                 return None
-            self._set_state(baseline=current, refs={})
-            st["baseline"], st["refs"] = current, {}
+            self._set_state(baseline=current, refs={}, **NO_WATCH)  # an operator's move is not watched
+            st["baseline"], st["refs"], st["watch"] = current, {}, None
+        if st["watch"]:
+            decided = self._watch(st)
+            if decided:
+                return decided
         if cand:
             if not canary or canary["version"] != cand:
                 # An operator changed or cleared the canary: this test is over, nothing promoted.
@@ -566,6 +579,8 @@ class RolloutGate:
         base_tasks = {t: self.book.tally(base, t, newest=s.baseline_window) for t in self.book.tasks(base)}
         out["baseline_evidence"] = {t: x.as_dict() for t, x in base_tasks.items()}
         out["baseline_total"] = self.book.tally(base).as_dict()
+        if st.get("watch"):
+            out["watch"] = self.watch_evidence(st)
         if not cand:
             return out
         cand_tasks = {t: self.book.tally(cand, t) for t in self.book.tasks(cand)}
@@ -606,14 +621,91 @@ class RolloutGate:
     def _promote(self, version: str, by: str, reason: str, evidence=None) -> dict:
         reg = self.registry
         st = self.state()
+        replaced = reg.pointer().get("version")
         reg.promote(version, by=by)  # the fleet stays pinned, now on `version`
         canary = reg.canary()
         if canary and canary["version"] in (version, st["candidate"]):
             reg.clear_canary(by=by)
         if st["candidate"] and st["candidate"] != version:
             self._record("abandon", st["candidate"], by, f"test ended: {version} was promoted instead")
-        self._set_state(baseline=version, candidate="", since_ns=0, refs={}, note="")
-        return self._record("promote", version, by, reason, evidence)
+        watch, extra = NO_WATCH, {}
+        if self.settings.watch and replaced and _seq(version) > _seq(replaced):  # not a move back
+            watch = {**NO_WATCH, "watch": version, "watch_prev": replaced, "watch_since_ns": time.time_ns()}
+            extra = {"watched_against": replaced}
+        self._set_state(baseline=version, candidate="", since_ns=0, refs={}, note="", **watch)
+        return self._record("promote", version, by, reason, evidence, **extra)
+
+    # -- the watch after a promotion -------------------------------------------------------
+    # The canary test promotes a version that is not worse with probability >= 1 - alpha per
+    # test; across many tests some worse ones get through, and an operator may promote one by
+    # hand. So after every promotion forward the same SPRT runs again, now on the episodes the
+    # whole fleet records with the new version (only those after the promotion, so the evidence
+    # is independent of what promoted it), against the version it replaced. Shown worse: the fleet
+    # goes back (rollback). Shown not worse: the watch ends (confirm); neither within max_episodes /
+    # max_wait_s: it ends and the version stays (settle). A move by an operator ends it too.
+
+    def watch_evidence(self, st: dict) -> Optional[dict]:
+        """The watch's test (needs the book). Freezes each task's reference, the replaced
+        version's rate over its newest baseline_window episodes, the first time it has enough."""
+        if self.book is None or not st["watch"]:
+            return None
+        s = self.settings
+        watched, replaced, since = st["watch"], st["watch_prev"], st["watch_since_ns"]
+        refs = st["watch_refs"]
+        tasks = {t: self.book.tally(watched, t, since_ns=since) for t in self.book.tasks(watched)}
+        frozen = False
+        for t in tasks:
+            before = self.book.tally(replaced, t, newest=s.baseline_window)
+            if t not in refs and before.known >= s.min_baseline:
+                refs[t] = reference_rate(before)
+                frozen = True
+        if frozen:
+            self._set_state(watch_refs=refs)
+        return {"version": watched, "replaced": replaced, "since_ns": since, "refs": dict(refs),
+                "total": self.book.tally(watched, since_ns=since).as_dict(), "test": sprt(tasks, refs, s)}
+
+    def _watch(self, st: dict) -> Optional[dict]:
+        if st["watch"] != st["baseline"]:  # not the fleet's version any more: nothing to watch
+            self._set_state(**NO_WATCH)
+            st["watch"] = None
+            return None
+        ev = self.watch_evidence(st)
+        if ev is None:
+            return None
+        s, test = self.settings, ev["test"]
+        watched, replaced = ev["version"], ev["replaced"]
+        summary = {"llr": test["llr"], "n": test["n"], "promote_at": round(s.upper, 4), "refuse_at": round(s.lower, 4),
+                   "worse_tasks": test["worse_tasks"], "per_task": test["per_task"], "replaced": replaced}
+        age_s = (time.time_ns() - ev["since_ns"]) / 1e9
+        if test["decision"] == "refuse":
+            where = f" on {', '.join(test['worse_tasks'])}" if test["worse_tasks"] and test["llr"] > s.lower else ""
+            return self._rollback(st, f"worse than {replaced} on the fleet{where}: SPRT log-LR "
+                                      f"{test['llr'] if not where else 'per task'} <= {s.lower:.3f} after "
+                                      f"{test['n']} episodes since its promotion", summary)
+        if test["decision"] == "promote":
+            self._set_state(**NO_WATCH)
+            return self._record("confirm", watched, GATE, f"not worse than {replaced} on the fleet: SPRT log-LR "
+                                                         f"{test['llr']} >= {s.upper:.3f} after {test['n']} episodes",
+                                summary)
+        if test["n"] >= s.max_episodes or age_s >= s.max_wait_s:
+            self._set_state(**NO_WATCH)
+            return self._record("settle", watched, GATE, f"watch inconclusive after {test['n']} episodes / "
+                                                        f"{age_s:.0f} s (log-LR {test['llr']}); kept", summary)
+        return None
+
+    def _rollback(self, st: dict, reason: str, evidence: dict) -> dict:
+        reg = self.registry
+        watched, replaced = st["watch"], st["watch_prev"]
+        reg.pin_fleet(replaced, by=GATE)  # robots swap back at their next episode
+        cand = st["candidate"]
+        if cand:  # its test compared it with the version now rolled back: void
+            canary = reg.canary()
+            if canary and canary["version"] == cand:
+                reg.clear_canary(by=GATE)
+            self._record("abandon", cand, GATE, f"test ended: its reference {watched} was rolled back")
+        self._set_state(baseline=replaced, candidate="", since_ns=0, refs={}, note="", **NO_WATCH)
+        st.update(baseline=replaced, candidate=None, watch=None)
+        return self._record("rollback", watched, GATE, reason, evidence, to=replaced)
 
     def _refuse(self, version: str, by: str, reason: str, evidence=None, decision: str = "refuse") -> dict:
         reg = self.registry
@@ -659,7 +751,7 @@ class RolloutGate:
                     self.registry.clear_canary(by=by)
                 if self.registry.pointer().get("pinned"):
                     self.registry.unpin_fleet(follow_latest=True, by=by)
-                self._set_state(candidate="", since_ns=0, refs={}, note="off")
+                self._set_state(candidate="", since_ns=0, refs={}, note="off", **NO_WATCH)
             if was != on:
                 self._record("enable" if on else "disable", "", by, f"gate switched {'on' if on else 'off'}")
             return self.status()
@@ -683,6 +775,7 @@ class RolloutGate:
         return {"enabled": self.enabled(), "gate_running": bool(seen) and (time.time_ns() - seen) / 1e9 < 10.0,
                 "gate_seen_ns": seen, "baseline": st["baseline"], "candidate": st["candidate"],
                 "candidate_since_ns": st["since_ns"], "canary_robots": st["canary_robots"], "note": st["note"],
+                "watch": st["watch"], "watch_replaced": st["watch_prev"], "watch_since_ns": st["watch_since_ns"],
                 "settings": json.loads(settings) if settings else self.settings.as_dict(),
                 "evidence": ev, "decisions": self.decisions(decisions),
                 "counters": {_s(k): int(v) for k, v in self.redis.hgetall(COUNTERS_KEY).items()}}
@@ -753,6 +846,9 @@ def add_arguments(p) -> None:
     p.add_argument("--rollout-canary-fraction", type=float, default=None, help="default 0.25")
     p.add_argument("--rollout-margin", type=float, default=None,
                    help="autonomous success this much lower counts as worse (default 0.15)")
+    p.add_argument("--rollout-watch", choices=["on", "off"], default=None,
+                   help="after a promotion, test the new version on the whole fleet against the one it "
+                        "replaced and roll back if it is worse (default on; FLEETLOOP_ROLLOUT_WATCH)")
 
 
 def settings_from_args(args) -> RolloutSettings:
@@ -760,4 +856,6 @@ def settings_from_args(args) -> RolloutSettings:
     return RolloutSettings.from_env(enabled=None if on is None else on == "on",
                                     canary_robots=getattr(args, "rollout_canary", None),
                                     canary_fraction=getattr(args, "rollout_canary_fraction", None),
-                                    margin=getattr(args, "rollout_margin", None))
+                                    margin=getattr(args, "rollout_margin", None),
+                                    watch=None if getattr(args, "rollout_watch", None) is None
+                                    else args.rollout_watch == "on")

@@ -44,6 +44,11 @@
       s.candidate ? `candidate ${s.candidate} on ${(s.canary_robots || []).join(", ") || "a fraction"}` : "no candidate",
     ];
     if (test) parts.push(`SPRT log-LR ${test.llr} (promote ≥ ${s.settings.promote_at_llr}, refuse ≤ ${s.settings.refuse_at_llr}) after ${test.n} episodes`);
+    if (s.watch) {
+      const wt = (ev.watch || {}).test;
+      parts.push(`watching ${s.watch} against ${s.watch_replaced} on the fleet` +
+        (wt ? `: log-LR ${wt.llr} after ${wt.n} episodes (rollback ≤ ${s.settings.refuse_at_llr})` : ""));
+    }
     if (s.note) parts.push(s.note);
     st.textContent = parts.join(" · ");
     $r("#rollout-toggle").textContent = s.enabled ? "Turn gate off" : "Turn gate on";
