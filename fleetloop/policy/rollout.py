@@ -148,6 +148,7 @@ class EpisodeRecord:
     steps: int
     ended_ns: int
     labelled_by: str = ""
+    announced_ns: int = 0   # when the episode stream got it (Redis server clock; 0: not known)
 
     @property
     def autonomous(self) -> Optional[bool]:
@@ -234,7 +235,7 @@ class EvidenceBook:
                 if newest is not None:
                     ids = ids[-newest:]
                 out.extend(self._episodes[i] for i in ids if i in self._episodes
-                           and self._episodes[i].ended_ns >= since_ns)
+                           and (self._episodes[i].announced_ns or self._episodes[i].ended_ns) >= since_ns)
             return out
 
     def tally(self, version: str, task_id: Optional[str] = None, newest: Optional[int] = None,
@@ -295,7 +296,7 @@ class EvidenceFollower:
                     self.book.label(f.get("episode_id", ""), f.get("outcome", ""), f.get("by", ""),
                                     int(f.get("labelled_ns") or 0))
                 else:
-                    self._episode(f)
+                    self._episode(f, announced_ns=int(_s(msg_id).split("-")[0]) * 1_000_000)
                 n += 1
         return n
 
@@ -308,7 +309,7 @@ class EvidenceFollower:
             if n == 0:
                 return total
 
-    def _episode(self, f: dict) -> None:
+    def _episode(self, f: dict, announced_ns: int = 0) -> None:
         from google.protobuf import json_format
 
         from fleetloop.buffer.codec import read_manifest
@@ -330,6 +331,7 @@ class EvidenceFollower:
             return
         r = record_from_manifest(m)
         if r is not None:
+            r.announced_ns = announced_ns
             self.read += self.book.add(r)
 
 
@@ -630,7 +632,11 @@ class RolloutGate:
             self._record("abandon", st["candidate"], by, f"test ended: {version} was promoted instead")
         watch, extra = NO_WATCH, {}
         if self.settings.watch and replaced and _seq(version) > _seq(replaced):  # not a move back
-            watch = {**NO_WATCH, "watch": version, "watch_prev": replaced, "watch_since_ns": time.time_ns()}
+            # The episode stream's clock (Redis's), not this host's or the robots': only episodes
+            # announced after this moment count.
+            sec, usec = self.redis.time()
+            watch = {**NO_WATCH, "watch": version, "watch_prev": replaced,
+                     "watch_since_ns": int(sec) * 1_000_000_000 + int(usec) * 1000}
             extra = {"watched_against": replaced}
         self._set_state(baseline=version, candidate="", since_ns=0, refs={}, note="", **watch)
         return self._record("promote", version, by, reason, evidence, **extra)
@@ -639,8 +645,8 @@ class RolloutGate:
     # The canary test promotes a version that is not worse with probability >= 1 - alpha per
     # test; across many tests some worse ones get through, and an operator may promote one by
     # hand. So after every promotion forward the same SPRT runs again, now on the episodes the
-    # whole fleet records with the new version (only those after the promotion, so the evidence
-    # is independent of what promoted it), against the version it replaced. Shown worse: the fleet
+    # whole fleet records with the new version (only those announced after the promotion, so the
+    # evidence is independent of what promoted it), against the version it replaced. Shown worse: the fleet
     # goes back (rollback). Shown not worse: the watch ends (confirm); neither within max_episodes /
     # max_wait_s: it ends and the version stays (settle). A move by an operator ends it too.
 
@@ -676,7 +682,8 @@ class RolloutGate:
         watched, replaced = ev["version"], ev["replaced"]
         summary = {"llr": test["llr"], "n": test["n"], "promote_at": round(s.upper, 4), "refuse_at": round(s.lower, 4),
                    "worse_tasks": test["worse_tasks"], "per_task": test["per_task"], "replaced": replaced}
-        age_s = (time.time_ns() - ev["since_ns"]) / 1e9
+        sec, usec = self.redis.time()
+        age_s = (int(sec) * 1_000_000_000 + int(usec) * 1000 - ev["since_ns"]) / 1e9
         if test["decision"] == "refuse":
             where = f" on {', '.join(test['worse_tasks'])}" if test["worse_tasks"] and test["llr"] > s.lower else ""
             return self._rollback(st, f"worse than {replaced} on the fleet{where}: SPRT log-LR "
