@@ -106,6 +106,21 @@ def build_manifest(meta: dict, end: dict) -> pb.EpisodeManifest:
 _MALFORMED = (KeyError, TypeError, ValueError, AttributeError, json_format.ParseError)
 
 
+_EMPTY_END = {"outcome": 0, "outcome_source": 0, "labelled_by": "", "ended_ns": 0, "num_steps": 0,
+              "incomplete": False, "interventions": []}
+
+
+def _check_meta(episode_id: str, meta) -> None:
+    """DamagedEntry unless meta.json can make a manifest (its fields and ids)."""
+    if not isinstance(meta, dict):
+        raise DamagedEntry(f"spool entry {episode_id} lacks a readable meta.json")
+    try:
+        manifest_key(meta["robot_id"], episode_id)
+        build_manifest(meta, _EMPTY_END)
+    except _MALFORMED as e:
+        raise DamagedEntry(f"spool entry {episode_id} has an unusable meta.json: {e!r}") from None
+
+
 def _parse_entry(episode_id: str, meta: dict, end: dict | None) -> tuple[str, pb.EpisodeManifest, list[pb.ChunkRef]]:
     """The manifest key, the manifest (without chunks) and the chunk refs of a sealed entry;
     raises one of _MALFORMED when a field is missing or of the wrong type."""
@@ -130,8 +145,7 @@ class Uploader:
         """Raises DamagedEntry for an entry that can never upload; outages propagate."""
         d = self.spool.path(episode_id)
         meta, end = read_json(d / "meta.json"), read_json(d / "end.json")
-        if not isinstance(meta, dict):
-            raise DamagedEntry(f"spool entry {episode_id} lacks a readable meta.json")
+        _check_meta(episode_id, meta)  # before touching end.json: a bad meta is not fixed by resealing
         try:
             mkey, manifest, refs = _parse_entry(episode_id, meta, end)
         except _MALFORMED as e:
@@ -147,7 +161,7 @@ class Uploader:
             try:
                 mkey, manifest, refs = _parse_entry(episode_id, meta, end)
             except _MALFORMED as e:
-                raise DamagedEntry(f"no manifest can be built from its meta.json: {e!r}") from None
+                raise DamagedEntry(f"no manifest can be built even after resealing: {e!r}") from None
         for i, ref in enumerate(refs):
             try:
                 data = (d / f"chunk-{i:05d}.flc").read_bytes()

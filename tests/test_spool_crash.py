@@ -131,7 +131,8 @@ def test_damaged_entry_is_set_aside_and_the_rest_upload(tmp_path, redis_server, 
     spool = Spool(tmp_path / "spool")
     ids = record(spool, 4)
     (spool.path(ids[0]) / "chunk-00001.flc").unlink()    # deleted by hand, never uploaded
-    (spool.path(ids[1]) / "meta.json").write_text("")     # what the episode is: gone
+    (spool.path(ids[1]) / "meta.json").write_text('{"robot_id": "robot-c"}')  # what the episode is: gone
+    sealed_before = (spool.path(ids[1]) / "end.json").read_bytes()
     (spool.path(ids[2]) / "end.json").write_text("{not j")  # its seal did not survive: sealed again
     (spool.path(ids[3]) / "end.json").write_text("{}")      # nor this one (valid JSON, no fields)
     spool.recount()                                       # (the hand edits above bypassed the count)
@@ -146,6 +147,7 @@ def test_damaged_entry_is_set_aside_and_the_rest_upload(tmp_path, redis_server, 
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(ids[0] in m and "chunk 1 of" in m and "missing" in m for m in errors)
     assert any(ids[1] in m and "meta.json" in m for m in errors)
+    assert (spool.root / (DAMAGED + ids[1]) / "end.json").read_bytes() == sealed_before  # kept as it was
     assert uploader.drain_once() == 0                    # and it is not retried
     # a restart still knows how many are set aside, and they stay on disk for an operator
     assert Spool(spool.root).damaged == 2
