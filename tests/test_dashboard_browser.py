@@ -133,6 +133,10 @@ def fleet(tmp_path, redis_client):
     registry.set_canary(versions[4], robot_ids=["robot-06"], by="alice")
     registry.pin_robot("robot-03", versions[2], by="alice")
 
+    # robot-05's uploader once set an unreadable episode aside: its card says so
+    damaged = tmp_path / "spool-robot-05" / ".damaged-20261129T000000-robot-05-0123456789ab"
+    damaged.mkdir(parents=True)
+    (damaged / "meta.json").write_text("{")
     daemons = {}
     for rid in ROBOTS:
         version = {"robot-06": versions[4], "robot-03": versions[2]}.get(rid, versions[3])
@@ -226,6 +230,8 @@ def test_page_shows_the_fleet_and_a_takeover_click_reaches_the_robot(fleet, brow
     sync_api.expect(page.locator('.card[data-robot="robot-01"] .task')).to_contain_text("reach-v3")
     sync_api.expect(page.locator('.card[data-robot="robot-06"] .chips')).to_contain_text("canary")
     sync_api.expect(page.locator('.card[data-robot="robot-03"] .chips')).to_contain_text("pinned")
+    sync_api.expect(page.locator('.card[data-robot="robot-05"]')).to_contain_text("1 damaged")
+    sync_api.expect(page.locator('.card[data-robot="robot-04"]')).not_to_contain_text("damaged")
     sync_api.expect(page.locator(".chart")).to_have_count(len(TASKS), timeout=10_000)
     sync_api.expect(page.locator("#policy-table tbody tr")).to_have_count(5)
     sync_api.expect(page.locator("#ep-table tbody tr")).to_have_count(15)

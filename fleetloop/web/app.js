@@ -48,6 +48,12 @@ function fmtBytes(n) {
   const i = Math.min(u.length - 1, Math.floor(Math.log(n) / Math.log(1024)));
   return `${(n / 1024 ** i).toFixed(i ? 1 : 0)} ${u[i]}`;
 }
+
+// A damaged spool entry (set aside by the robot's uploader, kept on its disk) needs a person.
+function spoolText(sp) {
+  const base = `${sp.episodes} ep · ${fmtBytes(sp.bytes)}`;
+  return sp.damaged_episodes ? `${base} · ${sp.damaged_episodes} damaged` : base;
+}
 const pad2 = (n) => String(n).padStart(2, "0");
 const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
 function fmtClock(ns, seconds = false) {  // 24-hour local time, the same in every browser locale
@@ -304,7 +310,7 @@ function fillCard(c, r, policy) {
   c.succ.textContent = r.success.n ? `${pct(r.success.rate)}  ${ciText(r.success)}` : "–";
   c.bar.replaceWith((c.bar = rateBar(r.success)));
   c.interv.textContent = r.intervention.n ? `${pct(r.intervention.rate)} of ${r.intervention.n}` : "–";
-  c.spool.textContent = `${r.spool.episodes} ep · ${fmtBytes(r.spool.bytes)}`;
+  c.spool.textContent = spoolText(r.spool);
   c.take.textContent = r.takeover_requested ? "Release" : "Take over";
   c.take.className = r.takeover_requested ? "op" : "op warn";
   c.take.disabled = !canOperate() || !r.online;
@@ -621,7 +627,7 @@ async function openRobot(id) {
     el("div", { class: "detail-grid" },
       ...[["task", r.task_id || "idle"], ["running", r.policy_version || "—"], ["target", r.target_version ? `${r.target_version} (${r.target_source})` : "—"],
         ["pending", r.pending_version || "—"], ["last seen", r.last_seen_ns ? ago(r.last_seen_ns) : "never"],
-        ["spool", `${r.spool.episodes} ep · ${fmtBytes(r.spool.bytes)}`], ["weight swap", swap],
+        ["spool", spoolText(r.spool)], ["weight swap", swap],
         ["last command", r.last_command && r.last_command.action ? `${r.last_command.action.replace("CONTROL_ACTION_", "").toLowerCase()} by ${r.last_command.operator}` : "—"]]
         .map(([k, v]) => el("div", {}, el("span", { class: "k", text: k }), String(v)))),
     el("div", { class: "action-row" },
