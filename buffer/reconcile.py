@@ -13,9 +13,11 @@ When it scans:
   - every `interval_s` regardless (a lost event with no other sign).
 Each scan is one LIST of the episodes/ prefix (1 request per 1,000 keys) plus one GET per
 missing manifest and one ranged GET per chunk of it. Episodes the bounded buffer evicted on
-purpose are skipped (FrameIndex.wanted). Finding anything logs an alert-worthy line
-("ALERT reconcile: ...") and counts it in `stats` (exported as metrics by the dashboard and in
-the learner's stats hash as `reconcile`).
+purpose are skipped (FrameIndex.wanted). What the scan at start ingests is the view being rebuilt,
+not a fault (a restarted dashboard in front of a store it has not seen, demonstrations recorded
+before it started): an INFO line and `rebuilt_total`. Finding anything later is a lost event: an
+alert-worthy line ("ALERT reconcile: ...") and `found_total` (exported as metrics by the dashboard
+and in the learner's stats hash as `reconcile`).
 """
 from __future__ import annotations
 
@@ -52,7 +54,8 @@ class Reconciler:
         self.on_indexed, self.interval_s, self.check_s = on_indexed, interval_s, check_s
         self.limits, self.workers, self.stream, self.group = limits, workers, stream, group
         self.scans = 0
-        self.found_total = 0
+        self.found_total = 0            # found missing after start: lost events (alert)
+        self.rebuilt_total = 0          # ingested by the scan at start: the view rebuilt
         self.rejected_total = 0
         self.last_found = 0
         self.last_scan_ns = 0
@@ -99,10 +102,16 @@ class Reconciler:
                         if self.on_indexed:
                             self.on_indexed(entry)
             self.scans += 1
-            self.last_found, self.found_total = added, self.found_total + added
+            self.last_found = added
             self.last_listed, self.last_trigger = listed, trigger
             self.last_scan_ns, self.last_scan_s = time.time_ns(), round(time.monotonic() - t0, 3)
-            if added:
+            if trigger == "start":
+                self.rebuilt_total += added
+                if added:
+                    log.info("reconcile: the %s index rebuilt from the store: %d committed episodes "
+                             "(%d listed)", self.name, added, listed)
+            elif added:
+                self.found_total += added
                 log.error("ALERT reconcile: %d committed episodes were missing from the %s index (trigger: %s; "
                           "lost stream events?); ingested them from the store", added, self.name, trigger)
             return added
@@ -163,7 +172,8 @@ class Reconciler:
         return t
 
     def stats(self) -> dict:
-        return {"scans": self.scans, "found_total": self.found_total, "last_found": self.last_found,
+        return {"scans": self.scans, "found_total": self.found_total, "rebuilt_total": self.rebuilt_total,
+                "last_found": self.last_found,
                 "last_listed": self.last_listed, "last_scan_s": self.last_scan_s,
                 "last_scan_ns": self.last_scan_ns, "last_trigger": self.last_trigger,
                 "rejected_total": self.rejected_total, "errors": self.errors}

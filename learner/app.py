@@ -423,7 +423,8 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
     if not ray.is_initialized():
         # "local" starts a fresh cluster rather than joining whatever `ray start` left behind.
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-        kw: dict[str, Any] = {"include_dashboard": False}
+        from fleetloop.learner.ray_setup import HOOK
+        kw: dict[str, Any] = {"include_dashboard": False, "runtime_env": {"worker_process_setup_hook": HOOK}}
         if address == "local" and cfg.ray_num_cpus:
             kw["num_cpus"] = cfg.ray_num_cpus
         ray.init(address=address, **kw)

@@ -5,6 +5,7 @@ stats say "stale" when the learner stops reporting. Real Redis, real file store.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import time
@@ -85,8 +86,9 @@ def test_reconciler_heals_the_index_after_redis_data_loss(tmp_path, redis_client
     assert rec.scan("periodic") == 1 and "c0" in index and rec.scan() == 0
 
 
-def test_dashboard_on_an_old_store_with_an_empty_redis_shows_its_episodes(tmp_path, redis_client):
+def test_dashboard_on_an_old_store_with_an_empty_redis_shows_its_episodes(tmp_path, redis_client, caplog):
     from fleetloop.dashboard.service import Dashboard
+    caplog.set_level(logging.INFO, logger="fleetloop.buffer.reconcile")
     store = LocalStore(tmp_path / "store")
     for k in range(6):                  # a finished run's store; Redis is new and empty
         commit(store, f"old{k}", time.time_ns())
@@ -94,6 +96,10 @@ def test_dashboard_on_an_old_store_with_an_empty_redis_shows_its_episodes(tmp_pa
     try:
         assert wait(lambda: len(dash.index) == 6)
         assert dash.snapshot(max_age_s=0)["episodes"]["indexed"] == 6
+        assert wait(lambda: dash.reconciler.stats()["rebuilt_total"] == 6)
+        # rebuilding a view at start is what the scan is for, not a lost event: no alert
+        assert alerts(caplog) == [] and dash.reconciler.stats()["found_total"] == 0
+        assert any("index rebuilt from the store: 6 committed episodes" in r.getMessage() for r in caplog.records)
     finally:
         dash.stop()
 

@@ -12,7 +12,8 @@ already makes (no second registry of state), written out by prometheus_client.
               fleetloop_policy_success_rate{version}
   robots      fleetloop_robots{state}, fleetloop_robot_online{robot_id}, fleetloop_robot_spool_episodes{robot_id}
   reconcile   fleetloop_reconcile_scans_total{index}, fleetloop_reconcile_found_total{index} (committed
-              episodes the index lacked: alert when it grows), fleetloop_reconcile_rejected_total{index},
+              episodes the index lacked after start: alert when it grows), fleetloop_reconcile_rebuilt_total{index}
+              (ingested by the scan at start: the view rebuilt), fleetloop_reconcile_rejected_total{index},
               fleetloop_reconcile_errors_total{index}, fleetloop_reconcile_last_found{index},
               fleetloop_reconcile_last_listed{index}, fleetloop_reconcile_last_scan_seconds{index},
               fleetloop_reconcile_last_scan_timestamp_seconds{index}; index="dashboard" (this process's
@@ -170,6 +171,8 @@ _RECONCILE = (  # (metric, kind, stats key, help)
      "Store-vs-index scans by the reconciler (buffer/reconcile.py), per index."),
     ("fleetloop_reconcile_found_total", "counter", "found_total",
      "Committed episodes the index lacked and the reconciler ingested (events lost, Redis reset): alert on increase."),
+    ("fleetloop_reconcile_rebuilt_total", "counter", "rebuilt_total",
+     "Committed episodes the reconciler's scan at start ingested (the view rebuilt: not a fault)."),
     ("fleetloop_reconcile_rejected_total", "counter", "rejected_total",
      "Episodes the reconciler found but refused (failed verification or limits)."),
     ("fleetloop_reconcile_errors_total", "counter", "errors", "Reconciler scans that failed (store or Redis errors)."),
