@@ -152,7 +152,7 @@ class Uploader:
             # Its seal did not survive (a power cut on a disk that lies about flushes) or was
             # written wrong: seal again from the chunks, which hold every step.
             log.warning("spool entry %s has an unusable end.json (%s); sealing it again from its chunks",
-                        episode_id, e or "unreadable")
+                        episode_id, str(e) or "unreadable")
             try:
                 reseal_from_chunks(self.spool, episode_id)
             except _MALFORMED as e:

@@ -34,11 +34,3 @@ def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = False) ->
         Path(tmp).unlink(missing_ok=True)
         raise
 
-
-def write_durable(path: str | os.PathLike, data: bytes) -> None:
-    """Write a new file in place and make it (and its name) survive a power cut."""
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    fsync_dir(Path(path).parent)

@@ -26,6 +26,7 @@ good_promoted, good_delay_s vs good_delay_immediate_s, ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -212,9 +213,10 @@ def rate(eps: list[Episode]) -> dict:
     return {"rate": round(k / n, 4) if n else None, "n": n, "ci95": [round(lo, 4), round(hi, 4)]}
 
 
-def scenario_gate(redis_client, store_dir: str, robots: int = 8, episode_s: float = 0.02, seed: int = 0,
-                  settings=None, timeout: float = 60.0) -> dict:
-    """Gate on: good v1 -> broken -> good (+ versions published while it is tested)."""
+@contextlib.contextmanager
+def gated_fleet(redis_client, store_dir: str, robots: int, episode_s: float, seed: int, settings, timeout: float):
+    """A simulated fleet on good v1 with the gate running, once the gate has a reference on every
+    task; yields (fleet, gate service, v1) and stops both after."""
     from fleetloop.policy.rollout import GateService, RolloutSettings
     settings = settings or RolloutSettings(tick_s=0.05)
     fleet = SimFleet(redis_client, store_dir, robots=robots, episode_s=episode_s, seed=seed)
@@ -223,12 +225,22 @@ def scenario_gate(redis_client, store_dir: str, robots: int = 8, episode_s: floa
         v1 = fleet.publish(0.3, step=1)
         gate = GateService(fleet.registry, settings, store=fleet.store).start()
         fleet.start()
-        g = gate.gate
-        fleet.wait(lambda: g.state()["baseline"] == v1, timeout, "bootstrap")
+        fleet.wait(lambda: gate.gate.state()["baseline"] == v1, timeout, "bootstrap")
         # enough fleet-version evidence on every task for a reference
         fleet.wait(lambda: all(gate.book.tally(v1, t).known >= 3 * settings.min_baseline for t in TASKS),
                    timeout, "baseline evidence")
+        yield fleet, gate, v1
+    finally:
+        if gate is not None:
+            gate.stop()
+        fleet.close()
 
+
+def scenario_gate(redis_client, store_dir: str, robots: int = 8, episode_s: float = 0.02, seed: int = 0,
+                  settings=None, timeout: float = 60.0) -> dict:
+    """Gate on: good v1 -> broken -> good (+ versions published while it is tested)."""
+    with gated_fleet(redis_client, store_dir, robots, episode_s, seed, settings, timeout) as (fleet, gate, v1):
+        g = gate.gate
         # -- the incident: a broken version
         t_bad = time.monotonic()
         bad = fleet.publish(-0.3, step=2)
@@ -284,28 +296,14 @@ def scenario_gate(redis_client, store_dir: str, robots: int = 8, episode_s: floa
                                                    and d.get("evidence")), None),
             "decisions": [{k: d[k] for k in ("decision", "version", "by", "reason")} for d in decisions],
         }
-    finally:
-        if gate is not None:
-            gate.stop()
-        fleet.close()
 
 
 def scenario_watch(redis_client, store_dir: str, robots: int = 8, episode_s: float = 0.02, seed: int = 2,
                    settings=None, timeout: float = 60.0) -> dict:
     """Gate on: an operator promotes a broken version by hand (or a lucky canary test let one
     through): every robot runs it, and the watch after the promotion rolls the fleet back."""
-    from fleetloop.policy.rollout import GateService, RolloutSettings
-    settings = settings or RolloutSettings(tick_s=0.05)
-    fleet = SimFleet(redis_client, store_dir, robots=robots, episode_s=episode_s, seed=seed)
-    gate = None
-    try:
-        v1 = fleet.publish(0.3, step=1)
-        gate = GateService(fleet.registry, settings, store=fleet.store).start()
-        fleet.start()
+    with gated_fleet(redis_client, store_dir, robots, episode_s, seed, settings, timeout) as (fleet, gate, v1):
         g = gate.gate
-        fleet.wait(lambda: g.state()["baseline"] == v1, timeout, "bootstrap")
-        fleet.wait(lambda: all(gate.book.tally(v1, t).known >= 3 * settings.min_baseline for t in TASKS),
-                   timeout, "baseline evidence")
         bad = fleet.publish(-0.3, step=2)
         t_bad = time.monotonic()
         g.manual_promote(bad, by="operator", reason="promoted by hand, untested")
@@ -326,10 +324,6 @@ def scenario_watch(redis_client, store_dir: str, robots: int = 8, episode_s: flo
                 "broken_success": rate(bad_eps),
                 "decided_after_s": round(t_decided - t_bad, 3), "fleet_clean_after_s": round(t_clean - t_bad, 3),
                 "pointer": fleet.registry.pointer()["version"]}
-    finally:
-        if gate is not None:
-            gate.stop()
-        fleet.close()
 
 
 def scenario_sop(redis_client, store_dir: str, robots: int = 8, episode_s: float = 0.02, seed: int = 1,

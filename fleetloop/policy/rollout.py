@@ -598,22 +598,36 @@ class RolloutGate:
         out.update({"candidate_total": self.book.tally(cand).as_dict(), "test": test, "refs": refs})
         return out
 
+    def _summary(self, test: dict) -> dict:
+        """What a decision keeps of a test: the statistic, its thresholds, per task."""
+        s = self.settings
+        return {"llr": test["llr"], "n": test["n"], "promote_at": round(s.upper, 4), "refuse_at": round(s.lower, 4),
+                "worse_tasks": test["worse_tasks"], "per_task": test["per_task"]}
+
+    def _why_worse(self, test: dict) -> str:
+        """The refusal's reason: the tasks shown worse on their own, or the summed statistic."""
+        s = self.settings
+        if test["worse_tasks"] and test["llr"] > s.lower:
+            return f" on {', '.join(test['worse_tasks'])}: SPRT log-LR per task <= {s.lower:.3f}"
+        return f": SPRT log-LR {test['llr']} <= {s.lower:.3f}"
+
+    def _redis_now_ns(self) -> int:
+        sec, usec = self.redis.time()
+        return int(sec) * 1_000_000_000 + int(usec) * 1000
+
     def _judge(self, st: dict, cand: str) -> Optional[dict]:
         s = self.settings
         ev = self._write_evidence(st)
         test = ev.get("test") if ev else None
         if test is None:
             return None
-        summary = {"llr": test["llr"], "n": test["n"], "promote_at": round(s.upper, 4), "refuse_at": round(s.lower, 4),
-                   "worse_tasks": test["worse_tasks"], "per_task": test["per_task"]}
+        summary = self._summary(test)
         age_s = (time.time_ns() - st["since_ns"]) / 1e9 if st["since_ns"] else 0.0
         if test["decision"] == "promote":
             return self._promote(cand, GATE, f"not worse than {st['baseline']}: SPRT log-LR {test['llr']} >= "
                                              f"{s.upper:.3f} after {test['n']} episodes", summary)
         if test["decision"] == "refuse":
-            where = f" on {', '.join(test['worse_tasks'])}" if test["worse_tasks"] and test["llr"] > s.lower else ""
-            return self._refuse(cand, GATE, f"worse than {st['baseline']}{where}: SPRT log-LR "
-                                            f"{test['llr'] if not where else 'per task'} <= {s.lower:.3f} "
+            return self._refuse(cand, GATE, f"worse than {st['baseline']}{self._why_worse(test)} "
                                             f"after {test['n']} episodes", summary)
         if test["n"] >= s.max_episodes or age_s >= s.max_wait_s:
             return self._refuse(cand, GATE, f"inconclusive after {test['n']} episodes / {age_s:.0f} s "
@@ -634,9 +648,7 @@ class RolloutGate:
         if self.settings.watch and replaced and _seq(version) > _seq(replaced):  # not a move back
             # The episode stream's clock (Redis's), not this host's or the robots': only episodes
             # announced after this moment count.
-            sec, usec = self.redis.time()
-            watch = {**NO_WATCH, "watch": version, "watch_prev": replaced,
-                     "watch_since_ns": int(sec) * 1_000_000_000 + int(usec) * 1000}
+            watch = {**NO_WATCH, "watch": version, "watch_prev": replaced, "watch_since_ns": self._redis_now_ns()}
             extra = {"watched_against": replaced}
         self._set_state(baseline=version, candidate="", since_ns=0, refs={}, note="", **watch)
         return self._record("promote", version, by, reason, evidence, **extra)
@@ -680,14 +692,10 @@ class RolloutGate:
             return None
         s, test = self.settings, ev["test"]
         watched, replaced = ev["version"], ev["replaced"]
-        summary = {"llr": test["llr"], "n": test["n"], "promote_at": round(s.upper, 4), "refuse_at": round(s.lower, 4),
-                   "worse_tasks": test["worse_tasks"], "per_task": test["per_task"], "replaced": replaced}
-        sec, usec = self.redis.time()
-        age_s = (int(sec) * 1_000_000_000 + int(usec) * 1000 - ev["since_ns"]) / 1e9
+        summary = {**self._summary(test), "replaced": replaced}
+        age_s = (self._redis_now_ns() - ev["since_ns"]) / 1e9
         if test["decision"] == "refuse":
-            where = f" on {', '.join(test['worse_tasks'])}" if test["worse_tasks"] and test["llr"] > s.lower else ""
-            return self._rollback(st, f"worse than {replaced} on the fleet{where}: SPRT log-LR "
-                                      f"{test['llr'] if not where else 'per task'} <= {s.lower:.3f} after "
+            return self._rollback(st, f"worse than {replaced} on the fleet{self._why_worse(test)} after "
                                       f"{test['n']} episodes since its promotion", summary)
         if test["decision"] == "promote":
             self._set_state(**NO_WATCH)
