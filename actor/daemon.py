@@ -521,8 +521,8 @@ def run(args) -> int:
 def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> ActorDaemon:
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.buffer.store import open_store
-    from fleetloop.policy.registry import PolicyRegistry
-    from fleetloop.policy.runtime import PolicyLoader, PolicyRuntime
+    from fleetloop.release.registry import PolicyRegistry
+    from fleetloop.release.runtime import PolicyLoader, PolicyRuntime
 
     store = open_store(cfg.store_uri, cfg.s3_settings())
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=3)
@@ -530,7 +530,7 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> A
     # The config file's values reach the libraries that read them from the environment.
     if cfg.policy_bases:  # where the VLA backend looks for provisioned bases
         os.environ["FLEETLOOP_BASE_DIRS"] = cfg.policy_bases
-    if cfg.trusted_keys:  # who may sign the policies this robot runs (fleetloop.policy.signing)
+    if cfg.trusted_keys:  # who may sign the policies this robot runs (fleetloop.release.signing)
         os.environ["FLEETLOOP_TRUSTED_KEYS"] = cfg.trusted_keys
     device = cfg.policy_device
     if device == "auto":

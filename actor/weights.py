@@ -23,8 +23,8 @@ from typing import Any, Callable, Optional
 import redis
 
 from fleetloop import config
-from fleetloop.policy import signing
-from fleetloop.policy.registry import PolicyRegistry, Target
+from fleetloop.release import signing
+from fleetloop.release.registry import PolicyRegistry, Target
 
 log = logging.getLogger(__name__)
 

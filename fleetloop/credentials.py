@@ -182,7 +182,7 @@ def issue(out: str | os.PathLike, robots: Iterable[str], redis_host: str = "redi
         return passwords
     keys = out / "keys"
     if not (keys / "signing.key").exists():
-        from fleetloop.policy import signing
+        from fleetloop.release import signing
         _priv, pub, _kid = signing.generate_keypair(keys)
         (keys / "trusted").mkdir(parents=True, exist_ok=True)
         (keys / "trusted" / pub.name).write_bytes(pub.read_bytes())
@@ -231,7 +231,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     if args.what == "keys":
-        from fleetloop.policy import signing
+        from fleetloop.release import signing
         priv, pub, kid = signing.generate_keypair(args.out, args.name)
         print(f"key id {kid}\n  private (learner/dashboard: FLEETLOOP_SIGNING_KEY): {priv}\n"
               f"  public (robots: FLEETLOOP_TRUSTED_KEYS): {pub}")

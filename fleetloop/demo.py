@@ -173,8 +173,8 @@ class Robot:
         from fleetloop.actor.sim.robot import EXECUTE_STEPS, SimRobot
         from fleetloop.actor.spool import Spool
         from fleetloop.actor.weights import PolicySlot
-        from fleetloop.policy.registry import PolicyRegistry
-        from fleetloop.policy.runtime import PolicyLoader
+        from fleetloop.release.registry import PolicyRegistry
+        from fleetloop.release.runtime import PolicyLoader
 
         self.robot_id = f"sim-{index:02d}"
         # Robot i starts on task i and then rotates, so every task gets fleet time for any N.
@@ -396,8 +396,8 @@ def run_demo(args) -> dict:
     from fleetloop.actor.sim.tasks import parse_task_list
     from fleetloop.buffer.store import open_store
     from fleetloop.learner.app import start_learner
-    from fleetloop.policy.registry import PolicyRegistry
-    from fleetloop.policy.runtime import PolicyRuntime
+    from fleetloop.release.registry import PolicyRegistry
+    from fleetloop.release.runtime import PolicyRuntime
     from fleetloop.services import RedisServer
 
     if args.tasks is None:

@@ -75,7 +75,7 @@ def running_versions(client: redis.Redis) -> set[str]:
 
 def plan(registry, policy: RetentionPolicy = RetentionPolicy()) -> dict:
     """{"keep": {version: [reasons]}, "delete": [versions]} without changing anything."""
-    from fleetloop.policy.registry import STACK_KEY, _seq, _VERSION_RE
+    from fleetloop.release.registry import STACK_KEY, _seq, _VERSION_RE
     versions = sorted({k.split("/")[1] for k in registry.store.list("policies/")
                        if k.endswith("/manifest.json") and _VERSION_RE.match(k.split("/")[1])}, key=_seq)
     keep: dict[str, list[str]] = {}
@@ -114,7 +114,7 @@ def plan(registry, policy: RetentionPolicy = RetentionPolicy()) -> dict:
 
 def collect(registry, policy: RetentionPolicy = RetentionPolicy(), dry_run: bool = False, fence=None) -> dict:
     """Apply the policy; returns the plan plus bytes freed. fence: the learner's lease."""
-    from fleetloop.policy.registry import INFO_KEY, VERSIONS_KEY, manifest_key
+    from fleetloop.release.registry import INFO_KEY, VERSIONS_KEY, manifest_key
     p = plan(registry, policy)
     freed = 0
     deleted = []
@@ -167,7 +167,7 @@ def collect_checkpoints(store: ObjectStore, prefix: str, keep: int = 3, dry_run:
 
 def main(argv=None) -> int:
     from fleetloop.buffer.store import open_store
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default=config.default_store_uri())
     ap.add_argument("--redis", default=config.default_redis_url())

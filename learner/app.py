@@ -130,7 +130,7 @@ def _train_worker(loop_cfg: dict) -> None:
     from fleetloop.learner.checkpoint import CheckpointStore, arrays_to_safetensors
     from fleetloop.learner.core import CoreConfig, LearnerCore
     from fleetloop.policy.backend import export_version, model_from_weights
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
 
     cfg = LearnerConfig(**loop_cfg["config"])
     torch.set_num_threads(cfg.torch_threads)
@@ -457,7 +457,7 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
     instruction_featurizer(model_cfg)  # fail here (e.g. a base not provisioned), not in the replay actor
 
     if not published:
-        from fleetloop.policy.registry import PolicyRegistry
+        from fleetloop.release.registry import PolicyRegistry
         registry = PolicyRegistry(store, redis_lib.Redis.from_url(cfg.redis_url), fence=lease)
         current = registry.pointer().get("version") or registry.latest_version()
         if current:

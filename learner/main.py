@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-num-cpus", type=int, default=None, help="CPUs of a local Ray cluster")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stats-every", type=float, default=5.0, help="print stats every N seconds (0: never)")
-    from fleetloop.policy import rollout
+    from fleetloop.release import rollout
     rollout.add_arguments(p)  # --rollout on|off: the canary gate on new versions (docs/rollout.md)
 
 
@@ -105,8 +105,8 @@ def _start_rollout_gate(args):
 
     from fleetloop.buffer.store import open_store
     from fleetloop.config import S3Settings
-    from fleetloop.policy import rollout
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release import rollout
+    from fleetloop.release.registry import PolicyRegistry
     settings = rollout.settings_from_args(args)
     store = open_store(args.store, S3Settings())
     registry = PolicyRegistry(store, redis_lib.Redis.from_url(args.redis, socket_timeout=10))

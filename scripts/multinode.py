@@ -475,7 +475,7 @@ class Run:
 
         from fleetloop.buffer.store import open_store
         from fleetloop.config import S3Settings
-        from fleetloop.policy.registry import PolicyRegistry
+        from fleetloop.release.registry import PolicyRegistry
         store = open_store(self.store_uri, S3Settings(endpoint_url=self.s3_endpoint, access_key="test",
                                                       secret_key="test"))
         registry = PolicyRegistry(store, redis.Redis.from_url(self.redis_url))
@@ -674,7 +674,7 @@ def follower(args) -> int:
 
     from fleetloop import config
     from fleetloop.buffer.store import open_store
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
     client = redis.Redis.from_url(args.redis, socket_timeout=10)
     registry = PolicyRegistry(open_store(args.store), client)
     ps = client.pubsub(ignore_subscribe_messages=True)

@@ -25,7 +25,7 @@ import pytest
 from fleetloop import config
 from fleetloop.actor.link import RobotLinkClient
 from fleetloop.buffer.store import LocalStore
-from fleetloop.policy.registry import PolicyRegistry
+from fleetloop.release.registry import PolicyRegistry
 from fleetloop.services import free_port
 
 from test_dashboard import ConstantPolicy, record_episode, wait_for  # noqa: F401  (shared helpers)

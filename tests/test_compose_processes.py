@@ -243,7 +243,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
     from fleetloop.config import LEARNER_STATS_KEY, S3Settings
     from fleetloop.policy.interface import Observation
     from fleetloop.policy.model import ModelConfig, VLAPolicyNet, save_checkpoint
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
     from fleetloop.proto.v1 import episode_pb2 as pb
     from fleetloop.services import MotoS3Server, redis_server_binary
 

@@ -16,7 +16,7 @@ import redis
 from fleetloop import config
 from fleetloop.buffer.store import LocalStore
 from fleetloop.credentials import issue, s3_policy
-from fleetloop.policy.registry import PolicyRegistry
+from fleetloop.release.registry import PolicyRegistry
 from fleetloop.services import _wait_port, free_port, redis_server_binary
 
 

@@ -21,7 +21,7 @@ from fleetloop.actor.weights import PolicySlot
 from fleetloop.buffer.codec import manifest_key, read_manifest
 from fleetloop.buffer.store import LocalStore
 from fleetloop.policy.interface import Observation
-from fleetloop.policy.registry import PolicyRegistry
+from fleetloop.release.registry import PolicyRegistry
 from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.proto.v1 import policy_pb2
 from google.protobuf import json_format

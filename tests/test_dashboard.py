@@ -31,7 +31,7 @@ from fleetloop.dashboard.app import build_app
 from fleetloop.dashboard.auth import OPERATOR, VIEWER, TokenConfigError, TokenTable, load_tokens
 from fleetloop.dashboard.service import Dashboard
 from fleetloop.policy.interface import Observation
-from fleetloop.policy.registry import PolicyRegistry
+from fleetloop.release.registry import PolicyRegistry
 from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.services import free_port
 

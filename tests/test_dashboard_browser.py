@@ -37,7 +37,7 @@ from fleetloop.buffer.store import LocalStore  # noqa: E402
 from fleetloop.dashboard.app import DashboardServer, build_app  # noqa: E402
 from fleetloop.dashboard.auth import OPERATOR, VIEWER, TokenTable  # noqa: E402
 from fleetloop.policy.interface import Observation  # noqa: E402
-from fleetloop.policy.registry import PolicyRegistry  # noqa: E402
+from fleetloop.release.registry import PolicyRegistry  # noqa: E402
 from fleetloop.proto.v1 import SCHEMA_VERSION  # noqa: E402
 from fleetloop.proto.v1 import episode_pb2 as pb  # noqa: E402
 

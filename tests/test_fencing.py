@@ -14,7 +14,7 @@ from fleetloop.buffer.store import LocalStore, S3Store, StoreError
 from fleetloop.config import S3Settings
 from fleetloop.learner.checkpoint import CheckpointStore
 from fleetloop.learner.lease import Lease, LeaseLost, LeaseRenewer
-from fleetloop.policy.registry import PolicyRegistry
+from fleetloop.release.registry import PolicyRegistry
 from fleetloop.services import FaultProxy
 
 

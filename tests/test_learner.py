@@ -214,7 +214,7 @@ def stats_hash(client) -> dict:
 @pytest.mark.timeout(400)
 def test_learner_end_to_end_on_ray(ray_cluster, redis_server, redis_client, tmp_path):
     from fleetloop.learner.app import start_learner
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
 
     store = open_store((tmp_path / "store").as_uri())
     for task in ("a", "b"):

@@ -154,7 +154,7 @@ def test_eval_loads_checkpoint_dir_and_reports_bad_specs(checkpoint, tmp_path):
 
 
 def test_eval_loads_published_versions(checkpoint, tmp_path, redis_client):
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
     net, _ = checkpoint
     store_dir = tmp_path / "store"
     reg = PolicyRegistry(open_store(store_dir.as_uri()), redis_client)

@@ -14,7 +14,7 @@ from fleetloop.policy.model import (INDICATOR_NEGATIVE, INDICATOR_POSITIVE, INDI
                                     ModelConfig, VLAPolicyNet, drop_indicator, from_safetensors_bytes, guide,
                                     load_checkpoint, random_shift, save_checkpoint, sha256_hex,
                                     to_safetensors_bytes)
-from fleetloop.policy.runtime import PolicyLoader, PolicyRuntime
+from fleetloop.release.runtime import PolicyLoader, PolicyRuntime
 from fleetloop.policy.train import make_optimizer, train_step
 
 torch.set_num_threads(1)
@@ -271,7 +271,7 @@ def test_runtime_act_and_swap(tiny_img):
 
 
 def test_instruction_cache_is_bounded(tiny_img):
-    from fleetloop.policy import runtime
+    from fleetloop.release import runtime
     policy = PolicyRuntime(tiny_img)
     obs = Observation(images={"front": np.zeros((64, 64, 3), np.uint8)}, state=np.zeros(39, np.float32))
     for i in range(runtime.INSTRUCTION_CACHE_SIZE + 20):

@@ -13,7 +13,7 @@ from fleetloop.cli import main
 from fleetloop.policy.data import ChunkDataset, load_demonstrations
 from fleetloop.policy.interface import Observation
 from fleetloop.policy.model import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-from fleetloop.policy.runtime import PolicyRuntime
+from fleetloop.release.runtime import PolicyRuntime
 from fleetloop.proto.v1 import episode_pb2 as pb
 
 torch.set_num_threads(1)

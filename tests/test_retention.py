@@ -11,7 +11,7 @@ from safetensors.torch import save as st_save
 from fleetloop import config
 from fleetloop.buffer.store import LocalStore
 from fleetloop.learner.checkpoint import CheckpointStore
-from fleetloop.policy.registry import PolicyRegistry
+from fleetloop.release.registry import PolicyRegistry
 from fleetloop.retention import RetentionPolicy, collect, collect_checkpoints
 
 

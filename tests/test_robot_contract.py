@@ -297,7 +297,7 @@ def test_get_spec_and_status_say_what_to_send(daemon):
 
 def test_spec_of_a_real_policy_runtime(tmp_path, redis_client):
     """PolicyRuntime.spec (the seam every backend implements) is what GetSpec reports."""
-    from fleetloop.policy.runtime import PolicyRuntime
+    from fleetloop.release.runtime import PolicyRuntime
     runtime = PolicyRuntime(TinyModel(), version="v000009")
     d = make_daemon(tmp_path, redis_client, FixedPolicySource(runtime))
     try:
@@ -397,7 +397,7 @@ class TinyModel(PolicyModel):
 
 
 def test_instruction_cache_stays_bounded_over_many_distinct_instructions(tmp_path, redis_client):
-    from fleetloop.policy.runtime import INSTRUCTION_CACHE_SIZE, PolicyRuntime
+    from fleetloop.release.runtime import INSTRUCTION_CACHE_SIZE, PolicyRuntime
     runtime = PolicyRuntime(TinyModel(), version="v000001")
     d = make_daemon(tmp_path, redis_client, FixedPolicySource(runtime), inference="sync")
     try:

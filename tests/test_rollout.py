@@ -18,8 +18,8 @@ from fleetloop import config
 from fleetloop.buffer.store import LocalStore
 from fleetloop.dashboard.app import build_app
 from fleetloop.dashboard.auth import OPERATOR, VIEWER, TokenTable
-from fleetloop.policy.registry import PolicyRegistry
-from fleetloop.policy.rollout import (DECIDED_KEY, EpisodeRecord, EvidenceBook, EvidenceFollower, GateService,
+from fleetloop.release.registry import PolicyRegistry
+from fleetloop.release.rollout import (DECIDED_KEY, EpisodeRecord, EvidenceBook, EvidenceFollower, GateService,
                                       RolloutGate, RolloutSettings, Tally, sprt)
 
 OP_TOKEN = "alice-operator-token-0001"

@@ -12,9 +12,9 @@ import pytest
 from fleetloop import config
 from fleetloop.actor.weights import PolicySlot
 from fleetloop.buffer.store import LocalStore
-from fleetloop.policy import signing
-from fleetloop.policy.registry import (PolicyRegistry, manifest_from_bytes, manifest_key, manifest_to_bytes,
-                                       signature_key)
+from fleetloop.release import signing
+from fleetloop.release.registry import (PolicyRegistry, manifest_from_bytes, manifest_key, manifest_to_bytes,
+                                        signature_key)
 
 
 class Loader:

@@ -17,7 +17,7 @@ from fleetloop.policy.backend import (CheckpointError, export_version, load_chec
 from fleetloop.policy.hf_vla import EXPERT_FILE, HFVLAPolicy, base_digest, provision_base  # noqa: E402
 from fleetloop.policy.hf_vla.bake import bake_base, bake_model, max_action_difference  # noqa: E402
 from fleetloop.policy.hf_vla.tiny import make_tiny_base  # noqa: E402
-from fleetloop.policy.runtime import PolicyLoader  # noqa: E402
+from fleetloop.release.runtime import PolicyLoader  # noqa: E402
 
 S, A, H, IMG = 5, 3, 4, 24
 SMALL = dict(expert_width=32, expert_heads=4, expert_layers=2, max_text_tokens=12, num_steps=4)

@@ -22,7 +22,7 @@ from fleetloop.learner.algorithms import make_algorithm
 from fleetloop.learner.core import CoreConfig, LearnerCore, LocalSource
 from fleetloop.policy.backend import build_model, export_version, load_checkpoint
 from fleetloop.policy.interface import Observation
-from fleetloop.policy.runtime import PolicyLoader
+from fleetloop.release.runtime import PolicyLoader
 from fleetloop.proto.v1 import episode_pb2 as pb
 
 pytest.importorskip("transformers")
@@ -177,7 +177,7 @@ def test_whole_loop_with_a_vla(ray_cluster, redis_server, redis_client, bases, t
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.learner.app import start_learner
     from fleetloop.policy.hf_vla.base import base_digest
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
 
     store = open_store((tmp_path / "store").as_uri())
     for task in ("reach", "push"):

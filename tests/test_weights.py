@@ -18,8 +18,8 @@ from fleetloop import config
 from fleetloop.actor.weights import NoPolicyYet, PolicySlot
 from fleetloop.buffer.store import S3Store
 from fleetloop.config import S3Settings
-from fleetloop.policy.registry import (PolicyRegistry, RegistryError, UnknownVersion, WeightsIntegrityError,
-                                       canary_member, manifest_key, notice_from_json, sha256_hex)
+from fleetloop.release.registry import (PolicyRegistry, RegistryError, UnknownVersion, WeightsIntegrityError,
+                                        canary_member, manifest_key, notice_from_json, sha256_hex)
 from fleetloop.services import FaultProxy, RedisServer
 
 CONFIG = json.dumps({"in": 4, "out": 2})

@@ -133,14 +133,14 @@ def _store_and_rest(spec: str, store_uri: Optional[str]) -> tuple[Optional[str],
 
 
 def _from_weights(data: bytes, version: str, kwargs: dict, config=None, sha256=None) -> Policy:
-    from fleetloop.policy.runtime import PolicyRuntime
+    from fleetloop.release.runtime import PolicyRuntime
     return PolicyRuntime.from_bytes(config, data, version, sha256=sha256, **kwargs)
 
 
 def _published(store, version: str, kwargs: dict) -> Policy:
     """A published version from the store (manifest + weights, sha256-verified), or 'latest'."""
     from fleetloop.buffer.store import ObjectNotFound
-    from fleetloop.policy.registry import manifest_from_bytes, manifest_key
+    from fleetloop.release.registry import manifest_from_bytes, manifest_key
 
     if version == "latest":
         versions = sorted({k.split("/")[1] for k in store.list("policies/") if k.endswith("/manifest.json")})
@@ -180,7 +180,7 @@ def load_policy(spec: str, beta: Optional[float] = None, store_uri: Optional[str
     from pathlib import Path
 
     from fleetloop.buffer.store import open_store
-    from fleetloop.policy.runtime import PolicyRuntime
+    from fleetloop.release.runtime import PolicyRuntime
 
     if spec == "expert":
         return ExpertPolicy()

@@ -97,11 +97,11 @@ def _make_slot(redis_url: str, endpoint: str, robot_id: str, backend: str = "byt
     import redis
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.buffer.store import S3Store
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
     client = redis.Redis.from_url(redis_url, socket_timeout=30, socket_connect_timeout=5)
     registry = PolicyRegistry(S3Store(BUCKET, "", _settings(endpoint)), client)
     if backend == "vla":  # what a robot runs: verify, build once on its base, then overlay adapters
-        from fleetloop.policy.runtime import PolicyLoader
+        from fleetloop.release.runtime import PolicyLoader
         return PolicySlot(registry, robot_id, PolicyLoader(), poll_interval_s=5.0, keep_base=False)
     return PolicySlot(registry, robot_id, load_fn, poll_interval_s=5.0)
 
@@ -259,7 +259,7 @@ def run(args) -> int:
     from safetensors.numpy import save
 
     from fleetloop.buffer.store import S3Store
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
     from fleetloop.services import MotoS3Server, RedisServer
 
     import safetensors.torch  # noqa: F401  a robot has torch loaded already; keep its import out of the timing
@@ -354,7 +354,7 @@ def run_vla(args) -> int:
     from fleetloop.buffer.store import S3Store
     from fleetloop.policy.backend import build_model, export_version
     from fleetloop.policy.pretrain import _settings as parse_settings
-    from fleetloop.policy.registry import PolicyRegistry
+    from fleetloop.release.registry import PolicyRegistry
     from fleetloop.services import MotoS3Server, RedisServer
 
     os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(1 << 34))

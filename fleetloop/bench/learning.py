@@ -226,7 +226,7 @@ def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], se
     from fleetloop.learner.core import CoreConfig, LearnerCore, LocalSource
     from fleetloop.policy.backend import export_version, instruction_featurizer, load_checkpoint
     from fleetloop.policy.data import list_manifests
-    from fleetloop.policy.runtime import PolicyRuntime
+    from fleetloop.release.runtime import PolicyRuntime
     from fleetloop.proto.v1 import episode_pb2 as pb
 
     import torch
@@ -321,7 +321,7 @@ def bench(args) -> dict:
     torch.set_num_threads(1)
     from fleetloop.actor.sim.tasks import parse_task_list
     from fleetloop.buffer.store import open_store
-    from fleetloop.policy.runtime import PolicyRuntime
+    from fleetloop.release.runtime import PolicyRuntime
 
     tasks = parse_task_list(args.tasks)
     train = parse_task_list(args.train) if args.train else []

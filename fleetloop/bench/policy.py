@@ -66,7 +66,7 @@ def _train_rate(net: PolicyModel, steps: int, batch: int, threads: int) -> float
 
 def run(args) -> int:
     from fleetloop.policy.language import get_encoder
-    from fleetloop.policy.runtime import PolicyRuntime
+    from fleetloop.release.runtime import PolicyRuntime
 
     torch.set_num_threads(1)
     instruction = "pick up the puck and place it at the goal"

@@ -10,7 +10,7 @@ a BROKEN version has its action sign-flipped (negative gain), so it drifts away 
 Episodes go through the real episode event: an EpisodeManifest (policy version, task, outcome,
 intervention segments, steps) announced on the Redis episode stream with EpisodeAnnouncer (the
 uploader's XADD, manifest copy in the event); the simulated robots skip the chunk objects, which
-the gate never reads. The gate (fleetloop.policy.rollout.GateService) follows that stream.
+the gate never reads. The gate (fleetloop.release.rollout.GateService) follows that stream.
 
 Phases, each on a fresh fleet:
   gate on:  good v1 (bootstrap) -> broken version -> good version (+ two more published while it
@@ -132,7 +132,7 @@ class SimFleet:
     def __init__(self, redis_client, store_dir: str, robots: int = 8, episode_s: float = 0.02, seed: int = 0):
         from fleetloop.buffer.queue import EpisodeAnnouncer
         from fleetloop.buffer.store import open_store
-        from fleetloop.policy.registry import PolicyRegistry
+        from fleetloop.release.registry import PolicyRegistry
         self.redis = redis_client
         self.store = open_store(Path(store_dir).resolve().as_uri())
         self.registry = PolicyRegistry(self.store, redis_client)
@@ -196,7 +196,7 @@ class SimFleet:
 
     def all_started(self, version: str, since: float) -> Optional[float]:
         """When every robot had begun an episode with `version` (or newer) after `since`."""
-        from fleetloop.policy.registry import _seq
+        from fleetloop.release.registry import _seq
         first: dict[str, float] = {}
         for e in self.snapshot():
             if e.started >= since and _seq(e.version) >= _seq(version):
@@ -217,7 +217,7 @@ def rate(eps: list[Episode]) -> dict:
 def gated_fleet(redis_client, store_dir: str, robots: int, episode_s: float, seed: int, settings, timeout: float):
     """A simulated fleet on good v1 with the gate running, once the gate has a reference on every
     task; yields (fleet, gate service, v1) and stops both after."""
-    from fleetloop.policy.rollout import GateService, RolloutSettings
+    from fleetloop.release.rollout import GateService, RolloutSettings
     settings = settings or RolloutSettings(tick_s=0.05)
     fleet = SimFleet(redis_client, store_dir, robots=robots, episode_s=episode_s, seed=seed)
     gate = None
@@ -365,7 +365,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import redis as redis_lib
 
-    from fleetloop.policy.rollout import RolloutSettings
+    from fleetloop.release.rollout import RolloutSettings
     from fleetloop.services import RedisServer
     server = None
     url = args.redis

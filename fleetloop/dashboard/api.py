@@ -35,7 +35,7 @@ from fleetloop.buffer.store import StoreError
 from fleetloop.dashboard import metrics
 from fleetloop.dashboard.auth import ANONYMOUS, OPERATOR, VIEWER, Identity, TokenTable, bearer_token
 from fleetloop.dashboard.service import CONTROL_ACTIONS, BadRequest, CannotApply, Dashboard, NotDelivered, NotFound
-from fleetloop.policy.registry import RegistryError, UnknownVersion, WeightsIntegrityError
+from fleetloop.release.registry import RegistryError, UnknownVersion, WeightsIntegrityError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 every decision and why; a manual promote / reject and the on/off switch (operator writes,
 audited by the API's middleware like every write); Prometheus series at /metrics/rollout.
 
-The gate itself runs in the learner's process (fleetloop.policy.rollout.GateService); this
+The gate itself runs in the learner's process (fleetloop.release.rollout.GateService); this
 router reads and changes the same Redis state through RolloutGate, under the gate's lock.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fleetloop.dashboard import metrics
 from fleetloop.dashboard.api import READ_ERRORS, WRITE_ERRORS, Strict, audit_note, errors, identity, json_errors
 from fleetloop.dashboard.auth import Identity
 from fleetloop.dashboard.service import CannotApply
-from fleetloop.policy.rollout import GateBusy, RolloutGate, RolloutSettings
+from fleetloop.release.rollout import GateBusy, RolloutGate, RolloutSettings
 
 DECISIONS = ("canary", "promote", "refuse", "expire", "abandon", "observe", "enable", "disable",
              "confirm", "settle", "rollback")

@@ -35,7 +35,7 @@ from fleetloop.buffer.codec import EpisodeRejected, check_id, read_manifest
 from fleetloop.buffer.consumer import DataConsumer
 from fleetloop.buffer.index import ONLINE, EpisodeEntry, FrameIndex, PayloadCache
 from fleetloop.buffer.store import ObjectStore
-from fleetloop.policy.registry import PolicyRegistry, UnknownVersion, canary_member
+from fleetloop.release.registry import PolicyRegistry, UnknownVersion, canary_member
 from fleetloop.proto.v1 import policy_pb2
 from fleetloop.stats import wilson_interval
 

@@ -247,7 +247,7 @@ class PolicyRegistry:
         self._manifests: dict[str, ppb.PolicyManifest] = {}  # immutable once committed
         self._last_published: tuple[str, bytes] | None = None
         self._lock = threading.Lock()
-        # Signing (fleetloop.policy.signing). signer: signs the manifests and steering records
+        # Signing (fleetloop.release.signing). signer: signs the manifests and steering records
         # this instance writes (None: the configured or embedded key, loaded on first write).
         # trust: when set (robots; PolicySlot sets it) every manifest and steering record this
         # instance hands out for running is verified against it first.
@@ -433,7 +433,7 @@ class PolicyRegistry:
         before they are parsed (the signature object first, then the manifest's size, then its
         bytes): an unsigned, forged or oversized manifest is refused before anything is read or
         allocated from its contents. Raises signing.SignatureError, UnknownVersion, StoreError."""
-        from fleetloop.policy import signing
+        from fleetloop.release import signing
         if not isinstance(version, str) or not _VERSION_RE.match(version):
             raise UnknownVersion(f"unknown policy version {version!r}")
         if self.trust is None:
@@ -569,14 +569,14 @@ class PolicyRegistry:
         return None
 
     def _verify_steering(self, record: dict, sig: Optional[str], what: str) -> None:
-        from fleetloop.policy import signing
+        from fleetloop.release import signing
         if not sig and signing.insecure_allowed():
             return
         self.trust.verify_record(record, sig, what)
 
     def _get_signer(self):
         if self.signer is None:
-            from fleetloop.policy import signing
+            from fleetloop.release import signing
             self.signer = signing.default_signer()
         return self.signer
 

@@ -38,7 +38,7 @@ from typing import Iterable, Optional
 import redis
 
 from fleetloop import config
-from fleetloop.policy.registry import PolicyRegistry, RegistryError, UnknownVersion, _seq
+from fleetloop.release.registry import PolicyRegistry, RegistryError, UnknownVersion, _seq
 
 log = logging.getLogger(__name__)
 
