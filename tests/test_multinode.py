@@ -1,7 +1,8 @@
-"""The learner across Ray nodes: scripts/multinode.py builds a head and two worker nodes in their
-own network namespaces (plus one for robots), trains with one DDP worker on each worker node,
-kills one node mid-training and checks that Ray Train restarts the group, the learner resumes from
-its checkpoint, versions keep coming and no version number is used twice. About 2-3 minutes here.
+"""The learner across Ray nodes: tests/multinode_harness.py (the command: scripts/multinode.py)
+builds a head and two worker nodes in their own network namespaces (plus one for robots), trains
+with one DDP worker on each worker node, kills one node mid-training and checks that Ray Train
+restarts the group, the learner resumes from its checkpoint, versions keep coming and no version
+number is used twice. About 2-3 minutes here.
 Needs root and `ip netns` (CI runs as root); skipped otherwise."""
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "multinode.py"
+SCRIPT = Path(__file__).resolve().parent / "multinode_harness.py"
 
 
 def _netns_unavailable() -> str | None:
