@@ -34,7 +34,9 @@ from fleetloop.buffer.codec import EpisodeRejected
 from fleetloop.buffer.store import StoreError
 from fleetloop.dashboard import metrics
 from fleetloop.dashboard.auth import ANONYMOUS, OPERATOR, VIEWER, Identity, TokenTable, bearer_token
-from fleetloop.dashboard.service import CONTROL_ACTIONS, BadRequest, CannotApply, Dashboard, NotDelivered, NotFound
+from fleetloop.dashboard.resources.common import BadRequest, CannotApply, NotDelivered, NotFound
+from fleetloop.dashboard.resources.robots import CONTROL_ACTIONS
+from fleetloop.dashboard.service import Dashboard
 from fleetloop.release.registry import RegistryError, UnknownVersion, WeightsIntegrityError
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from fleetloop.dashboard import metrics
 from fleetloop.dashboard.api import READ_ERRORS, WRITE_ERRORS, Strict, audit_note, errors, identity, json_errors
 from fleetloop.dashboard.auth import Identity
-from fleetloop.dashboard.service import CannotApply
+from fleetloop.dashboard.resources.common import CannotApply
 from fleetloop.release.rollout import GateBusy, RolloutGate, RolloutSettings
 
 DECISIONS = ("canary", "promote", "refuse", "expire", "abandon", "observe", "enable", "disable",
