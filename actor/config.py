@@ -4,6 +4,10 @@ wrong, what it held and what is accepted -- instead of failing an hour later in 
 
   fleetloop actor --config /etc/fleetloop/actor.toml
 
+The schema is a pydantic-settings model (ActorSettings: one table per section, each key's type
+is its parser), read from the TOML file (TomlFileSource) and the documented environment variables
+(DocumentedEnvSource); pydantic's errors are reworded to name the key and where it came from.
+
 Precedence: environment variable > config file > default. An environment variable set to the
 empty string counts as unset (a systemd EnvironmentFile line `FLEETLOOP_S3_ENDPOINT=` is harmless).
 deploy/robot/actor.example.toml is a complete, commented example. The keys:
@@ -48,8 +52,11 @@ import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Mapping
 from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from fleetloop.actor.spool import POLICIES as SPOOL_POLICIES
 
@@ -377,62 +384,189 @@ def check_grpc_address(value: str) -> str:
     return value
 
 
-# -- the schema: (section, key) -> field, parser, environment variables ---------------------
+# -- the schema: one pydantic model per TOML table; each field's type is its parser ---------
+
+def _nonempty(value):
+    if value == "":
+        raise ValueError("must not be empty")
+    return value
+
+
+def _within(low: int, high: int | None, message: str):
+    def check(n: int) -> int:
+        if n < low or (high is not None and n > high):
+            raise ValueError(message.format(n=n))
+        return n
+    return check
+
+
+MIN_SPOOL_BYTES = 1024 ** 2
+MIN_CHUNK_BYTES = 1024
+MAX_CHUNK_BYTES = 512 * 1024 ** 2
+
+# The types are their parsers (each raises ValueError saying what is accepted): pydantic runs
+# them on the raw TOML or environment value, so a message never depends on pydantic's wording.
+Text = Annotated[str, BeforeValidator(parse_str), AfterValidator(_nonempty)]
+RobotId = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_robot_id), AfterValidator(_nonempty)]
+StoreUri = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_store_uri), AfterValidator(_nonempty)]
+HttpUrl = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_http_url), AfterValidator(_nonempty)]
+RedisUrl = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_redis_url), AfterValidator(_nonempty)]
+SpoolPolicy = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_on_full)]
+GrpcAddress = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_grpc_address)]
+Device = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_device)]
+InferenceMode = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_inference)]
+SpoolSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(_within(
+    MIN_SPOOL_BYTES, None, "{n} bytes is too small for a spool (at least 1MiB)"))]
+ChunkSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(_within(
+    MIN_CHUNK_BYTES, MAX_CHUNK_BYTES, "{n} bytes is outside the accepted range 1KiB-512MiB"))]
+Count = Annotated[int, BeforeValidator(parse_int)]
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Flag = Annotated[bool, BeforeValidator(parse_bool)]
+
+
+def setting(field: str, *env: str):
+    """A key of the file: the ActorConfig field it sets and its environment variables (the first
+    one set wins). Unset is None, so ActorConfig's default applies."""
+    return Field(default=None, json_schema_extra={"field": field, "env": env})
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CloudTable(_Table):
+    store: StoreUri = setting("store_uri", "FLEETLOOP_STORE")
+    s3_endpoint: HttpUrl = setting("s3_endpoint", "FLEETLOOP_S3_ENDPOINT", "AWS_ENDPOINT_URL")
+    s3_region: Text = setting("s3_region", "AWS_DEFAULT_REGION")
+    redis_url: RedisUrl = setting("redis_url", "FLEETLOOP_REDIS_URL")
+
+
+class CredentialsTable(_Table):
+    aws_access_key_id: Text = setting("aws_access_key_id", "AWS_ACCESS_KEY_ID")
+    aws_secret_access_key: Text = setting("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY")
+
+
+class SpoolTable(_Table):
+    dir: Text = setting("spool_dir", "FLEETLOOP_SPOOL_DIR")
+    max_size: SpoolSize = setting("spool_max_bytes", "FLEETLOOP_SPOOL_MAX")
+    on_full: SpoolPolicy = setting("spool_on_full", "FLEETLOOP_SPOOL_ON_FULL")
+
+
+class GrpcTable(_Table):
+    address: GrpcAddress = setting("grpc_address", "FLEETLOOP_GRPC_ADDRESS")
+    tls_cert: Text = setting("grpc_tls_cert", "FLEETLOOP_GRPC_TLS_CERT")
+    tls_key: Text = setting("grpc_tls_key", "FLEETLOOP_GRPC_TLS_KEY")
+    client_ca: Text = setting("grpc_client_ca", "FLEETLOOP_GRPC_CLIENT_CA")
+    token: Text = setting("grpc_token", "FLEETLOOP_GRPC_TOKEN")
+    token_file: Text = setting("grpc_token_file", "FLEETLOOP_GRPC_TOKEN_FILE")
+    insecure: Flag = setting("grpc_insecure", "FLEETLOOP_GRPC_INSECURE")
+
+
+class RecordingTable(_Table):
+    chunk_steps: Count = setting("chunk_steps", "FLEETLOOP_CHUNK_STEPS")
+    chunk_size: ChunkSize = setting("chunk_bytes", "FLEETLOOP_CHUNK_SIZE")
+
+
+class PolicyTable(_Table):
+    poll_interval: Duration = setting("policy_poll_interval_s", "FLEETLOOP_POLICY_POLL_INTERVAL")
+    device: Device = setting("policy_device", "FLEETLOOP_POLICY_DEVICE")
+    bases: Text = setting("policy_bases", "FLEETLOOP_BASE_DIRS")
+    trusted_keys: Text = setting("trusted_keys", "FLEETLOOP_TRUSTED_KEYS")
+    inference: InferenceMode = setting("inference", "FLEETLOOP_INFERENCE")
+
+
+class ActorSettings(BaseSettings):
+    """The file's schema: top-level keys, then one table per section. Every key is optional here;
+    load_actor_config reports the required ones missing with where to set them."""
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, validate_default=False)  # unset stays None
+
+    robot_id: RobotId = setting("robot_id", "FLEETLOOP_ROBOT_ID")
+    cloud: CloudTable = CloudTable()
+    credentials: CredentialsTable = CredentialsTable()
+    spool: SpoolTable = SpoolTable()
+    grpc: GrpcTable = GrpcTable()
+    recording: RecordingTable = RecordingTable()
+    policy: PolicyTable = PolicyTable()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # load_actor_config gathers the values from its own sources (below), so callers pass
+        # the environment they mean (a test, a tool) and os.environ is never read behind them.
+        return (init_settings,)
+
 
 @dataclass(frozen=True)
-class _Key:
+class Key:
     section: str           # "" for the top level
     key: str
     field: str             # ActorConfig field
-    parse: Callable[[Any], Any]
-    env: tuple[str, ...] = ()
+    env: tuple[str, ...]
 
     @property
     def dotted(self) -> str:
         return f"{self.section}.{self.key}" if self.section else self.key
 
 
-def _chain(*fns):
-    def run(v):
-        for fn in fns:
-            v = fn(v)
-        return v
-    return run
+def _keys() -> tuple[Key, ...]:
+    out = []
+    for name, info in ActorSettings.model_fields.items():
+        table = info.annotation if isinstance(info.annotation, type) and issubclass(info.annotation, _Table) else None
+        for section, key, f in ([(name, k, i) for k, i in table.model_fields.items()] if table else [("", name, info)]):
+            out.append(Key(section, key, f.json_schema_extra["field"], f.json_schema_extra["env"]))
+    return tuple(out)
 
 
-KEYS: tuple[_Key, ...] = (
-    _Key("", "robot_id", "robot_id", _chain(parse_str, check_robot_id), ("FLEETLOOP_ROBOT_ID",)),
-    _Key("cloud", "store", "store_uri", _chain(parse_str, check_store_uri), ("FLEETLOOP_STORE",)),
-    _Key("cloud", "s3_endpoint", "s3_endpoint", _chain(parse_str, check_http_url),
-         ("FLEETLOOP_S3_ENDPOINT", "AWS_ENDPOINT_URL")),
-    _Key("cloud", "s3_region", "s3_region", parse_str, ("AWS_DEFAULT_REGION",)),
-    _Key("cloud", "redis_url", "redis_url", _chain(parse_str, check_redis_url), ("FLEETLOOP_REDIS_URL",)),
-    _Key("credentials", "aws_access_key_id", "aws_access_key_id", parse_str, ("AWS_ACCESS_KEY_ID",)),
-    _Key("credentials", "aws_secret_access_key", "aws_secret_access_key", parse_str, ("AWS_SECRET_ACCESS_KEY",)),
-    _Key("spool", "dir", "spool_dir", parse_str, ("FLEETLOOP_SPOOL_DIR",)),
-    _Key("spool", "max_size", "spool_max_bytes", parse_size, ("FLEETLOOP_SPOOL_MAX",)),
-    _Key("spool", "on_full", "spool_on_full", _chain(parse_str, check_on_full), ("FLEETLOOP_SPOOL_ON_FULL",)),
-    _Key("grpc", "address", "grpc_address", _chain(parse_str, check_grpc_address), ("FLEETLOOP_GRPC_ADDRESS",)),
-    _Key("grpc", "tls_cert", "grpc_tls_cert", parse_str, ("FLEETLOOP_GRPC_TLS_CERT",)),
-    _Key("grpc", "tls_key", "grpc_tls_key", parse_str, ("FLEETLOOP_GRPC_TLS_KEY",)),
-    _Key("grpc", "client_ca", "grpc_client_ca", parse_str, ("FLEETLOOP_GRPC_CLIENT_CA",)),
-    _Key("grpc", "token", "grpc_token", parse_str, ("FLEETLOOP_GRPC_TOKEN",)),
-    _Key("grpc", "token_file", "grpc_token_file", parse_str, ("FLEETLOOP_GRPC_TOKEN_FILE",)),
-    _Key("grpc", "insecure", "grpc_insecure", parse_bool, ("FLEETLOOP_GRPC_INSECURE",)),
-    _Key("recording", "chunk_steps", "chunk_steps", parse_int, ("FLEETLOOP_CHUNK_STEPS",)),
-    _Key("recording", "chunk_size", "chunk_bytes", parse_size, ("FLEETLOOP_CHUNK_SIZE",)),
-    _Key("policy", "poll_interval", "policy_poll_interval_s", parse_duration, ("FLEETLOOP_POLICY_POLL_INTERVAL",)),
-    _Key("policy", "device", "policy_device", _chain(parse_str, check_device), ("FLEETLOOP_POLICY_DEVICE",)),
-    _Key("policy", "bases", "policy_bases", parse_str, ("FLEETLOOP_BASE_DIRS",)),
-    _Key("policy", "trusted_keys", "trusted_keys", parse_str, ("FLEETLOOP_TRUSTED_KEYS",)),
-    _Key("policy", "inference", "inference", _chain(parse_str, check_inference), ("FLEETLOOP_INFERENCE",)),
-)
+KEYS = _keys()
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
 ENV_VARS = tuple(e for k in KEYS for e in k.env)
 REQUIRED = ("robot_id", "store_uri", "redis_url")
-MIN_SPOOL_BYTES = 1024 ** 2
-MIN_CHUNK_BYTES = 1024
-MAX_CHUNK_BYTES = 512 * 1024 ** 2
+
+
+class TomlFileSource(TomlConfigSettingsSource):
+    """The config file, with a message that says what is wrong with it (pydantic-settings skips
+    a missing file silently; a robot's daemon must not start on defaults then)."""
+
+    def _read_files(self, files, deep_merge: bool = False) -> dict:
+        path = Path(files)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file") from None
+        except PermissionError:
+            raise ConfigError(f"config file {str(path)!r} is not readable by this user (uid {os.getuid()})") from None
+        try:
+            return tomllib.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+
+
+class DocumentedEnvSource(PydanticBaseSettingsSource):
+    """The environment variables documented above (not derived from field names: FLEETLOOP_STORE
+    sets cloud.store, AWS_* are the names boto3 users know). An empty value counts as unset."""
+
+    def __init__(self, settings_cls, environ: Mapping[str, str]):
+        super().__init__(settings_cls)
+        self.environ = environ
+        self.origin: dict[str, str] = {}   # dotted key -> the variable that set it
+
+    def get_field_value(self, field, field_name: str):  # the values come whole from __call__
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k in KEYS:
+            for var in k.env:
+                value = self.environ.get(var)
+                if value is not None and value.strip() != "":
+                    (out.setdefault(k.section, {}) if k.section else out)[k.key] = value
+                    self.origin[k.dotted] = var
+                    break
+        return out
 
 
 def _suggest(word: str, choices) -> str:
@@ -440,48 +574,73 @@ def _suggest(word: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _read_file(path: Path) -> dict:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} does not exist") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {str(path)!r} is a directory, not a TOML file") from None
-    except PermissionError:
-        raise ConfigError(f"config file {str(path)!r} is not readable by this user (uid {os.getuid()})") from None
-    try:
-        return tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+def _merge(file_values: dict, env_values: dict) -> dict:
+    """Environment over file, key by key inside each table."""
+    out = dict(file_values)
+    for name, value in env_values.items():
+        table = out.get(name)
+        out[name] = {**table, **value} if isinstance(value, dict) and isinstance(table, dict) else value
+    return out
 
 
-def _flatten(doc: dict, where: str, errors: list[str]) -> dict[str, tuple[Any, str]]:
-    """{dotted key: (value, where)} for known keys; unknown ones become errors."""
-    by_section: dict[str, dict[str, _Key]] = {}
+def _problem(err: dict, where: str, origin: dict[str, str]) -> str:
+    """One pydantic error as the sentence an operator reads: the key, where it came from, what
+    was wrong and what is accepted."""
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(loc)
+    by_section: dict[str, list[str]] = {}
     for k in KEYS:
-        by_section.setdefault(k.section, {})[k.key] = k
-    top_names = list(by_section[""]) + list(SECTIONS)
-    out: dict[str, tuple[Any, str]] = {}
-    for name, value in doc.items():
-        if name in SECTIONS:
-            if not isinstance(value, dict):
-                errors.append(f"{name} in {where}: expected a table [{name}], got {type(value).__name__} {value!r}")
-                continue
-            known = by_section[name]
-            for key, v in value.items():
-                if key not in known:
-                    errors.append(f"unknown key {name}.{key} in {where}{_suggest(key, known)}; "
-                                  f"accepted keys in [{name}]: {', '.join(known)}")
-                else:
-                    out[f"{name}.{key}"] = (v, where)
-        elif name in by_section[""]:
-            out[name] = (value, where)
+        by_section.setdefault(k.section, []).append(k.key)
+    if err["type"] == "extra_forbidden" and len(loc) == 2:
+        known = by_section[loc[0]]
+        return (f"unknown key {dotted} in {where}{_suggest(loc[1], known)}; "
+                f"accepted keys in [{loc[0]}]: {', '.join(known)}")
+    if err["type"] == "extra_forbidden":
+        return (f"unknown key {loc[0]!r} in {where}{_suggest(loc[0], by_section[''] + list(SECTIONS))}; "
+                f"accepted at the top level: {', '.join(by_section[''])} and the tables "
+                + ", ".join(f"[{s}]" for s in SECTIONS))
+    if len(loc) == 1 and loc[0] in SECTIONS:
+        v = err["input"]
+        return f"{loc[0]} in {where}: expected a table [{loc[0]}], got {type(v).__name__} {v!r}"
+    label = (f"environment variable {origin[dotted]} (overrides {dotted})" if dotted in origin
+             else f"{dotted} in {where}")
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{label}: {msg}"
+
+
+def _without(values: dict, locs: list[tuple]) -> dict:
+    """values less the keys at locs (what failed), so the rest can still be checked together."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for loc in locs:
+        if len(loc) == 1 or not isinstance(out.get(loc[0]), dict):
+            out.pop(loc[0], None)
         else:
-            errors.append(f"unknown key {name!r} in {where}{_suggest(name, top_names)}; accepted at the top level: "
-                          f"{', '.join(by_section[''])} and the tables "
-                          + ", ".join(f"[{s}]" for s in SECTIONS))
+            out[loc[0]].pop(loc[1], None)
+    return out
+
+
+def _validate(values: dict, where: str, origin: dict[str, str], errors: list[str]) -> tuple[ActorSettings, set]:
+    """Validate everything at once; on errors, record each and validate what is left, so the
+    cross-field checks still see the good values. Returns the settings and the failed keys."""
+    try:
+        return ActorSettings(**values), set()
+    except ValidationError as e:
+        problems = e.errors(include_url=False)
+    errors.extend(_problem(err, where, origin) for err in problems)
+    locs = [tuple(str(p) for p in err["loc"][:2]) for err in problems]
+    return ActorSettings(**_without(values, locs)), {".".join(loc) for loc in locs}
+
+
+def _present(settings: ActorSettings, where: str, origin: dict[str, str]) -> dict[str, tuple[Any, str]]:
+    """{ActorConfig field: (value, label for messages)} for every key that was set."""
+    out: dict[str, tuple[Any, str]] = {}
+    for k in KEYS:
+        value = getattr(getattr(settings, k.section), k.key) if k.section else getattr(settings, k.key)
+        if value is None:
+            continue
+        label = (f"environment variable {origin[k.dotted]} (overrides {k.dotted})" if k.dotted in origin
+                 else f"{k.dotted} in {where}")
+        out[k.field] = (value, label)
     return out
 
 
@@ -607,7 +766,6 @@ def _check_link_security(values: dict, from_env: set, base: Path, errors: list[s
     except ValueError as e:
         errors.append(f"grpc.address: {e}")
 
-
 def load_actor_config(path: str | os.PathLike | None, env: Mapping[str, str] | None = None,
                       check_spool: bool = True) -> ActorConfig:
     """Load the TOML file at `path` (None: no file, environment and defaults only), apply the
@@ -616,43 +774,19 @@ def load_actor_config(path: str | os.PathLike | None, env: Mapping[str, str] | N
     and write-testing the spool directory (for tools that only print a config)."""
     env = os.environ if env is None else env
     errors: list[str] = []
-    raw: dict[str, tuple[Any, str]] = {}
     base = Path.cwd()
     source = "environment"
     doc: dict = {}
     if path is not None:
         p = Path(path)
-        doc = _read_file(p)
-        raw = _flatten(doc, str(p), errors)
+        doc = TomlFileSource(ActorSettings, toml_file=p)()
         base = p.resolve().parent
         source = f"{p} + environment"
-
-    # environment overrides (the first set variable of a key's list wins)
-    from_env: set[str] = set()
-    for k in KEYS:
-        for var in k.env:
-            value = env.get(var)
-            if value is not None and value.strip() != "":
-                raw[k.dotted] = (value, f"environment variable {var}")
-                from_env.add(k.dotted)
-                break
-
-    values: dict[str, Any] = {}   # field -> (parsed value, label for messages)
-    failed: set[str] = set()
-    for k in KEYS:
-        if k.dotted not in raw:
-            continue
-        value, where = raw[k.dotted]
-        label = f"{where} (overrides {k.dotted})" if k.dotted in from_env else f"{k.dotted} in {where}"
-        try:
-            parsed = k.parse(value)
-            if parsed == "":
-                raise ValueError("must not be empty")
-        except ValueError as e:
-            errors.append(f"{label}: {e}")
-            failed.add(k.field)
-            continue
-        values[k.field] = (parsed, label)
+    env_source = DocumentedEnvSource(ActorSettings, env)
+    from_env = env_source.origin   # dotted key -> variable, for messages and relative paths
+    settings, failed_keys = _validate(_merge(doc, env_source()), str(path), from_env, errors)
+    values = _present(settings, str(path), from_env)   # field -> (parsed value, label for messages)
+    failed = {k.field for k in KEYS if k.dotted in failed_keys}
 
     for k in KEYS:
         if k.field in REQUIRED and k.field not in values and k.field not in failed:
@@ -670,11 +804,7 @@ def load_actor_config(path: str | os.PathLike | None, env: Mapping[str, str] | N
                       "boto3's default credential chain")
     max_bytes = values.get("spool_max_bytes", (DEFAULT_SPOOL_MAX, "spool.max_size (default)"))
     chunk_bytes = values.get("chunk_bytes", (DEFAULT_CHUNK_BYTES, "recording.chunk_size (default)"))
-    if "spool_max_bytes" in values and max_bytes[0] < MIN_SPOOL_BYTES:
-        errors.append(f"{max_bytes[1]}: {max_bytes[0]} bytes is too small for a spool (at least 1MiB)")
-    if "chunk_bytes" in values and not MIN_CHUNK_BYTES <= chunk_bytes[0] <= MAX_CHUNK_BYTES:
-        errors.append(f"{chunk_bytes[1]}: {chunk_bytes[0]} bytes is outside the accepted range 1KiB-512MiB")
-    elif max_bytes[0] >= MIN_SPOOL_BYTES and max_bytes[0] < 2 * chunk_bytes[0]:
+    if "chunk_bytes" not in failed and max_bytes[0] < 2 * chunk_bytes[0]:  # each size alone: SpoolSize, ChunkSize
         errors.append(f"{max_bytes[1]}: the spool ({max_bytes[0]} bytes) must hold at least two chunks "
                       f"(recording.chunk_size is {chunk_bytes[0]} bytes)")
 
