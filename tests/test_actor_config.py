@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fleetloop.actor.config import (DEFAULT_GRPC_ADDRESS, ENV_VARS, ActorConfig, ConfigError,
-                                    load_actor_config, parse_duration, parse_size)
+from fleetloop.actor.config import DEFAULT_GRPC_ADDRESS, ENV_VARS, ActorConfig, ConfigError, load_actor_config
+from fleetloop.actor.config_types import parse_duration, parse_size
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -377,6 +377,6 @@ def test_world_readable_secret_warns(tmp_path, caplog):
 
 
 def test_robot_id_rule_matches_the_codec():
-    from fleetloop.actor.config import ROBOT_ID_RE
+    from fleetloop.actor.config_types import ROBOT_ID_RE
     from fleetloop.buffer.codec import _SAFE_ID
     assert ROBOT_ID_RE.pattern == _SAFE_ID.pattern
