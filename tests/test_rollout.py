@@ -19,8 +19,8 @@ from fleetloop.buffer.store import LocalStore
 from fleetloop.dashboard.app import build_app
 from fleetloop.dashboard.auth import OPERATOR, VIEWER, TokenTable
 from fleetloop.release.registry import PolicyRegistry
-from fleetloop.release.rollout import (DECIDED_KEY, EpisodeRecord, EvidenceBook, EvidenceFollower, GateService,
-                                      RolloutGate, RolloutSettings, Tally, sprt)
+from fleetloop.release.evidence import EpisodeRecord, EvidenceBook, EvidenceFollower, Tally, sprt
+from fleetloop.release.rollout import DECIDED_KEY, GateService, RolloutGate, RolloutSettings
 
 OP_TOKEN = "alice-operator-token-0001"
 VIEWER_TOKEN = "wall-viewer-token-0001"
