@@ -1,23 +1,19 @@
 """The dashboard's HTTP face: REST API (OpenAPI at /openapi.json), server-sent events, /metrics and
 the web page, all from one FastAPI app.
 
-Access control and the audit log live in one ASGI middleware in front of every route, so a new
-route cannot forget either: it checks the bearer token before anything else runs (before the
-body is even parsed), and records every write request -- allowed, refused or failed -- on the
-audit stream. Routes only add what they did (action, target, result) to request.state.audit.
+Access control and the audit log live in one ASGI middleware in front of every route
+(middleware.py), so a new route cannot forget either. Routes only add what they did (action,
+target, result) to request.state.audit (audit_note).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import math
 import re
-import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional, Union
 
-import anyio
 import redis
 from fastapi import Body, Depends, FastAPI, Path as PathParam, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -33,7 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from fleetloop.buffer.codec import EpisodeRejected
 from fleetloop.buffer.store import StoreError
 from fleetloop.dashboard import metrics
-from fleetloop.dashboard.auth import ANONYMOUS, OPERATOR, VIEWER, Identity, TokenTable, bearer_token
+from fleetloop.dashboard.auth import Identity, TokenTable
+from fleetloop.dashboard.middleware import MAX_BODY, AuthAuditMiddleware, audit_note, identity
 from fleetloop.dashboard.resources.common import BadRequest, CannotApply, NotDelivered, NotFound
 from fleetloop.dashboard.resources.robots import CONTROL_ACTIONS
 from fleetloop.dashboard.service import Dashboard
@@ -42,210 +39,8 @@ from fleetloop.release.registry import RegistryError, UnknownVersion, WeightsInt
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-PUBLIC_PATHS = {"/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/api/health", "/favicon.ico"}
-PUBLIC_PREFIXES = ("/static/",)
-READ_METHODS = {"GET", "HEAD"}
 _STREAM_ID = re.compile(r"^[0-9]{1,19}(-[0-9]{1,19})?$")
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # robot / task / episode ids (buffer.codec.check_id)
-
-
-# ---- access control + audit --------------------------------------------------------------
-
-MAX_BODY = 64 * 1024       # no write body needs more; larger ones are refused with 413 (and audited)
-MAX_JSON_DEPTH = 16        # bodies nested deeper are refused with 422 (and audited)
-AUDIT_PARAMS_MAX = 2048    # the audit log keeps a body's JSON up to this size, else a summary
-
-
-class BodyRefused(Exception):
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status, self.detail = status, detail
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a number this API accepts: numbers must be finite")
-
-
-def _finite_float(text: str) -> float:
-    v = float(text)
-    if not math.isfinite(v):
-        raise ValueError(f"number {text[:40]} is out of range: numbers must be finite")
-    return v
-
-
-def _depth(value, limit: int) -> int:
-    """Nesting depth of parsed JSON, iteratively (no recursion), stopping past limit."""
-    deepest, todo = 0, [(value, 1)]
-    while todo:
-        v, d = todo.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            if deepest > limit:
-                return deepest
-            todo.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
-    return deepest
-
-
-def parse_body(body: bytes):
-    """A write's body, checked before any route sees it: UTF-8 JSON, finite numbers only (no
-    NaN/Infinity, nothing that overflows to infinity), at most MAX_JSON_DEPTH deep. Raises
-    BodyRefused(422) with a short reason (never an echo of the body)."""
-    if len(body) > MAX_BODY:
-        raise BodyRefused(413, f"request body over {MAX_BODY} bytes")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BodyRefused(422, "body: not UTF-8 text (send a JSON body)") from None
-    try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise BodyRefused(422, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    except ValueError as e:
-        msg = str(e)
-        if "finite" not in msg:
-            msg = f"not valid JSON ({msg.split(':')[0][:80]})"
-        raise BodyRefused(422, f"body: {msg}") from None
-    if _depth(value, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
-        raise BodyRefused(422, f"body: JSON nested deeper than {MAX_JSON_DEPTH} levels")
-    return value
-
-
-def audit_params(body: bytes, parsed, why: str = ""):
-    """What the audit log keeps of a request body: the JSON itself when it is valid and small,
-    else a one-line summary. Always JSON-serialisable with finite numbers."""
-    if not body:
-        return None
-    if not why:
-        try:
-            text = json.dumps(parsed, allow_nan=False, separators=(",", ":"))
-            if len(text) <= AUDIT_PARAMS_MAX:
-                return parsed
-            why = "too large to record"
-        except (ValueError, TypeError, RecursionError):
-            why = "not recordable"
-    return f"<body of {len(body)} bytes not recorded: {why[:200]}>"
-
-
-class AuthAuditMiddleware:
-    def __init__(self, app, dash: Dashboard, tokens: TokenTable, open_read: bool):
-        self.app, self.dash, self.tokens, self.open_read = app, dash, tokens, open_read
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, method = scope["path"], scope["method"]
-        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
-            return await self.app(scope, receive, send)
-        write = method not in READ_METHODS
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        token = bearer_token(headers.get("authorization"))
-        identity = self.tokens.lookup(token)
-        refusal = None
-        if identity is None:
-            if token or "authorization" in headers:
-                refusal = (401, "invalid token: send 'Authorization: Bearer <token>' with a configured token")
-            elif write or not self.open_read:
-                refusal = (401, f"this needs {'an operator' if write else 'a viewer or operator'} token: "
-                                f"send 'Authorization: Bearer <token>'")
-            else:
-                identity = Identity(ANONYMOUS.name, VIEWER)  # --open-read: reads without a token
-        elif write and not identity.can(OPERATOR):
-            refusal = (403, f"{identity.name!r} is a {identity.role}; this needs an operator token")
-        state = scope.setdefault("state", {})
-        state["identity"] = identity
-        if refusal:
-            status, detail = refusal
-            response = JSONResponse({"detail": detail}, status_code=status,
-                                    headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
-            await response(scope, receive, send)
-            if write:  # the body is never read for a refused caller; only its size is recorded
-                await self._audit(scope, identity, status, detail, None)
-            return
-        if not write:
-            return await self.app(scope, receive, send)
-
-        # An operator's write: read the (bounded) body, check it, record it -- whatever it holds.
-        body, parsed, refused = bytearray(), None, None
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY:
-            refused = BodyRefused(413, f"request body over {MAX_BODY} bytes")
-        else:
-            more = True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    break
-                body.extend(message.get("body", b""))
-                more = message.get("more_body", False)
-                if len(body) > MAX_BODY:
-                    refused = BodyRefused(413, f"request body over {MAX_BODY} bytes")
-                    break
-        body = bytes(body)
-        if refused is None and body:
-            try:
-                parsed = parse_body(body)
-            except BodyRefused as e:
-                refused = e
-        if refused is not None:
-            response = JSONResponse({"detail": refused.detail}, status_code=refused.status)
-            await response(scope, receive, send)
-            size = int(declared) if declared.isdigit() else len(body)
-            await self._audit(scope, identity, refused.status, refused.detail,
-                              f"<body of {size} bytes not recorded: {refused.detail[:200]}>" if size else None)
-            return
-
-        status_box = {"status": 500}
-        error_body = bytearray()
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status_box["status"] = message["status"]
-            elif message["type"] == "http.response.body" and status_box["status"] >= 400 and len(error_body) < 4096:
-                error_body.extend(message.get("body", b"")[: 4096 - len(error_body)])
-            await send(message)
-
-        try:
-            await self.app(scope, replay, send_wrapper)
-        finally:
-            detail = None
-            if error_body:
-                try:
-                    detail = json.loads(bytes(error_body)).get("detail")
-                except (ValueError, AttributeError, RecursionError):
-                    detail = bytes(error_body)[:500].decode("utf-8", "replace")
-            await self._audit(scope, identity, status_box["status"], detail, audit_params(body, parsed))
-
-    async def _audit(self, scope, identity: Optional[Identity], status: int, detail, params) -> None:
-        info = scope.get("state", {}).get("audit") or {}
-        record = {
-            "ts_ns": time.time_ns(), "who": identity.name if identity else ANONYMOUS.name,
-            "role": identity.role if identity else "", "method": scope["method"], "path": scope["path"][:300],
-            "action": info.get("action") or f"{scope['method']} {scope['path'][:300]}", "target": info.get("target"),
-            "params": params, "status": status,
-            "result": "ok" if status < 400 else ("denied" if status in (401, 403) else "error"),
-            "detail": info.get("result") if status < 400 else detail,
-        }
-        try:
-            await anyio.to_thread.run_sync(self.dash.audit, record)
-        except Exception as e:  # never turn an audit hiccup into a lost response; say it loudly
-            log.error("AUDIT RECORD LOST (%s): %s %s by %s -> %s", e, record["method"], record["path"],
-                      record["who"], status)
-
-
-def identity(request: Request) -> Identity:
-    return request.state.identity
-
-
-def audit_note(request: Request, action: str, target: str = "", result=None) -> None:
-    request.state.audit = {"action": action, "target": target, "result": result}
 
 
 # ---- request bodies ----------------------------------------------------------------------

@@ -17,8 +17,9 @@ from pydantic import Field
 from starlette.concurrency import run_in_threadpool
 
 from fleetloop.dashboard import metrics
-from fleetloop.dashboard.api import READ_ERRORS, WRITE_ERRORS, Strict, audit_note, errors, identity, json_errors
+from fleetloop.dashboard.api import READ_ERRORS, WRITE_ERRORS, Strict, errors, json_errors
 from fleetloop.dashboard.auth import Identity
+from fleetloop.dashboard.middleware import audit_note, identity
 from fleetloop.dashboard.resources.common import CannotApply
 from fleetloop.release.rollout import GateBusy, RolloutGate, RolloutSettings
 
