@@ -304,6 +304,11 @@ def _merge(file_values: dict, env_values: dict) -> dict:
     return out
 
 
+def _label(dotted: str, where: str, origin: dict[str, str]) -> str:
+    """Where a key's value came from, as messages name it."""
+    return f"environment variable {origin[dotted]} (overrides {dotted})" if dotted in origin else f"{dotted} in {where}"
+
+
 def _problem(err: dict, where: str, origin: dict[str, str]) -> str:
     """One pydantic error as the sentence an operator reads: the key, where it came from, what
     was wrong and what is accepted."""
@@ -323,10 +328,7 @@ def _problem(err: dict, where: str, origin: dict[str, str]) -> str:
     if len(loc) == 1 and loc[0] in SECTIONS:
         v = err["input"]
         return f"{loc[0]} in {where}: expected a table [{loc[0]}], got {type(v).__name__} {v!r}"
-    label = (f"environment variable {origin[dotted]} (overrides {dotted})" if dotted in origin
-             else f"{dotted} in {where}")
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{label}: {msg}"
+    return f"{_label(dotted, where, origin)}: {err['msg'].removeprefix('Value error, ')}"
 
 
 def _without(values: dict, locs: list[tuple]) -> dict:
@@ -359,9 +361,7 @@ def _present(settings: ActorSettings, where: str, origin: dict[str, str]) -> dic
         value = getattr(getattr(settings, k.section), k.key) if k.section else getattr(settings, k.key)
         if value is None:
             continue
-        label = (f"environment variable {origin[k.dotted]} (overrides {k.dotted})" if k.dotted in origin
-                 else f"{k.dotted} in {where}")
-        out[k.field] = (value, label)
+        out[k.field] = (value, _label(k.dotted, where, origin))
     return out
 
 
