@@ -94,6 +94,8 @@ def wait_for(what: str, fn, timeout: float, interval: float = 1.0):
             if got:
                 return got
             last = got
+        except E2EFailure:
+            raise   # a definitive failure, not a "not yet"
         except Exception as e:  # noqa: BLE001 -- keep polling; the last error goes in the failure
             last = e
         time.sleep(interval)
@@ -526,7 +528,7 @@ class Check:
              "--no-keys", "--robot-redis-host", f"127.0.0.1:{d['REDIS_PORT']}",
              "--robot-s3-endpoint", f"http://127.0.0.1:{d['MINIO_PORT']}"], timeout=120)
         run([sys.executable, str(REPO / "deploy" / "preflight.py"), "--project-directory", str(p.dir), "--local"],
-            timeout=60)
+            env=engine_env, timeout=60)
         self.robots = [Robot(p, r) for r in robots]
 
     def first_policy(self) -> None:

@@ -24,8 +24,12 @@ def main() -> None:
     users = secrets / "users"
     if not users.is_file():
         fail(f"{users} is missing: run 'fleetloop credentials issue --robots ... --out deploy/secrets' first (docs/deploy.md)")
+    try:
+        listed = users.read_text().splitlines()
+    except OSError as e:
+        fail(f"cannot read {users}: {e.strerror}")
     identities = []
-    for line in users.read_text().splitlines():
+    for line in listed:
         who, _, secret = line.strip().partition(" ")
         if not who:
             continue
