@@ -73,7 +73,7 @@ def check_text(kind: str, value: str, max_bytes: int, required: bool = False) ->
 
 def check_id(kind: str, value: str, limits: LinkLimits, required: bool = True) -> str:
     check_text(kind, value, limits.max_id_bytes, required)
-    if value and (not _SAFE_ID.match(value) or value in ("all", "acks")):
+    if value and (not _SAFE_ID.fullmatch(value) or value in ("all", "acks")):
         raise Rejected(f"invalid {kind} {short(value)}: use letters, digits, '.', '_' or '-', "
                        f"starting with a letter or digit")
     return value
