@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_REFUSED = r"\x00-\x1F\x7F-\x9F\u061C\u200E\u200F\u2028\u2029\u202A-\u202E\u2066-\u2069"
+_CONTROL = re.compile(f"[{_REFUSED}]")
+PRINTABLE_PATTERN = f"^[^{_REFUSED}]*$"  # the same rule for a JSON schema (ECMA, Python and Rust regex alike)
 
 
 def first_control(text: str) -> Optional[tuple[int, str]]:

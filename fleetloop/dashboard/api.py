@@ -36,7 +36,7 @@ from fleetloop.dashboard import metrics
 from fleetloop.dashboard.auth import ANONYMOUS, OPERATOR, VIEWER, Identity, TokenTable, bearer_token
 from fleetloop.dashboard.service import CONTROL_ACTIONS, BadRequest, CannotApply, Dashboard, NotDelivered, NotFound
 from fleetloop.policy.registry import RegistryError, UnknownVersion, WeightsIntegrityError
-from fleetloop.text import control_refusal
+from fleetloop.text import PRINTABLE_PATTERN, control_refusal
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,8 @@ class Strict(BaseModel):
 
 
 class ControlBody(Strict):
-    reason: str = Field("", max_length=200, description="why (recorded in the audit log)")
+    reason: str = Field("", max_length=200, description="why (recorded in the audit log); no control characters",
+                        json_schema_extra={"pattern": PRINTABLE_PATTERN})
 
     @field_validator("reason")
     @classmethod
