@@ -281,8 +281,8 @@ class StepChecker:
                 raise Rejected(f"{at}: camera {short(img.camera)} appears twice")
             at = f"{where}.images[{i}] ({img.camera})"
             if for_act and spec.known and img.camera not in spec.cameras:
-                raise Rejected(f"{at}: the policy does not read this camera; send Act only "
-                               f"{', '.join(spec.cameras) or 'no images'} (GetSpec: spec.cameras)")
+                want = f"only {', '.join(spec.cameras)}" if spec.cameras else "no images"
+                raise Rejected(f"{at}: the policy does not read this camera; send Act {want} (GetSpec: spec.cameras)")
             sizes[img.camera] = check_image_header(img, at, lim, spec.image_encodings)
             if img.camera in spec.cameras and sizes[img.camera] != (spec.image_size, spec.image_size, 3):
                 h, w, c = sizes[img.camera]
