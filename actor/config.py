@@ -180,7 +180,7 @@ def parse_size(value: Any) -> int:
     elif isinstance(value, float):
         raise ValueError(f"expected {SIZE_HELP}; got the float {value!r} (write it as a string with a unit)")
     elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.fullmatch(value)
         unit = m.group(2).lower() if m else None
         if not m or unit not in _SIZE_UNITS:
             raise ValueError(f"expected {SIZE_HELP}; got {value!r}")
@@ -200,7 +200,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)):
         s = float(value)
     elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
+        m = _DURATION_RE.fullmatch(value)
         unit = (m.group(2).lower() or "s") if m else None
         if not m or unit not in _DURATION_UNITS:
             raise ValueError(f"expected {DURATION_HELP}; got {value!r}")
@@ -244,7 +244,7 @@ def parse_str(value: Any) -> str:
 
 
 def check_robot_id(value: str) -> str:
-    if not ROBOT_ID_RE.match(value):
+    if not ROBOT_ID_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid robot id: use 1-128 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit (e.g. \"arm-07\")")
     return value
@@ -265,7 +265,7 @@ def _check_host(host: str | None, what: str) -> None:
         return
     except ValueError:
         pass
-    if not HOSTNAME_RE.match(host):
+    if not HOSTNAME_RE.fullmatch(host):
         raise ValueError(f"{what} has an invalid host name {host!r}")
 
 
@@ -278,7 +278,7 @@ def check_store_uri(value: str) -> str:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"{value!r} has no bucket; {accepted}")
-        if not BUCKET_RE.match(parts.netloc) or ".." in parts.netloc:
+        if not BUCKET_RE.fullmatch(parts.netloc) or ".." in parts.netloc:
             raise ValueError(f"{value!r}: bucket {parts.netloc!r} is not a valid S3 bucket name (3-63 lowercase "
                              f"letters, digits, '.' or '-', starting and ending with a letter or digit); {accepted}")
         if parts.query or parts.fragment:

@@ -31,7 +31,7 @@ import grpc
 import redis
 
 from fleetloop import config
-from fleetloop.actor.contract import LinkLimits, Rejected, Spec, StepChecker, check_id, check_text, short
+from fleetloop.actor.contract import DecodeBudget, LinkLimits, Rejected, Spec, StepChecker, check_id, check_text, short
 from fleetloop.actor.inference import BadObservation, InferenceScheduler, InferenceSettings
 from fleetloop.actor.recorder import EpisodeRecorder
 from fleetloop.actor.spool import Spool
@@ -57,6 +57,9 @@ class FixedPolicySource:
     def begin_episode(self):
         return self.policy, str(self.policy.version)
 
+    def next_policy(self):
+        return self.policy, str(self.policy.version)
+
     def status(self) -> dict:
         return {"current_version": str(self.policy.version), "pending_version": None}
 
@@ -77,6 +80,7 @@ class OpenEpisode:
     checker: StepChecker
     last_call: float = field(default_factory=time.monotonic)
     intervening: bool = False
+    intervention_steps: int = 0  # > 0 at the end: the episode counts in counters.intervention_episodes
     step_lock: threading.Lock = field(default_factory=threading.Lock)  # check + record of one step
 
 
@@ -156,7 +160,7 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
             # A demonstration was not produced by a policy: its manifest says "" (episode.proto).
             episode_id = self.d.recorder.start(request.task_id, request.instruction,
                                                "" if demonstration else version, kind=kind)
-            checker = StepChecker(Spec.of(policy), lim)
+            checker = StepChecker(Spec.of(policy), lim, self.d.decode_budget)
             self.d.open_episode = OpenEpisode(episode_id, request.task_id, request.instruction, policy, version,
                                               checker)
             if policy is not None:
@@ -169,12 +173,12 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"episode {ep.episode_id} is a demonstration recorded before any policy was loaded: "
                           "there are no actions to serve (report the demonstrator's actions with ReportStep)")
-        try:
-            ep.checker.check_observation(request.observation)
+        try:  # checked, and its decoded size held in the daemon's budget until answered
+            with ep.checker.admit(request.observation, for_act=True, timeout_s=context.time_remaining()):
+                # time-aligned rows of the newest chunk (or a fresh one: first Act, sync mode, stall)
+                served = self.d.inference.act(ep.episode_id, request.observation)
         except Rejected as e:
             _abort(context, e)
-        try:  # time-aligned rows of the newest chunk (or a fresh one: first Act, sync mode, stall)
-            served = self.d.inference.act(ep.episode_id, request.observation)
         except KeyError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"episode {request.episode_id!r} ended during the call")
         except BadObservation as e:
@@ -203,6 +207,7 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
                 # a segment the flag alone opens is named by the step's operator ("unknown" if none)
                 self.d.recorder.add_step(step, operator=request.operator or "unknown", reason="unspecified")
                 n = self.d.recorder.num_steps
+                ep.intervention_steps += int(step.intervention)
                 ep.checker.accept(shape, request.ByteSize())
         self.d.inference.on_step(ep.episode_id, request.observation)  # step count; may start an inference
         self.d.counters.steps += 1
@@ -290,6 +295,7 @@ class ActorDaemon:
         client certificates / bearer tokens on the robot link (fleetloop.actor.link.LinkSecurity;
         None: plaintext, which start() allows on loopback and unix sockets only)."""
         self.limits = limits or LinkLimits()
+        self.decode_budget = DecodeBudget(self.limits.max_decoded_bytes_in_flight)  # all calls' decoded images
         try:
             self.robot_id = check_id("robot id", robot_id, self.limits)
         except Rejected as e:
@@ -338,20 +344,24 @@ class ActorDaemon:
         c.successes += outcome == pb.OUTCOME_SUCCESS
         c.failures += outcome == pb.OUTCOME_FAILURE
         c.incomplete += incomplete
+        c.intervention_episodes += ep.intervention_steps > 0
         self.takeover_requested = False
         return episode_id, n, spooled
 
     def spec(self) -> rl.PolicySpec:
         """The spec of the policy the robot runs: the open episode's, else the one the next
-        episode starts with (unknown before any policy is loaded)."""
+        episode starts with -- a pending version if one is loaded (unknown before any policy is)."""
         ep = self.open_episode
         if ep is not None and ep.policy is not None:
             return ep.checker.spec.to_proto(ep.policy_version)
         src = self.policy_source
-        policy = getattr(src, "current_policy", None)
-        if policy is None:  # FixedPolicySource.policy; PolicySlot keeps it private
-            policy = getattr(src, "policy", None) or getattr(src, "current_policy", None)
-        return Spec.of(policy).to_proto(str(src.status().get("current_version") or "") if policy is not None else "")
+        next_policy = getattr(src, "next_policy", None)  # PolicySlot, FixedPolicySource
+        if next_policy is not None:
+            policy, version = next_policy()
+        else:  # a source that only offers begin_episode/status: its current policy, if it shows one
+            policy = getattr(src, "current_policy", None) or getattr(src, "policy", None)
+            version = str(src.status().get("current_version") or "")
+        return Spec.of(policy).to_proto(version if policy is not None else "")
 
     # -- control channel ---------------------------------------------------------------------
     def apply_command(self, cmd: policy_pb2.ControlCommand) -> str:
@@ -447,7 +457,8 @@ class ActorDaemon:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="robot-link"),
                                   interceptors=sec.interceptors(),
                                   options=[("grpc.max_receive_message_length", self.limits.max_message_bytes)])
-        rl_grpc.add_RobotLinkServicer_to_server(RobotLinkService(self), self.server)
+        from fleetloop.actor.wire import add_robot_link  # text that is not UTF-8: INVALID_ARGUMENT, not INTERNAL
+        add_robot_link(RobotLinkService(self), self.server, self.robot_id)
         creds = sec.server_credentials()
         try:
             self.port = (self.server.add_secure_port(self._grpc_address, creds) if creds is not None

@@ -117,6 +117,15 @@ class PolicySlot:
                 raise NoPolicyYet(f"robot {self.robot_id}: no policy loaded yet (nothing published?)")
             return self._current, self._current_version or ""
 
+    def next_policy(self) -> tuple[Any, str]:
+        """(policy, version) the next begin_episode() returns without swapping anything: the
+        pending one if loaded, else the current one ((None, "") before the first load)."""
+        with self._lock:
+            p = self._pending
+            if p is not None:
+                return p.policy, p.version
+            return self._current, self._current_version or ""
+
     @property
     def current_policy(self) -> Any:
         """The policy episodes run now (None before the first load); swaps only at begin_episode."""

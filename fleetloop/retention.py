@@ -77,7 +77,7 @@ def plan(registry, policy: RetentionPolicy = RetentionPolicy()) -> dict:
     """{"keep": {version: [reasons]}, "delete": [versions]} without changing anything."""
     from fleetloop.policy.registry import STACK_KEY, _seq, _VERSION_RE
     versions = sorted({k.split("/")[1] for k in registry.store.list("policies/")
-                       if k.endswith("/manifest.json") and _VERSION_RE.match(k.split("/")[1])}, key=_seq)
+                       if k.endswith("/manifest.json") and _VERSION_RE.fullmatch(k.split("/")[1])}, key=_seq)
     keep: dict[str, list[str]] = {}
 
     def mark(v: str, why: str) -> None:

@@ -124,7 +124,7 @@ def _store_and_rest(spec: str, store_uri: Optional[str]) -> tuple[Optional[str],
     under it); a spec without a scheme is relative to `store_uri` (the configured store)."""
     import re
     if "://" in spec:
-        m = re.match(r"^(.*?)/((?:policies|learner)/.*)$", spec.rstrip("/"))
+        m = re.fullmatch(r"(.*?)/((?:policies|learner)/.*)", spec.rstrip("/"))
         if not m:
             raise PolicySpecError(f"--policy {spec!r}: a store URI must end in /policies/<version>, "
                                   "/policies/latest or /learner/<run>")
@@ -208,7 +208,7 @@ def load_policy(spec: str, beta: Optional[float] = None, store_uri: Optional[str
         return _learner_checkpoint(store, rest, kwargs)
     version = rest[len("policies/"):] if rest.startswith("policies/") else rest
     import re
-    if version != "latest" and not re.match(r"^v\d{6,}$", version):
+    if version != "latest" and not re.fullmatch(r"v\d{6,}", version):
         raise PolicySpecError(f"--policy {spec!r}: not 'expert', not a directory or .safetensors file, and not a "
                               f"published version (v000123, latest) or learner/<run> in {uri}")
     return _published(store, version, kwargs)

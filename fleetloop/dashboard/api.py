@@ -27,7 +27,7 @@ from starlette.routing import Match
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from fleetloop.buffer.codec import EpisodeRejected
@@ -36,6 +36,7 @@ from fleetloop.dashboard import metrics
 from fleetloop.dashboard.auth import ANONYMOUS, OPERATOR, VIEWER, Identity, TokenTable, bearer_token
 from fleetloop.dashboard.service import CONTROL_ACTIONS, BadRequest, CannotApply, Dashboard, NotDelivered, NotFound
 from fleetloop.policy.registry import RegistryError, UnknownVersion, WeightsIntegrityError
+from fleetloop.text import PRINTABLE_PATTERN, control_refusal
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,16 @@ class Strict(BaseModel):
 
 
 class ControlBody(Strict):
-    reason: str = Field("", max_length=200, description="why (recorded in the audit log)")
+    reason: str = Field("", max_length=200, description="why (recorded in the audit log); no control characters",
+                        json_schema_extra={"pattern": PRINTABLE_PATTERN})
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        refusal = control_refusal("reason", v)  # the audit log and the page show it
+        if refusal:
+            raise ValueError(refusal)
+        return v
 
 
 class LabelBody(Strict):

@@ -222,7 +222,7 @@ class Fetched:
 
 
 def _seq(version: str) -> int:
-    return int(version[1:]) if _VERSION_RE.match(version or "") else 0
+    return int(version[1:]) if _VERSION_RE.fullmatch(version or "") else 0
 
 
 def _s(v) -> str:
@@ -360,7 +360,7 @@ class PolicyRegistry:
         if not taken:
             return version
         highest = max((int(k.split("/")[1][1:]) for k in self.store.list("policies/")
-                       if k.endswith("/manifest.json") and _VERSION_RE.match(k.split("/")[1])), default=0)
+                       if k.endswith("/manifest.json") and _VERSION_RE.fullmatch(k.split("/")[1])), default=0)
         log.warning("version counter behind the store (at %d, store has %d); resyncing", seq, highest)
 
         def bump(pipe):
@@ -400,7 +400,7 @@ class PolicyRegistry:
         n = 0
         for key in self.store.list("policies/"):
             parts = key.split("/")
-            if len(parts) == 3 and parts[2] == "manifest.json" and _VERSION_RE.match(parts[1]):
+            if len(parts) == 3 and parts[2] == "manifest.json" and _VERSION_RE.fullmatch(parts[1]):
                 self._index(self.manifest(parts[1]))
                 n += 1
         return n
@@ -413,7 +413,7 @@ class PolicyRegistry:
             cached = self._manifests.get(version)
         if cached is not None:
             return cached
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
             raise UnknownVersion(f"unknown policy version {version!r}")
         try:
             data = self.store.get(manifest_key(version))
@@ -434,7 +434,7 @@ class PolicyRegistry:
         bytes): an unsigned, forged or oversized manifest is refused before anything is read or
         allocated from its contents. Raises signing.SignatureError, UnknownVersion, StoreError."""
         from fleetloop.policy import signing
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
             raise UnknownVersion(f"unknown policy version {version!r}")
         if self.trust is None:
             raise signing.NoTrustedKeys("this registry has no trusted keys to verify against")
@@ -670,7 +670,7 @@ class PolicyRegistry:
     # ---- internals ------------------------------------------------------------------------
 
     def _require(self, version: str) -> None:
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
             raise UnknownVersion(f"unknown policy version {version!r}")
         if self.redis.zscore(VERSIONS_KEY, version) is None:
             self.manifest(version)  # committed but not indexed (e.g. Redis lost it): still valid
