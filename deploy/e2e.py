@@ -195,8 +195,10 @@ class Project:
                       DASHBOARD_BIND="127.0.0.1", DASHBOARD_PORT=str(free_port()),
                       RAY_DASHBOARD_PORT=str(free_port()), RAY_SHM_SIZE="512mb",
                       # a learner that publishes often and leaves CPU to the rest of this small host
-                      FLEETLOOP_LEARNER_ARGS="--init /var/lib/fleetloop/init --publish-every 10 "
-                                             "--batch-size 32 --max-updates-per-s 5 --torch-threads 1")
+                      # (--rollout off: every version goes to every robot, as in SOP; the canary
+                      # gate would hold the fleet until a canary's autonomous episodes decide)
+                      FLEETLOOP_LEARNER_ARGS="--init /var/lib/fleetloop/init --publish-every 25 --batch-size 32 "
+                                             "--max-updates-per-s 5 --torch-threads 1 --rollout off")
         return values
 
     @property
@@ -639,11 +641,13 @@ class Check:
 
     def teardown_projects(self, robot_ids: list[str]) -> bool:
         p = self.p
+        empty = p.dir / "empty.env"   # `down` reads the file names, not the robot's files
+        empty.touch()
         for rid in robot_ids:
             project = f"{p.name}-robot-{rid}"
             p.dc("down", "-v", "--remove-orphans", project=project, files=("deploy/robot/compose.yml",),
-                 env={"FLEETLOOP_ACTOR_ENV": "/dev/null", "FLEETLOOP_ACTOR_CONFIG": "/dev/null",
-                      "FLEETLOOP_TRUSTED_DIR": "/dev/null"}, timeout=180, check=False)
+                 env={"FLEETLOOP_ACTOR_ENV": str(empty), "FLEETLOOP_ACTOR_CONFIG": str(empty),
+                      "FLEETLOOP_TRUSTED_DIR": str(p.dir)}, timeout=180, check=False)
         p.dc("--profile", "tools", "down", "-v", "--remove-orphans", timeout=300, check=False)
         left = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project"], env=p.env,
                    check=False).stdout.split()
