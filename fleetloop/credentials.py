@@ -23,7 +23,7 @@
 What each identity may do:
 
   robot-<id>  Redis: XADD the episode stream and the control-ack stream; HSET/EXPIRE its own
-              heartbeat key; SADD the robot set; read the policy pointer, pins and canary;
+              heartbeat key; SADD the robot set; read the policy pointer, the canary and its own pin;
               SUBSCRIBE the policy channel and its own control channel. Nothing else: it cannot
               PUBLISH, move a pointer, read a stream, or listen to another robot's commands.
               S3: write only episodes/<id>/, read only policies/.
@@ -70,7 +70,8 @@ def robot_acl(robot_id: str, password: str) -> str:
     r = check_robot_id(robot_id)
     hb = config.HEARTBEAT_PREFIX + r
     ns = config.POLICY_POINTER.rsplit(":", 1)[0]
-    reads = " ".join(f"%R~{k}" for k in (config.POLICY_POINTER, f"{ns}:robot_pins", f"{ns}:canary"))
+    reads = " ".join(f"%R~{k}" for k in (config.POLICY_POINTER, f"{ns}:canary"))
+    own_pin = f"%R~{ns}:robot_pin:{r}"  # its own pin only (registry.ROBOT_PIN_PREFIX), not the listing of all
     return " ".join([
         f"user {redis_user(r)} on {_pw_hash(password)} resetkeys resetchannels nocommands",
         "+ping +echo +hello +client|setname +client|id +multi +exec +discard",
@@ -80,6 +81,7 @@ def robot_acl(robot_id: str, password: str) -> str:
         f"(~{hb} +hset +expire +pexpire)",
         f"(~{config.HEARTBEAT_PREFIX}all +sadd)",
         f"({reads} +hget +hmget +hgetall)",
+        f"({own_pin} +get)",
     ])
 
 
