@@ -193,8 +193,7 @@ class PolicySlot:
         self.registry.trust.refresh()  # a .pub added or removed on disk counts from now on
         # Verifies the pin/canary/pointer signatures and refuses replays; a refused record is
         # ignored (the robot goes by what it accepted before) and reported, never a block.
-        target = self.registry.resolve(self.robot_id)
-        alerts = self.registry.steering_alerts
+        target, alerts = self.registry.resolve_with_alerts(self.robot_id)
         if alerts:
             self._error("steering record refused: " + "; ".join(alerts))
         self.steering_alerts = list(alerts)

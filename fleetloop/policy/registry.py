@@ -253,6 +253,7 @@ class PolicyRegistry:
         # a stored record.
         self.memory: Optional[steering.SteeringMemory] = None
         self.steering_alerts: list[str] = []
+        self._alerted: dict[str, list[str]] = {}  # robot id -> the alerts last logged
 
     # ---- learner side ---------------------------------------------------------------------
 
@@ -570,6 +571,11 @@ class PolicyRegistry:
         trip. None when nothing has been published yet. With self.trust set (a robot) each layer
         is verified and checked against self.memory (fleetloop.policy.steering): a refused layer
         falls back to what the robot accepted before, and the reasons are in self.steering_alerts."""
+        return self.resolve_with_alerts(robot_id)[0]
+
+    def resolve_with_alerts(self, robot_id: str) -> tuple[Optional[Target], list[str]]:
+        """resolve(), and why a stored steering record was ignored (for this call only: several
+        robots' slots may share one registry)."""
         pipe = self.redis.pipeline(transaction=False)
         pipe.get(ROBOT_PIN_PREFIX + robot_id)
         pipe.hgetall(CANARY_KEY)
@@ -595,18 +601,19 @@ class PolicyRegistry:
             pin = take("robot_pin", lambda: steering.parse_pin(robot_id, pin_raw), f"robot pin of {robot_id}")
             canary = take("canary", lambda: steering.parse_canary(canary_raw), "canary")
             pointer = take("fleet", lambda: steering.parse_pointer(*pointer_raw), "fleet pointer")
-        if alerts != self.steering_alerts:  # say it once, not on every poll
+        if alerts != self._alerted.get(robot_id, []):  # say it once, not on every poll
             for a in alerts:
                 log.warning("ALERT robot %s: %s", robot_id, a)
+        self._alerted[robot_id] = alerts
         self.steering_alerts = alerts
         if pin and pin["version"]:
-            return Target(pin["version"], "robot_pin", pin["set_ns"])
+            return Target(pin["version"], "robot_pin", pin["set_ns"]), alerts
         if canary and canary["version"] and (robot_id in canary["robots"]
                                              or canary_member(robot_id, float(canary["fraction"]))):
-            return Target(canary["version"], "canary", canary["set_ns"])
+            return Target(canary["version"], "canary", canary["set_ns"]), alerts
         if pointer and pointer["version"]:
-            return Target(pointer["version"], "fleet", pointer["published_ns"])
-        return None
+            return Target(pointer["version"], "fleet", pointer["published_ns"]), alerts
+        return None, alerts
 
     def _verify_steering(self, record: dict, sig: Optional[str], what: str) -> None:
         from fleetloop.policy import signing

@@ -12,7 +12,10 @@ What is signed
              from its contents) and no canonical re-serialisation can differ between protobuf
              versions (a field added later still verifies on an older robot).
   steering   a "sig" field on each Redis steering record, over DOMAIN_STEERING + the record's
-             canonical JSON (sorted keys): kind, version, scope, the record's own time, flags.
+             canonical JSON (sorted keys): kind, version, scope, the record's own time and its
+             seq -- a fleet-wide increasing number robots remember, so an old record written
+             back is refused as a replay; deletions are signed tombstones
+             (fleetloop.policy.steering).
 
 Keys
   key id     the first 16 hex digits of sha256(raw 32-byte public key)
