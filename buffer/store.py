@@ -6,6 +6,7 @@ or none of it (S3 PUT semantics; write-to-temp + rename locally). Episode commit
 """
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import threading
@@ -69,10 +70,17 @@ class LocalStore:
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                if path.exists():  # a filesystem without hard links: check, then rename (not atomic)
+                    return False
+                os.replace(tmp, path)
             return True
-        except FileExistsError:
-            return False
         finally:
             Path(tmp).unlink(missing_ok=True)
 

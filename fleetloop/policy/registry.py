@@ -56,7 +56,7 @@ VERSIONS_KEY = _NS + ":versions"      # sorted set: version -> sequence number
 INFO_KEY = _NS + ":info"              # hash: version -> JSON (created_ns, step, algorithm, metrics...)
 STACK_KEY = _NS + ":stack"            # list: versions that were fleet-current, newest last
 HISTORY_KEY = _NS + ":history"        # list: JSON pointer/pin/canary events, newest last
-ROBOT_PINS_KEY = _NS + ":robot_pins"  # hash: robot_id -> JSON {version, set_ns}
+ROBOT_PINS_KEY = _NS + ":robot_pins"  # hash: robot_id -> its pin's JSON: the services' listing
 CANARY_KEY = _NS + ":canary"          # hash: version, robots, fraction, set_ns, seq, sig
 ROBOT_PIN_PREFIX = _NS + ":robot_pin:"  # + robot_id: that robot's signed pin (or tombstone)
 STEERING_SEQ_KEY = _NS + ":steering_seq"  # INCR -> seq of every signed steering record
@@ -545,7 +545,7 @@ class PolicyRegistry:
         for k, v in self.redis.hgetall(ROBOT_PINS_KEY).items():
             try:
                 rec, _sig = steering.parse_pin(_s(k), v)
-            except steering.SteeringInvalid as e:
+            except (steering.SteeringInvalid, UnicodeDecodeError) as e:
                 log.warning("ALERT ignoring an unreadable robot pin entry: %s", e)
                 continue
             if rec["version"]:
