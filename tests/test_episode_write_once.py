@@ -73,3 +73,45 @@ def test_issue_writes_the_write_once_bucket_policy(tmp_path):
     (st,) = doc["Statement"]
     assert (st["Effect"], st["Action"], st["Resource"]) == ("Deny", "s3:PutObject", "arn:aws:s3:::fleet/prod/episodes/*")
     assert st["Condition"] == {"Null": {"s3:if-none-match": "true"}}
+
+
+def test_an_episode_rewritten_after_ingest_is_refused_on_rebuild(tmp_path):
+    """Where the store does not enforce write-once (MinIO without object lock, a file store), a
+    robot can replace its committed episode. The first ingest recorded the episode's digest in a
+    hash the robot's ACL cannot reach; a rebuilt index (a learner restart) refuses the rewrite."""
+    import redis as redis_lib
+
+    from fleetloop.buffer.consumer import DataConsumer
+    from fleetloop.buffer.index import FrameIndex
+    from fleetloop.buffer.ledger import LEDGER_KEY
+    from fleetloop.buffer.reconcile import Reconciler
+    from test_credentials import _redis_major, acl_redis_server
+    if _redis_major() < 7:
+        pytest.skip("ACL selectors need Redis >= 7")
+    with acl_redis_server(tmp_path, ["robot-1"]) as (connect, _secrets):
+        robot, learner = connect("robot-robot-1"), connect("learner")
+        store = LocalStore(tmp_path / "store")
+        spool = Spool(tmp_path / "spool")
+        eid = record(spool)
+        assert Uploader(spool, store, robot).drain_once() == 1
+        index = FrameIndex()
+        consumer = DataConsumer(store, learner, index)
+        while consumer.poll_once(block_ms=50):
+            pass
+        assert index.get(eid).outcome == "success"
+
+        # The robot replaces its committed manifest (a plain PUT its S3 policy allows): failure now.
+        key = manifest_key("robot-1", eid)
+        m = read_episode(store, key).manifest
+        m.outcome = pb.OUTCOME_FAILURE
+        from fleetloop.buffer.codec import manifest_to_bytes
+        store.put(key, manifest_to_bytes(m))
+        for attempt in (lambda: robot.hset(LEDGER_KEY, eid, "x"), lambda: robot.hdel(LEDGER_KEY, eid),
+                        lambda: robot.delete(LEDGER_KEY)):
+            with pytest.raises(redis_lib.exceptions.NoPermissionError):
+                attempt()
+
+        rebuilt = FrameIndex()  # the learner restarts: its index is rebuilt from the store
+        rec = Reconciler(store, rebuilt, name="learner", client=learner)
+        assert rec.scan("start") == 0 and rec.rejected_total == 1 and eid not in rebuilt
+        assert Reconciler(store, FrameIndex()).scan("start") == 1  # without the ledger it would be taken
