@@ -25,6 +25,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import grpc
@@ -529,6 +530,9 @@ def run(args) -> int:
     return 0
 
 
+STEERING_STATE_FILE = ".policy-steering.json"  # in the spool directory (fleetloop.policy.steering)
+
+
 def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> ActorDaemon:
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.buffer.store import open_store
@@ -548,8 +552,11 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> A
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
     initial = PolicyRuntime.from_checkpoint(initial_policy_dir, device=device) if initial_policy_dir else None
+    # The newest steering records accepted live beside the spool (a dot file: not an episode), so
+    # a restarted robot still refuses older, replayed ones.
     slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=PolicyLoader(device=device),
-                      initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s)
+                      initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s,
+                      steering_state=Path(cfg.spool_dir) / STEERING_STATE_FILE)
     return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address,
                        chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes, inference=cfg.inference,
                        link_security=cfg.link_security())

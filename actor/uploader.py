@@ -1,7 +1,8 @@
 """The uploader: spool -> object store -> Redis stream, in the background, never losing an episode.
 
 Per sealed episode: put every chunk, put the manifest (the commit point), XADD the event,
-then delete the spool copy. Each step is
+then delete the spool copy. Puts are write-once (If-None-Match: *): a committed object is never
+overwritten, so the store can enforce it (docs/security.md). Each step is
 idempotent, so a kill -9 anywhere means redoing at most one step after restart; a duplicate
 event is absorbed by the consumer's dedupe. Store or Redis outages are retried with
 exponential backoff while the robot keeps recording into the spool.
@@ -176,13 +177,16 @@ class Uploader:
                         raise DamagedEntry(f"chunk {i} is missing and the stored manifest is bad: {e}") from None
                     break
                 raise DamagedEntry(f"chunk {i} of {len(refs)} is missing") from None
-            # Re-putting a chunk after a crash is harmless: same key, same bytes.
-            self.store.put(ref.key, data)
+            # Write-once (If-None-Match: *), so a bucket policy can forbid overwrites of episodes
+            # (docs/security.md). A chunk already there was stored by this robot before a crash:
+            # same key, same bytes.
+            self.store.put_new(ref.key, data)
             manifest.chunks.append(ref)
         else:
             finish_manifest(manifest)
             manifest_bytes = manifest_to_bytes(manifest)
-            self.store.put(mkey, manifest_bytes)  # the commit point (idempotent too)
+            if not self.store.put_new(mkey, manifest_bytes):  # the commit point
+                manifest_bytes = self.store.get(mkey)  # committed before a crash: that one counts
         self.announcer.announce(pb.EpisodeEvent(
             episode_id=episode_id, manifest_key=mkey, robot_id=meta["robot_id"], task_id=meta["task_id"],
             ended_ns=end["ended_ns"], schema_version=SCHEMA_VERSION, manifest_json=manifest_bytes.decode()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -23,7 +24,7 @@ from typing import Any, Callable, Optional
 import redis
 
 from fleetloop import config
-from fleetloop.policy import signing
+from fleetloop.policy import signing, steering
 from fleetloop.policy.registry import PolicyRegistry, Target
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,17 @@ def _summary(values) -> dict:
 class PolicySlot:
     def __init__(self, registry: PolicyRegistry, robot_id: str, load_fn: Callable[..., Any],
                  initial_policy: Any = None, poll_interval_s: float = 5.0, max_backoff_s: float = 30.0,
-                 keep_base: bool = True):
+                 keep_base: bool = True, steering_state: Optional[str | os.PathLike] = None):
         """load_fn(config_json, weights[, version]) -> a Policy; called on the slot's thread with
         verified bytes. keep_base: hold the last loaded version's bytes so a version published
-        as a delta against it downloads only the changed blocks."""
+        as a delta against it downloads only the changed blocks. steering_state: a file on the
+        robot that remembers the newest pointer/pin/canary record accepted, so a restart still
+        refuses older (replayed) ones (fleetloop.policy.steering); None keeps it in memory only."""
         self.registry, self.robot_id, self.load_fn = registry, robot_id, load_fn
         if registry.trust is None:  # a robot runs only versions and pointer moves signed by a trusted key
             registry.trust = signing.TrustStore.default()
+        if registry.memory is None or steering_state is not None:
+            registry.memory = steering.SteeringMemory(steering_state)
         if not len(registry.trust) and not signing.insecure_allowed():
             log.error("robot %s: no trusted policy keys (%s or %s); every policy version will be refused",
                       robot_id, signing.TRUSTED_KEYS_ENV, signing.keys_dir() / "trusted")
@@ -92,6 +97,7 @@ class PolicySlot:
         # status
         self.target: Optional[Target] = None
         self.last_error: Optional[str] = None
+        self.steering_alerts: list[str] = []  # why the last resolution ignored a stored record
         self.last_error_ns = 0
         self.errors = self.loads = self.swaps = self.bytes_moved = 0
         self.fetches = {"full": 0, "delta": 0}
@@ -159,6 +165,7 @@ class PolicySlot:
                 "running": bool(self._thread and self._thread.is_alive()),
                 "last_error": self.last_error,
                 "last_error_ns": self.last_error_ns,
+                "steering_alerts": list(self.steering_alerts),
                 "errors": self.errors,
                 "loads": self.loads,
                 "swaps": self.swaps,
@@ -192,12 +199,13 @@ class PolicySlot:
         """Resolve this robot's target and, if it is new, fetch + verify + load it as pending.
         Returns the version loaded, else None. Redis errors propagate (the loop backs off);
         per-version failures are recorded and retried later with their own backoff."""
-        try:
-            target = self.registry.resolve(self.robot_id)  # verifies the pin/canary/pointer signature
-        except signing.SignatureError as e:
-            self._error(f"policy target refused: {e}")
-            log.warning("robot %s: %s; keeping %s", self.robot_id, e, self._current_version)
-            return None
+        self.registry.trust.refresh()  # a .pub added or removed on disk counts from now on
+        # Verifies the pin/canary/pointer signatures and refuses replays; a refused record is
+        # ignored (the robot goes by what it accepted before) and reported, never a block.
+        target, alerts = self.registry.resolve_with_alerts(self.robot_id)
+        if alerts:
+            self._error("steering record refused: " + "; ".join(alerts))
+        self.steering_alerts = list(alerts)
         self.target = target
         if target is None:
             return None

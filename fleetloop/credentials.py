@@ -14,6 +14,8 @@
   minio/users                "<who> <secret>" lines: the MinIO users to create (0600)
   minio/setup.sh             creates the MinIO users and attaches the policies (needs `mc alias
                              set fleet ...`; deploy/minio/init.sh does the same in compose)
+  s3/bucket-policy-episodes-write-once.json   AWS S3 bucket policy: committed episodes are
+                             write-once (docs/security.md)
   env/<who>.env              FLEETLOOP_REDIS_URL / AWS_* for each identity (compose env_file, or a
                              robot's /etc/fleetloop/actor.env)
   keys/signing.key, keys/trusted/<id>.pub   the learner's signing key and what robots trust
@@ -23,7 +25,7 @@
 What each identity may do:
 
   robot-<id>  Redis: XADD the episode stream and the control-ack stream; HSET/EXPIRE its own
-              heartbeat key; SADD the robot set; read the policy pointer, pins and canary;
+              heartbeat key; SADD the robot set; read the policy pointer, the canary and its own pin;
               SUBSCRIBE the policy channel and its own control channel. Nothing else: it cannot
               PUBLISH, move a pointer, read a stream, or listen to another robot's commands.
               S3: write only episodes/<id>/, read only policies/.
@@ -70,7 +72,8 @@ def robot_acl(robot_id: str, password: str) -> str:
     r = check_robot_id(robot_id)
     hb = config.HEARTBEAT_PREFIX + r
     ns = config.POLICY_POINTER.rsplit(":", 1)[0]
-    reads = " ".join(f"%R~{k}" for k in (config.POLICY_POINTER, f"{ns}:robot_pins", f"{ns}:canary"))
+    reads = " ".join(f"%R~{k}" for k in (config.POLICY_POINTER, f"{ns}:canary"))
+    own_pin = f"%R~{ns}:robot_pin:{r}"  # its own pin only (registry.ROBOT_PIN_PREFIX), not the listing of all
     return " ".join([
         f"user {redis_user(r)} on {_pw_hash(password)} resetkeys resetchannels nocommands",
         "+ping +echo +hello +client|setname +client|id +multi +exec +discard",
@@ -80,6 +83,7 @@ def robot_acl(robot_id: str, password: str) -> str:
         f"(~{hb} +hset +expire +pexpire)",
         f"(~{config.HEARTBEAT_PREFIX}all +sadd)",
         f"({reads} +hget +hmget +hgetall)",
+        f"({own_pin} +get)",
     ])
 
 
@@ -131,6 +135,17 @@ def s3_policy(who: str, bucket: str, prefix: str = "") -> dict:
     return {"Version": "2012-10-17", "Statement": st}
 
 
+def episodes_write_once_policy(bucket: str, prefix: str = "") -> dict:
+    """AWS S3 *bucket* policy: every PUT under episodes/ must carry If-None-Match, so a committed
+    episode object can never be overwritten -- not even by the robot that wrote it. The uploader
+    writes that way (ObjectStore.put_new); apply with `aws s3api put-bucket-policy` (docs/security.md)."""
+    p = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    return {"Version": "2012-10-17", "Statement": [{
+        "Sid": "EpisodesWriteOnce", "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+        "Resource": f"arn:aws:s3:::{bucket}/{p}episodes/*",
+        "Condition": {"Null": {"s3:if-none-match": "true"}}}]}
+
+
 def _write_secret(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -162,6 +177,9 @@ def issue(out: str | os.PathLike, robots: Iterable[str], redis_host: str = "redi
         doc.write_text(json.dumps(s3_policy(who, bucket, prefix), indent=1))
     _write_secret(out / "minio" / "users", "".join(f"{who} {passwords[who]}\n" for who in identities))
     _write_secret(out / "minio" / "setup.sh", MINIO_SETUP)
+    (out / "s3").mkdir(parents=True, exist_ok=True)  # for AWS S3 (MinIO: object lock, docs/security.md)
+    (out / "s3" / "bucket-policy-episodes-write-once.json").write_text(
+        json.dumps(episodes_write_once_policy(bucket, prefix), indent=1))
     os.chmod(out / "minio" / "setup.sh", 0o700)
     (out / "redis" / "users.acl").chmod(0o644)  # hashes only; the Redis container's user reads it
     for who in identities:
