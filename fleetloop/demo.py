@@ -149,12 +149,21 @@ def _initial_policy(store_uri: str, tasks: list[str], args) -> tuple[Path, list[
     return ckpt, pretrained_tasks
 
 
-def _evaluate(policy, tasks, episodes, images, indicator=None) -> dict:
+def versions_published(before: str | None, latest: str | None) -> int:
+    """How many versions were published after `before` up to `latest` (version numbers are
+    contiguous: fleetloop.policy.registry). Counting the registry's list instead would count what
+    retention left of them."""
+    def seq(v):
+        return int(v[1:]) if v else 0
+    return max(0, seq(latest) - seq(before))
+
+
+def _evaluate(policy, tasks, episodes, images) -> dict:
     from fleetloop.actor.sim.evaluate import evaluate
     return {r.task: {"episodes": r.episodes, "successes": r.successes, "success_rate": round(r.success_rate, 4),
                      "ci95": [round(r.ci95[0], 4), round(r.ci95[1], 4)],
                      "successes_per_hour_at_30hz": round(r.successes_per_hour, 1)}
-            for r in evaluate(policy, tasks, episodes, images=images, indicator=indicator)}
+            for r in evaluate(policy, tasks, episodes, images=images)}
 
 
 class Robot:
@@ -162,7 +171,7 @@ class Robot:
     MetaWorld robot driving it over the robot link with a simulated human watching."""
 
     def __init__(self, index: int, tasks: list[str], store, redis_url: str, spool_root: Path, images: bool,
-                 control_hz, seed: int, indicator):
+                 control_hz, seed: int):
         import redis as redis_lib
 
         from fleetloop.actor.daemon import ActorDaemon
@@ -183,7 +192,7 @@ class Robot:
         slot = PolicySlot(PolicyRegistry(store, client), self.robot_id, poll_interval_s=2.0,
                           load_fn=PolicyLoader())
         self.daemon = ActorDaemon(self.robot_id, store, client, Spool(spool_root / self.robot_id), slot,
-                                  grpc_address="127.0.0.1:0", indicator=indicator).start()
+                                  grpc_address="127.0.0.1:0").start()
         self.link = RobotLinkClient(self.daemon.address, self.robot_id, timeout_s=10.0)
         self.slot = slot
         self.episodes: list[dict] = []
@@ -396,6 +405,7 @@ def run_demo(args) -> dict:
     from fleetloop.actor.sim.tasks import parse_task_list
     from fleetloop.buffer.store import open_store
     from fleetloop.learner.app import start_learner
+    from fleetloop.policy.guidance import Guidance
     from fleetloop.policy.registry import PolicyRegistry
     from fleetloop.policy.runtime import PolicyRuntime
     from fleetloop.services import RedisServer
@@ -426,6 +436,7 @@ def run_demo(args) -> dict:
     import redis as redis_lib
     client = redis_lib.Redis.from_url(redis_url)
     store = open_store(store_uri)
+    registry = PolicyRegistry(store, client)
     results: dict = {"algo": args.algo, "robots": args.robots, "minutes": args.minutes, "tasks": tasks,
                      "images": args.images, "settings": vars(args)}
     robots: list[Robot] = []
@@ -445,6 +456,7 @@ def run_demo(args) -> dict:
                            args.eval_episodes, args.images) if args.eval_episodes else {}
         _print_eval("before (pretrained)", before)
 
+        published_before = registry.latest_version()  # to count the versions this run publishes
         learner = start_learner(store_uri, redis_url, args.algo, str(pretrained), run_name=f"demo-{args.algo}",
                                 publish_every=args.publish_every, torch_threads=1, ray_num_cpus=2,
                                 batch_size=128 if args.backend == "tiny" else 32,
@@ -452,10 +464,9 @@ def run_demo(args) -> dict:
         learner.wait_ready(timeout=300)
         if args.dashboard_port >= 0:
             dashboard = _start_dashboard(redis_url, store, args.dashboard_port)
-        indicator = True if args.algo == "recap" else None  # RECAP deploys "advantage positive"
         for i in range(args.robots):
             robots.append(Robot(i, tasks, store, redis_url, out / "spool", args.images,
-                                args.control_hz, seed=args.seed * 1000 + i + 1, indicator=indicator))
+                                args.control_hz, seed=args.seed * 1000 + i + 1))
         t_loop = time.time()
         for r in robots:
             r.t0 = t_loop
@@ -494,24 +505,29 @@ def run_demo(args) -> dict:
         learner_final = learner.stop()
         learner = None
 
-        registry = PolicyRegistry(store, client)
         final_version = registry.latest_version()
         manifest, weights = registry.fetch(final_version)
-        final_policy = PolicyRuntime.from_bytes(manifest.config_json, weights, final_version)
-        log.info("evaluating %s: %d episodes per task", final_version, args.eval_episodes)
-        # evaluated as the robots ran it: RECAP with its improvement indicator "positive"
-        after = _evaluate(final_policy, eval_tasks, args.eval_episodes, args.images,
-                          indicator=indicator) if args.eval_episodes else {}
+        # evaluated as the robots ran it: with the guidance its manifest publishes (RECAP:
+        # indicator "positive", beta 1.5)
+        published_guidance = Guidance.from_manifest(manifest)
+        final_policy = PolicyRuntime.from_bytes(manifest.config_json, weights, final_version,
+                                                guidance=published_guidance)
+        log.info("evaluating %s (guidance %s): %d episodes per task", final_version,
+                 published_guidance.describe(), args.eval_episodes)
+        after = _evaluate(final_policy, eval_tasks, args.eval_episodes, args.images) if args.eval_episodes else {}
         _print_eval(f"after ({final_version})", after)
 
         episodes = [mark_robot_success(e) for e in sorted((e for r in robots for e in r.episodes), key=lambda e: e["t"])]
         per_task: dict = {t: [e for e in episodes if e["task"] == t] for t in tasks}
         hours = (stopped_early_at if stopped_early_at is not None else args.minutes * 60) / 3600
         swap = [r.slot.status() for r in robots]
+        robots_guidance = {r.robot_id: r.daemon.status()["guidance"] for r in robots}  # as in their heartbeats
         t08 = time_to_08(per_task)
         results.update({
             "final_version": final_version,
-            "versions_published": len(registry.list_versions()),
+            "versions_published": versions_published(published_before, final_version),
+            "versions_retained": len(registry.list_versions()),  # what retention left of them
+            "guidance": {"published": published_guidance.describe(), "robots": robots_guidance},
             "time_to_0_8": t08,
             "learner": learner_final,
             "wall_s": {"total": round(time.time() - t_start, 1), "loop": round(args.minutes * 60, 1)
