@@ -158,6 +158,24 @@ def versions_published(before: str | None, latest: str | None) -> int:
     return max(0, seq(latest) - seq(before))
 
 
+def heartbeat_guidance(client, robot_ids) -> dict:
+    """robot -> {"policy_version", "guidance"} as its last heartbeat in Redis says (what runs there)."""
+    from fleetloop import config
+    out = {}
+    for rid in robot_ids:
+        raw = client.hget(config.HEARTBEAT_PREFIX + rid, "status")
+        beat = json.loads(raw) if raw else {}
+        out[rid] = {"policy_version": beat.get("policy_version"), "guidance": beat.get("guidance")}
+    return out
+
+
+def _guidance_line(beats: dict) -> str:
+    def one(b):
+        g = b.get("guidance") or {}
+        return f"{g.get('indicator', '?')}/beta {g.get('beta', '?')}"
+    return " ".join(f"{rid}={b.get('policy_version') or '-'}:{one(b)}" for rid, b in beats.items())
+
+
 def _evaluate(policy, tasks, episodes, images) -> dict:
     from fleetloop.actor.sim.evaluate import evaluate
     return {r.task: {"episodes": r.episodes, "successes": r.successes, "success_rate": round(r.success_rate, 4),
@@ -493,9 +511,10 @@ def run_demo(args) -> dict:
                     rolling[task] = (f"{sum(e['robot_success'] for e in w)}/{len(w)}"
                                      f"({sum(e['autonomous_success'] for e in w)})")
             log.info("t=%4.0fs episodes=%d learner step=%s versions=%s  success over the last %d per task, "
-                     "robot drove >= %d%% (no takeover at all): %s",
+                     "robot drove >= %d%% (no takeover at all): %s  heartbeats (version:indicator/beta): %s",
                      time.time() - t_loop, len(eps), st.get("step"), st.get("versions_published"), TIME_TO_WINDOW,
-                     round(ROBOT_SHARE * 100), " ".join(f"{k}={v}" for k, v in rolling.items()))
+                     round(ROBOT_SHARE * 100), " ".join(f"{k}={v}" for k, v in rolling.items()),
+                     _guidance_line(heartbeat_guidance(client, [r.robot_id for r in robots])))
             for r in robots:
                 if r.error and r.robot_id not in reported:
                     reported.add(r.robot_id)
@@ -521,7 +540,9 @@ def run_demo(args) -> dict:
         per_task: dict = {t: [e for e in episodes if e["task"] == t] for t in tasks}
         hours = (stopped_early_at if stopped_early_at is not None else args.minutes * 60) / 3600
         swap = [r.slot.status() for r in robots]
-        robots_guidance = {r.robot_id: r.daemon.status()["guidance"] for r in robots}  # as in their heartbeats
+        for r in robots:
+            r.daemon.heartbeat()  # their last word before the results are written
+        robots_guidance = heartbeat_guidance(client, [r.robot_id for r in robots])
         t08 = time_to_08(per_task)
         results.update({
             "final_version": final_version,
