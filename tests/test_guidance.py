@@ -231,3 +231,13 @@ def test_recap_guidance_published_by_the_learner_runs_on_a_daemon(ray_cluster, r
         other.stop()
     assert beat["guidance"] == {"indicator": "positive", "beta": 1.0, "overridden": ["beta"]}
     assert np.allclose(plain, sampled(runtime, obs, 2, 1.0), atol=1e-6)
+
+
+def test_eval_runs_a_published_version_as_the_robots_do(redis_client, tmp_path):
+    """`fleetloop eval --policy vNNNNNN` uses the version's published guidance; --indicator /
+    --beta override it."""
+    from fleetloop.actor.sim.evaluate import load_policy
+    store = open_store((tmp_path / "store").as_uri())
+    version = publish(PolicyRegistry(store, redis_client), tiny_net(), Guidance(indicator=True, beta=2.0))
+    assert load_policy(version, store_uri=store.uri).guidance == Guidance(indicator=True, beta=2.0)
+    assert load_policy(version, beta=1.0, store_uri=store.uri, indicator="unset").guidance == Guidance()
