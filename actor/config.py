@@ -30,6 +30,12 @@ deploy/robot/actor.example.toml is a complete, commented example. The keys:
   [recording] chunk_steps           FLEETLOOP_CHUNK_STEPS     steps per chunk object; default 256
             chunk_size              FLEETLOOP_CHUNK_SIZE      bytes per chunk object (a size); default 4MiB
   [policy]  poll_interval           FLEETLOOP_POLICY_POLL_INTERVAL  seconds or "500ms", "5s", "2m"; default 5s
+            indicator               FLEETLOOP_POLICY_INDICATOR      RECAP improvement indicator the policy runs
+                                                              with: "published" (default: what the
+                                                              version's signed manifest says), "positive",
+                                                              "negative" or "unset"
+            guidance_beta           FLEETLOOP_POLICY_GUIDANCE_BETA  classifier-free guidance weight, 0-10, or
+                                                              "published" (default; RECAP publishes 1.5)
 
 Secrets (the S3 secret key, a Redis password inside the URL) may live in the TOML file or, better,
 in a root-only EnvironmentFile (deploy/robot/fleetloop-actor.service). `ActorConfig.redacted()`
@@ -116,6 +122,8 @@ class ActorConfig:
     policy_bases: str = ""           # colon-separated dirs holding provisioned VLA bases (FLEETLOOP_BASE_DIRS)
     trusted_keys: str = ""           # public keys that sign policy versions: files/dirs, comma-separated
     inference: str = "async"         # async: the next chunk is computed while the robot executes this one
+    policy_indicator: str = "published"         # or positive / negative / unset: overrides the version's
+    policy_guidance_beta: float | None = None   # None: the version's published beta
     grpc_tls_cert: Path | None = None    # robot link TLS: certificate chain + key (PEM)
     grpc_tls_key: Path | None = None
     grpc_client_ca: Path | None = None   # mutual TLS: clients need a certificate signed by this CA
@@ -349,6 +357,28 @@ def check_inference(value: str) -> str:
     return value
 
 
+def check_indicator(value: str) -> str:
+    from fleetloop.policy.guidance import INDICATOR_SETTINGS
+    if value not in INDICATOR_SETTINGS:
+        raise ValueError(f"{value!r} is not an indicator setting; accepted: "
+                         + ", ".join(f'"{v}"' for v in INDICATOR_SETTINGS))
+    return value
+
+
+def parse_guidance_beta(value: Any) -> float | None:
+    """A number from 0 to 10, or "published" (None: the version's own)."""
+    from fleetloop.policy.guidance import PUBLISHED, check_beta
+    if isinstance(value, str) and value.strip().lower() == PUBLISHED:
+        return None
+    accepted = f'accepted: a number from 0 to 10 (1 = no guidance) or "{PUBLISHED}"'
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a guidance weight; {accepted}")
+    try:
+        return check_beta(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a guidance weight; {accepted}") from None
+
+
 def check_grpc_address(value: str) -> str:
     accepted = "use host:port (e.g. 127.0.0.1:50051), [ipv6]:port or unix:/absolute/path"
     if value.startswith("unix:"):
@@ -426,6 +456,9 @@ KEYS: tuple[_Key, ...] = (
     _Key("policy", "bases", "policy_bases", parse_str, ("FLEETLOOP_BASE_DIRS",)),
     _Key("policy", "trusted_keys", "trusted_keys", parse_str, ("FLEETLOOP_TRUSTED_KEYS",)),
     _Key("policy", "inference", "inference", _chain(parse_str, check_inference), ("FLEETLOOP_INFERENCE",)),
+    _Key("policy", "indicator", "policy_indicator", _chain(parse_str, check_indicator),
+         ("FLEETLOOP_POLICY_INDICATOR",)),
+    _Key("policy", "guidance_beta", "policy_guidance_beta", parse_guidance_beta, ("FLEETLOOP_POLICY_GUIDANCE_BETA",)),
 )
 SECTIONS = tuple(dict.fromkeys(k.section for k in KEYS if k.section))
 ENV_VARS = tuple(e for k in KEYS for e in k.env)

@@ -38,6 +38,7 @@ from fleetloop.actor.recorder import EpisodeRecorder
 from fleetloop.actor.spool import Spool
 from fleetloop.actor.uploader import Uploader, recover_unsealed
 from fleetloop.buffer.store import ObjectStore
+from fleetloop.policy.guidance import Guidance
 from fleetloop.policy.interface import Policy
 from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.proto.v1 import policy_pb2
@@ -60,6 +61,10 @@ class FixedPolicySource:
 
     def next_policy(self):
         return self.policy, str(self.policy.version)
+
+    @property
+    def current_policy(self) -> Policy:
+        return self.policy
 
     def status(self) -> dict:
         return {"current_version": str(self.policy.version), "pending_version": None}
@@ -165,7 +170,9 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
             self.d.open_episode = OpenEpisode(episode_id, request.task_id, request.instruction, policy, version,
                                               checker)
             if policy is not None:
-                self.d.inference.begin_episode(episode_id, policy, request.instruction, self.d.indicator)
+                # indicator None: the policy's own (its version's published guidance, or the
+                # robot's override: fleetloop.policy.runtime.PolicyLoader)
+                self.d.inference.begin_episode(episode_id, policy, request.instruction, None)
         return rl.StartEpisodeResponse(episode_id=episode_id, policy_version=version)
 
     def Act(self, request, context):
@@ -280,7 +287,7 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
 class ActorDaemon:
     def __init__(self, robot_id: str, store: ObjectStore, redis_client: redis.Redis, spool: Spool,
                  policy_source, grpc_address: str = "127.0.0.1:50051", episode_idle_timeout_s: float = 30.0,
-                 heartbeat_interval_s: float = 2.0, indicator: Optional[bool] = None, chunk_steps: int = 256,
+                 heartbeat_interval_s: float = 2.0, chunk_steps: int = 256,
                  chunk_bytes: int = 4 << 20, inference: str = "async", inference_lead_steps: int = 2,
                  inference_replan_steps: Optional[int] = None, inference_inline_below_ms: float = 5.0,
                  control_hz: float = 30.0, limits: Optional[LinkLimits] = None,
@@ -303,7 +310,6 @@ class ActorDaemon:
             raise ValueError(str(e)) from None
         self.store, self.redis, self.spool = store, redis_client, spool
         self.policy_source = policy_source
-        self.indicator = indicator  # RECAP: condition on "advantage positive" at deployment
         self.episode_idle_timeout_s = episode_idle_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         recover_unsealed(spool)  # before any recording: close what a crash left open
@@ -414,6 +420,9 @@ class ActorDaemon:
         src = self.policy_source.status()
         ep = self.open_episode
         c = self.counters
+        # what runs: the open episode's policy, else the one the next episode starts with
+        running = ep.policy if ep and ep.policy is not None else getattr(self.policy_source, "current_policy", None)
+        guidance = getattr(running, "guidance", None)
         return {
             "robot_id": self.robot_id, "last_seen_ns": time.time_ns(),
             "episode_id": ep.episode_id if ep else "", "task_id": ep.task_id if ep else "",
@@ -424,6 +433,7 @@ class ActorDaemon:
             "upload_error": self.uploader.last_error or "", "counters": c.__dict__,
             "swap": {k: v for k, v in src.items() if k not in ("current_version", "pending_version")},
             "last_command": self.last_command, "inference": self.inference.status(),
+            "guidance": guidance.describe() if isinstance(guidance, Guidance) else None,
         }
 
     def heartbeat(self) -> None:
@@ -507,18 +517,30 @@ class ActorDaemon:
 # -- CLI: `fleetloop actor` ---------------------------------------------------------------------
 
 def add_arguments(p) -> None:
+    from fleetloop.policy.guidance import INDICATOR_SETTINGS
     p.add_argument("--config", help="actor config file (TOML); environment variables override it")
     p.add_argument("--policy", help="initial policy checkpoint dir (otherwise the fleet's current version)")
+    p.add_argument("--indicator", choices=INDICATOR_SETTINGS, default=None,
+                   help="RECAP improvement indicator the policy runs with: 'published' = what each version's "
+                        "signed manifest says (RECAP versions: positive), or positive / negative / unset for "
+                        "every version. Overrides [policy] indicator and FLEETLOOP_POLICY_INDICATOR "
+                        "(default there: published)")
+    p.add_argument("--guidance-beta", default=None, metavar="BETA",
+                   help="classifier-free guidance weight, a = a_uncond + beta * (a_cond - a_uncond): a number "
+                        "from 0 to 10 (1 = no guidance) or 'published' = each version's (RECAP publishes 1.5). "
+                        "Overrides [policy] guidance_beta and FLEETLOOP_POLICY_GUIDANCE_BETA (default there: "
+                        "published). The heartbeat's 'guidance' shows what runs")
 
 
 def run(args) -> int:
     from fleetloop.actor.config import ConfigError, load_actor_config
     try:
         cfg = load_actor_config(args.config)
+        daemon = build_daemon_from_config(cfg, args.policy, indicator=args.indicator,
+                                          guidance_beta=args.guidance_beta)
     except ConfigError as e:
         print(f"fleetloop actor: configuration error: {e}")
         return 2
-    daemon = build_daemon_from_config(cfg, args.policy)
     daemon.start()
     try:
         while True:
@@ -533,12 +555,21 @@ def run(args) -> int:
 STEERING_STATE_FILE = ".policy-steering.json"  # in the spool directory (fleetloop.policy.steering)
 
 
-def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> ActorDaemon:
+def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None, indicator: Optional[str] = None,
+                             guidance_beta: Optional[str] = None) -> ActorDaemon:
+    """indicator / guidance_beta: the command line's overrides of cfg.policy_indicator /
+    cfg.policy_guidance_beta (None: the configuration's); a bad value raises ConfigError."""
+    from fleetloop.actor.config import ConfigError, check_indicator, parse_guidance_beta
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.buffer.store import open_store
     from fleetloop.policy.registry import PolicyRegistry
     from fleetloop.policy.runtime import PolicyLoader, PolicyRuntime
 
+    try:  # before anything is opened: a bad override stops here
+        indicator = cfg.policy_indicator if indicator is None else check_indicator(indicator)
+        beta = cfg.policy_guidance_beta if guidance_beta is None else parse_guidance_beta(guidance_beta)
+    except ValueError as e:
+        raise ConfigError(f"command line: {e}") from None
     store = open_store(cfg.store_uri, cfg.s3_settings())
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=3)
     spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, on_full=cfg.spool_on_full)
@@ -551,10 +582,12 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> A
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    initial = PolicyRuntime.from_checkpoint(initial_policy_dir, device=device) if initial_policy_dir else None
+    loader = PolicyLoader(device=device, indicator=indicator, beta=beta)
+    initial = (PolicyRuntime.from_checkpoint(initial_policy_dir, device=device, guidance=loader.guidance_for(None))
+               if initial_policy_dir else None)
     # The newest steering records accepted live beside the spool (a dot file: not an episode), so
     # a restarted robot still refuses older, replayed ones.
-    slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=PolicyLoader(device=device),
+    slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=loader,
                       initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s,
                       steering_state=Path(cfg.spool_dir) / STEERING_STATE_FILE)
     return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address,

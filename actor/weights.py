@@ -25,6 +25,7 @@ import redis
 
 from fleetloop import config
 from fleetloop.policy import signing, steering
+from fleetloop.policy.guidance import Guidance
 from fleetloop.policy.registry import PolicyRegistry, Target
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,15 @@ def _takes_version(fn: Callable) -> bool:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
 
 
+def _takes_guidance(fn: Callable) -> bool:
+    """load_fn accepts guidance= (PolicyLoader does): the version's published inference settings."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "guidance" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def _summary(values) -> dict:
     v = sorted(values)
     if not v:
@@ -68,11 +78,13 @@ class PolicySlot:
     def __init__(self, registry: PolicyRegistry, robot_id: str, load_fn: Callable[..., Any],
                  initial_policy: Any = None, poll_interval_s: float = 5.0, max_backoff_s: float = 30.0,
                  keep_base: bool = True, steering_state: Optional[str | os.PathLike] = None):
-        """load_fn(config_json, weights[, version]) -> a Policy; called on the slot's thread with
-        verified bytes. keep_base: hold the last loaded version's bytes so a version published
-        as a delta against it downloads only the changed blocks. steering_state: a file on the
-        robot that remembers the newest pointer/pin/canary record accepted, so a restart still
-        refuses older (replayed) ones (fleetloop.policy.steering); None keeps it in memory only."""
+        """load_fn(config_json, weights[, version][, guidance=]) -> a Policy; called on the slot's
+        thread with verified bytes; guidance: the version's signed inference settings
+        (fleetloop.policy.guidance.Guidance), passed when load_fn takes it. keep_base: hold the
+        last loaded version's bytes so a version published as a delta against it downloads only
+        the changed blocks. steering_state: a file on the robot that remembers the newest
+        pointer/pin/canary record accepted, so a restart still refuses older (replayed) ones
+        (fleetloop.policy.steering); None keeps it in memory only."""
         self.registry, self.robot_id, self.load_fn = registry, robot_id, load_fn
         if registry.trust is None:  # a robot runs only versions and pointer moves signed by a trusted key
             registry.trust = signing.TrustStore.default()
@@ -83,6 +95,7 @@ class PolicySlot:
                       robot_id, signing.TRUSTED_KEYS_ENV, signing.keys_dir() / "trusted")
         self.poll_interval_s, self.max_backoff_s, self.keep_base = poll_interval_s, max_backoff_s, keep_base
         self._load_takes_version = _takes_version(load_fn)
+        self._load_takes_guidance = _takes_guidance(load_fn)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # signalled when pending/current change
         self._current = initial_policy
@@ -255,10 +268,12 @@ class PolicySlot:
         t1 = time.perf_counter()
         if self.keep_base:  # verified bytes; replacing the old base now frees it before loading
             self._base = (target.version, f.weights)
+        # How the version runs is part of what was signed; out-of-range values refuse the version.
+        kw = {"guidance": Guidance.from_manifest(f.manifest)} if self._load_takes_guidance else {}
         if self._load_takes_version:
-            policy = self.load_fn(f.manifest.config_json, f.weights, target.version)
+            policy = self.load_fn(f.manifest.config_json, f.weights, target.version, **kw)
         else:
-            policy = self.load_fn(f.manifest.config_json, f.weights)
+            policy = self.load_fn(f.manifest.config_json, f.weights, **kw)
             try:  # episodes are tagged with policy.version
                 if getattr(policy, "version", None) != target.version:
                     policy.version = target.version
@@ -272,7 +287,9 @@ class PolicySlot:
         latency = (loaded_ns - target.since_ns) / 1e9 if target.since_ns else None
         if latency is not None:
             self._publish_to_loaded.append(latency)
+        g = getattr(policy, "guidance", None)
         self.last_load = {"version": target.version, "source": target.source, "via": f.via,
+                          "guidance": g.describe() if isinstance(g, Guidance) else None,
                           "bytes_moved": f.bytes_moved, "fetch_s": round(t1 - t0, 4), "load_s": round(t2 - t1, 4),
                           "publish_to_loaded_s": None if latency is None else round(latency, 4),
                           "since_ns": target.since_ns, "loaded_ns": loaded_ns}

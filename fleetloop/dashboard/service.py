@@ -508,6 +508,7 @@ class Dashboard:
         d["counters"] = hb.get("counters") or {}
         d["swap"] = hb.get("swap") or {}
         d["last_command"] = hb.get("last_command") or {}
+        d["guidance"] = hb.get("guidance")  # the indicator / guidance beta its policy runs with
         d["by_version"] = {}
         for e in agg.newest_first:
             if e.robot_id == robot_id and e.source == ONLINE:

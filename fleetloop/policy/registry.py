@@ -46,6 +46,7 @@ from fleetloop import config
 from fleetloop.buffer.store import ObjectNotFound, ObjectStore
 from fleetloop.policy import steering
 from fleetloop.policy.steering import canary_record, pin_record, pointer_record
+from fleetloop.policy.guidance import Guidance
 from fleetloop.proto.v1 import policy_pb2 as ppb
 
 log = logging.getLogger(__name__)
@@ -259,13 +260,15 @@ class PolicyRegistry:
 
     def publish(self, weights: bytes, config_json: str, parent_version: str = "", learner_step: int = 0,
                 algorithm: str = "", metrics: Optional[dict] = None, move_pointer: bool = True,
-                backend: str = "", base_sha256: str = "") -> ppb.PolicyManifest:
+                backend: str = "", base_sha256: str = "", guidance=None) -> ppb.PolicyManifest:
         """Store a new version (weights, then manifest = commit), index it, move the fleet pointer
         (unless pinned or move_pointer=False) and notify. Version numbers are assigned only on a
         successful publish: a publish that fails before its manifest is committed gives its
         number back (or this instance reuses it next time), so versions stay contiguous; a
         half-written one is never visible (no manifest). backend and
-        base_sha256: see PolicyManifest (fleetloop.policy.backend.export_version gives them)."""
+        base_sha256: see PolicyManifest (fleetloop.policy.backend.export_version gives them).
+        guidance: how robots run it (fleetloop.policy.guidance.Guidance; the algorithm's
+        inference_settings()), signed with the manifest; None: the plain policy."""
         if not isinstance(weights, (bytes, bytearray, memoryview)) or not len(weights):
             raise ValueError("weights must be non-empty bytes (a safetensors blob)")
         weights = bytes(weights)
@@ -273,7 +276,7 @@ class PolicyRegistry:
         version = self._reserve_version()
         try:
             m = self._publish_as(version, weights, config_json, parent_version, learner_step, algorithm,
-                                 metrics, backend, base_sha256)
+                                 metrics, backend, base_sha256, guidance)
         except BaseException:
             self._give_back(version)  # no committed manifest: the number is not used up
             raise
@@ -328,7 +331,7 @@ class PolicyRegistry:
 
     def _publish_as(self, version: str, weights: bytes, config_json: str, parent_version: str,
                     learner_step: int, algorithm: str, metrics: Optional[dict], backend: str,
-                    base_sha256: str) -> ppb.PolicyManifest:
+                    base_sha256: str, guidance=None) -> ppb.PolicyManifest:
         m = ppb.PolicyManifest(
             version=version, parent_version=parent_version or "", learner_step=int(learner_step),
             created_ns=time.time_ns(), weights_key=weights_key(version), weights_sha256=sha256_hex(weights),
@@ -336,6 +339,8 @@ class PolicyRegistry:
             backend=backend or "", base_sha256=base_sha256 or "")
         for k, v in (metrics or {}).items():
             m.metrics[str(k)] = float(v)
+        if guidance is not None:
+            m.inference.CopyFrom(guidance.to_proto())
         self.store.put(m.weights_key, weights)
         self._maybe_store_delta(m, weights)
         if self.fence is not None:
@@ -388,6 +393,10 @@ class PolicyRegistry:
                 "algorithm": m.algorithm, "metrics": {k: v if math.isfinite(v) else None for k, v in m.metrics.items()},
                 "weights_bytes": m.weights_bytes,
                 "delta_bytes": m.delta_bytes}
+        try:
+            info["guidance"] = Guidance.from_manifest(m).describe()
+        except ValueError as e:  # indexed all the same; robots refuse it when they load it
+            info["guidance"] = {"error": str(e)}
         pipe = self.redis.pipeline()
         pipe.zadd(VERSIONS_KEY, {m.version: _seq(m.version)})
         pipe.hset(INFO_KEY, m.version, json.dumps(info))
