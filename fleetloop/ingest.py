@@ -329,22 +329,23 @@ class RedisAuth:
 
 
 def make_app(gate: RobotGate, auth: RedisAuth):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+    """The gate's HTTP API (Starlette; one route per write, credentials checked before the body
+    is read, the body read only up to its limit)."""
+    from starlette.applications import Starlette
     from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
 
-    app = FastAPI(title="fleetloop ingest", description="The robot write gate (fleetloop/ingest.py).",
-                  docs_url=None, redoc_url=None)
     limits = {"episodes": MAX_EVENT_BYTES + 4096, "heartbeat": MAX_HEARTBEAT_BYTES, "acks": 4096}
 
     def error(status: int, detail: str, **headers) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
 
-    async def read(request: Request, path: str, robot_id: str):
+    async def read(request, path: str):
         """(robot_id, parsed body) or an error response: credentials first, then the size
         (Content-Length, then counted while reading), then JSON."""
-        header = request.headers.get("authorization", "")
-        scheme, _, encoded = header.partition(" ")
+        robot_id = request.path_params["robot_id"]
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
         try:
             user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
         except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
@@ -352,7 +353,12 @@ def make_app(gate: RobotGate, auth: RedisAuth):
         if scheme.lower() != "basic" or not user:
             return error(401, "robot credentials required (HTTP Basic: robot-<id> and its Redis password)",
                          **{"WWW-Authenticate": "Basic"})
-        if user != f"robot-{robot_id}" or not await run_in_threadpool(auth.check, user, password):
+        try:
+            ok = user == f"robot-{robot_id}" and await run_in_threadpool(auth.check, user, password)
+        except redis.RedisError as e:
+            log.warning("ingest gate: cannot check credentials: %s", e)
+            return error(503, "Redis unavailable; retry")
+        if not ok:
             return error(401, "wrong robot credentials for this robot", **{"WWW-Authenticate": "Basic"})
         limit = limits[path]
         declared = request.headers.get("content-length")
@@ -368,47 +374,36 @@ def make_app(gate: RobotGate, auth: RedisAuth):
         except (ValueError, RecursionError):
             return error(422, "body is not JSON")
 
-    async def perform(fn, *args):
-        try:
-            return await run_in_threadpool(fn, *args)
-        except Throttled as e:
-            return error(429, e.detail, **{"Retry-After": f"{max(1, math.ceil(e.retry_after_s))}"})
-        except Refused as e:
-            return error(e.status, e.detail)
-        except redis.RedisError as e:
-            log.warning("ingest gate: Redis error: %s", e)
-            return error(503, "Redis unavailable; retry")
+    def route(path: str, method: str, call, answer):
+        async def endpoint(request):
+            got = await read(request, path)
+            if isinstance(got, JSONResponse):
+                return got
+            try:
+                out = await run_in_threadpool(call, *got)
+            except Throttled as e:
+                return error(429, e.detail, **{"Retry-After": f"{max(1, math.ceil(e.retry_after_s))}"})
+            except Refused as e:
+                return error(e.status, e.detail)
+            except redis.RedisError as e:
+                log.warning("ingest gate: Redis error: %s", e)
+                return error(503, "Redis unavailable; retry")
+            return JSONResponse(answer(out))
+        return Route(f"/v1/robots/{{robot_id}}/{path}", endpoint, methods=[method])
 
-    @app.get("/healthz")
-    def healthz():
-        return {"ok": True}
+    def ack(robot_id, body):
+        body = body if isinstance(body, dict) else {}
+        return gate.ack(robot_id, body.get("command_id"), body.get("result"))
 
-    @app.post("/v1/robots/{robot_id}/episodes")
-    async def episodes(robot_id: str, request: Request):
-        got = await read(request, "episodes", robot_id)
-        if isinstance(got, Response):
-            return got
-        out = await perform(gate.episode, robot_id, got[1])
-        return out if isinstance(out, Response) else {"id": out}
+    async def healthz(_request):
+        return JSONResponse({"ok": True})
 
-    @app.put("/v1/robots/{robot_id}/heartbeat")
-    async def heartbeat(robot_id: str, request: Request):
-        got = await read(request, "heartbeat", robot_id)
-        if isinstance(got, Response):
-            return got
-        out = await perform(gate.heartbeat, robot_id, got[1])
-        return out if isinstance(out, Response) else {"ok": True}
-
-    @app.post("/v1/robots/{robot_id}/acks")
-    async def acks(robot_id: str, request: Request):
-        got = await read(request, "acks", robot_id)
-        if isinstance(got, Response):
-            return got
-        body = got[1] if isinstance(got[1], dict) else {}
-        out = await perform(gate.ack, robot_id, body.get("command_id"), body.get("result"))
-        return out if isinstance(out, Response) else {"id": out}
-
-    return app
+    return Starlette(routes=[
+        Route("/healthz", healthz, methods=["GET"]),
+        route("episodes", "POST", gate.episode, lambda msg_id: {"id": msg_id}),
+        route("heartbeat", "PUT", gate.heartbeat, lambda _none: {"ok": True}),
+        route("acks", "POST", ack, lambda msg_id: {"id": msg_id}),
+    ])
 
 
 def add_arguments(p) -> None:
