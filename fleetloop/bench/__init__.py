@@ -15,6 +15,7 @@ BENCHMARKS = {
     "rollout": "fleetloop.bench.rollout",
     "fleet": "fleetloop.bench.fleet",
     "learning": "fleetloop.bench.learning",
+    "gate": "fleetloop.bench.gate",
 }
 
 
