@@ -219,9 +219,11 @@ def test_untrusted_heartbeats_never_break_a_reader(fleet, dashboard):
     admin = connect("fleetloop-admin")
     raw = {what: json.dumps(hb) for what, hb in bad.items()}  # json.dumps writes \ud800 and Infinity
     raw.update({"not JSON": "{", "a list": "[1]", "a string count": json.dumps(status("arm-1", spool={"episodes": "x"})),
-                "a huge nesting": "[" * 5000 + "]" * 5000, "last_seen_ns 1e400": '{"last_seen_ns": 1e400}'})
+                "a huge nesting": "[" * 5000 + "]" * 5000, "last_seen_ns 1e400": '{"last_seen_ns": 1e400}',
+                "a swap phase that is text": json.dumps(status("arm-1", swap={"publish_to_loaded_s": "fast"})),
+                "a spool that is a list": json.dumps(status("arm-1", spool=[1, 2]))})
     fresh = {"lone surrogate in task_id", "lone surrogate in policy_version", "Infinity in a swap figure",
-             "a string count"}  # readable last_seen_ns: online; the rest show offline
+             "a string count", "a swap phase that is text", "a spool that is a list"}  # the rest show offline
     for what, text in raw.items():
         admin.hset(config.HEARTBEAT_PREFIX + "arm-1", "status", text)
         for path in READS:

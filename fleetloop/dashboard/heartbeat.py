@@ -91,9 +91,14 @@ def parse(raw) -> Optional[dict]:
                   "max_bytes": count(max_bytes) if max_bytes is not None else None},
         "uploads_failed": count(hb.get("uploads_failed")),
     })
-    for f in ("counters", "swap", "last_command", "inference"):
+    for f in ("counters", "last_command", "inference"):
         v = clean(hb.get(f))
         out[f] = v if isinstance(v, dict) else {}
+    # swap: {phase: {stat: number}} only (the /metrics gauges read numbers from it)
+    swap = hb.get("swap") if isinstance(hb.get("swap"), dict) else {}
+    out["swap"] = {text(str(phase), 64): {text(str(k), 64): x for k, x in list(stats.items())[:MAX_ITEMS]
+                                          if type(x) in (int, float) and math.isfinite(x) and abs(x) <= NS_MAX}
+                   for phase, stats in list(swap.items())[:MAX_ITEMS] if isinstance(stats, dict)}
     return out
 
 
