@@ -251,3 +251,51 @@ def test_junk_robot_set_keeps_readers_fast(fleet, dashboard):
         print(f"{path}: {took:.2f}s, {len(r.content)} bytes")
         assert r.status_code == 200 and took < 3.0 and len(r.content) < 200_000, (path, took, len(r.content))
     assert [x["robot_id"] for x in httpx.get(dashboard + "/api/robots", headers=VIEW).json()["robots"]] == ["arm-1"]
+
+
+def _record(spool, robot: str, steps: int, chunk_steps: int) -> str:
+    from fleetloop.actor.recorder import EpisodeRecorder
+    from fleetloop.proto.v1 import episode_pb2 as pb
+    rec = EpisodeRecorder(spool, robot, chunk_steps=chunk_steps)
+    rec.start("reach-v3", "reach", "v1")
+    for _ in range(steps):
+        rec.add_step(pb.Step(state=[0.0], action=[0.1]))
+    eid, _n = rec.end(pb.OUTCOME_SUCCESS)
+    assert rec.flush()
+    return eid
+
+
+def test_long_episode_is_announced_without_its_manifest_copy(tmp_path, redis_client):
+    """The 64 KiB event limit never loses an episode: a manifest too long to ride along stays
+    out of the event and the consumer reads the stored one."""
+    from fleetloop.actor.spool import Spool
+    from fleetloop.actor.uploader import Uploader
+    from fleetloop.buffer.consumer import DataConsumer
+    from fleetloop.buffer.index import FrameIndex
+    spool, store = Spool(tmp_path / "spool"), LocalStore(tmp_path / "store")
+    eid = _record(spool, "robot-long", steps=400, chunk_steps=1)  # 400 chunk refs: a ~100 KB manifest
+    Uploader(spool, store, redis_client).drain_once()
+    ((_id, fields),) = redis_client.xrange(config.EPISODE_STREAM)
+    assert b"manifest_json" not in fields and sum(len(v) for v in fields.values()) < MAX_EVENT_BYTES
+    index = FrameIndex()
+    consumer = DataConsumer(store, redis_client, index, consumer_name="c")
+    deadline = time.monotonic() + 20
+    while eid not in index and time.monotonic() < deadline:
+        consumer.poll_once(block_ms=100)
+    assert index.get(eid).num_steps == 400
+
+
+def test_an_event_the_gate_refuses_is_set_aside_not_retried_forever(tmp_path, redis_client):
+    """A write the gate will never take (here: an entry recorded under another robot's id than the
+    daemon's) puts that spool entry aside; the next one uploads."""
+    from fleetloop.actor.spool import Spool
+    from fleetloop.actor.uploader import Uploader
+    from fleetloop.ingest import LocalWrites
+    spool, store = Spool(tmp_path / "spool"), LocalStore(tmp_path / "store")
+    foreign = _record(spool, "robot-other", steps=3, chunk_steps=8)
+    uploader = Uploader(spool, store, redis_client, writes=LocalWrites(redis_client, "robot-me"))
+    assert uploader.drain_once() == 0
+    assert foreign not in spool.sealed() and spool.backlog()["damaged_episodes"] == 1
+    own = _record(spool, "robot-me", steps=3, chunk_steps=8)
+    assert uploader.drain_once() == 1 and redis_client.xlen(config.EPISODE_STREAM) == 1
+    assert spool.sealed() == [] and own
