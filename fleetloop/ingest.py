@@ -25,7 +25,9 @@ a private Redis) runs the same checks in the daemon's process (`LocalWrites`, no
 credentials talks to `fleetloop ingest` over HTTP (`GatewayWrites`), authenticated with its own
 Redis user name and password (checked by an AUTH against Redis, cached briefly).
 
-    fleetloop ingest [--host 0.0.0.0] [--port 8090]      (FLEETLOOP_REDIS_URL: the gate's identity)
+    fleetloop ingest [--host 0.0.0.0] [--port 8090] [--tls-cert PEM --tls-key PEM]
+                     (FLEETLOOP_REDIS_URL: the gate's own identity, env/ingest.env; robots verify an
+                     https:// gate against the system CAs, or SSL_CERT_FILE)
 """
 from __future__ import annotations
 
@@ -414,6 +416,8 @@ def make_app(gate: RobotGate, auth: RedisAuth):
 def add_arguments(p) -> None:
     p.add_argument("--host", default="0.0.0.0", help="address robots reach the gate at")
     p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--tls-cert", help="serve HTTPS with this PEM certificate (chain); with --tls-key")
+    p.add_argument("--tls-key", help="its PEM private key")
 
 
 def run(args) -> int:
@@ -424,6 +428,10 @@ def run(args) -> int:
     if not url:
         print("fleetloop ingest: set FLEETLOOP_REDIS_URL (the gate's own identity, env/ingest.env)")
         return 2
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("fleetloop ingest: --tls-cert and --tls-key go together")
+        return 2
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
-    uvicorn.run(make_app(RobotGate(client), RedisAuth(url)), host=args.host, port=args.port, log_level="info")
+    uvicorn.run(make_app(RobotGate(client), RedisAuth(url)), host=args.host, port=args.port, log_level="info",
+                ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key)
     return 0
