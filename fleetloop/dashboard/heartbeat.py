@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from typing import Optional
 
 import redis
@@ -111,9 +112,14 @@ def robot_ids(client: redis.Redis, limit: int = MAX_ROBOTS) -> list[str]:
         except (ValueError, UnicodeDecodeError):
             continue
     ids.sort()
-    if len(ids) > limit:
-        log.warning("the robot set holds %d ids; listing the first %d", len(ids), limit)
+    global _warned_at
+    if len(ids) > limit and time.monotonic() - _warned_at > 60:  # once a minute, not per request
+        _warned_at = time.monotonic()
+        log.warning("the robot set holds %d valid ids; listing the first %d", len(ids), limit)
     return ids[:limit]
+
+
+_warned_at = -1e9
 
 
 def read_all(client: redis.Redis, limit: int = MAX_ROBOTS) -> dict[str, dict]:
