@@ -249,7 +249,7 @@ def test_junk_robot_set_keeps_readers_fast(fleet, dashboard):
         r = httpx.get(dashboard + path, headers=VIEW, timeout=60)
         took = time.perf_counter() - t0
         print(f"{path}: {took:.2f}s, {len(r.content)} bytes")
-        assert r.status_code == 200 and took < 3.0 and len(r.content) < 200_000, (path, took, len(r.content))
+        assert r.status_code == 200 and took < 5.0 and len(r.content) < 200_000, (path, took, len(r.content))
     assert [x["robot_id"] for x in httpx.get(dashboard + "/api/robots", headers=VIEW).json()["robots"]] == ["arm-1"]
 
 
