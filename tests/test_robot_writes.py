@@ -229,7 +229,7 @@ def test_untrusted_heartbeats_never_break_a_reader(fleet, dashboard):
         for path in READS:
             r = httpx.get(dashboard + path, headers=VIEW, timeout=30)
             assert r.status_code == 200, (what, path, r.text[:300])
-        robots = httpx.get(dashboard + "/api/robots", headers=VIEW).json()["robots"]
+        robots = httpx.get(dashboard + "/api/robots", headers=VIEW, timeout=60).json()["robots"]
         assert [(x["robot_id"], x["online"]) for x in robots] == [("arm-1", what in fresh)], what
 
 
@@ -250,7 +250,7 @@ def test_junk_robot_set_keeps_readers_fast(fleet, dashboard):
         took = time.perf_counter() - t0
         print(f"{path}: {took:.2f}s, {len(r.content)} bytes")
         assert r.status_code == 200 and took < 5.0 and len(r.content) < 200_000, (path, took, len(r.content))
-    assert [x["robot_id"] for x in httpx.get(dashboard + "/api/robots", headers=VIEW).json()["robots"]] == ["arm-1"]
+    assert [x["robot_id"] for x in httpx.get(dashboard + "/api/robots", headers=VIEW, timeout=60).json()["robots"]] == ["arm-1"]
 
 
 def _record(spool, robot: str, steps: int, chunk_steps: int) -> str:
