@@ -316,8 +316,13 @@ class RedisAuth:
             if self._ok.get(key, 0.0) > now:
                 return True
         u = urlsplit(self.redis_url)
-        conn = redis.Redis(host=u.hostname or "127.0.0.1", port=u.port or 6379, username=username, password=password,
-                           ssl=u.scheme == "rediss", socket_timeout=5, socket_connect_timeout=3)
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        # no retries: redis-py counts a refused AUTH as a connection error and would retry it (3.6 s)
+        where = ({"unix_socket_path": u.path} if u.scheme == "unix" else
+                 {"host": u.hostname or "127.0.0.1", "port": u.port or 6379, "ssl": u.scheme == "rediss"})
+        conn = redis.Redis(**where, username=username, password=password, socket_timeout=5, socket_connect_timeout=3,
+                           retry=Retry(NoBackoff(), 0))
         try:
             conn.ping()
         except redis.AuthenticationError:
