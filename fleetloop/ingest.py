@@ -192,7 +192,7 @@ class RobotGate:
         if not f.get("manifest_key", "").startswith(f"episodes/{robot_id}/{episode_id}/"):
             raise Refused(403, f"manifest_key must lie under episodes/{robot_id}/{episode_id}/")
         for k in ("ended_ns", "schema_version"):
-            if k in f and not (f[k].isascii() and f[k].isdigit() and len(f[k]) <= 18):
+            if k in f and not (f[k].isascii() and f[k].isdigit() and len(f[k]) <= 19):
                 raise Refused(422, f"{k} must be a non-negative integer")
         self.buckets.take(robot_id, "episode")
         msg_id = self.client.xadd(config.EPISODE_STREAM, f, id="*", maxlen=EPISODE_STREAM_CAP, approximate=True)
