@@ -14,6 +14,9 @@ deploy/robot/actor.example.toml is a complete, commented example. The keys:
             s3_region               AWS_DEFAULT_REGION        default us-east-1
             redis_url               FLEETLOOP_REDIS_URL       required; redis://[:password@]host[:port][/db],
                                                               rediss:// (TLS) or unix:///path
+            ingest_url              FLEETLOOP_INGEST_URL      http(s)://host[:port] of `fleetloop ingest`, the write
+                                                              gate a robot with issued credentials writes through
+                                                              (its Redis user may not write); "": write to Redis
   [credentials] aws_access_key_id   AWS_ACCESS_KEY_ID         both or neither; when neither, boto3's usual
             aws_secret_access_key   AWS_SECRET_ACCESS_KEY     chain (instance profile, ~/.aws) is used
   [spool]   dir                     FLEETLOOP_SPOOL_DIR       default /var/lib/fleetloop/spool; created, must be writable
@@ -107,6 +110,7 @@ class ActorConfig:
     robot_id: str
     store_uri: str
     redis_url: str
+    ingest_url: str = ""             # the write gate (`fleetloop ingest`); "": write to Redis directly
     s3_endpoint: str | None = None
     s3_region: str = "us-east-1"
     aws_access_key_id: str | None = None
@@ -437,6 +441,7 @@ KEYS: tuple[_Key, ...] = (
          ("FLEETLOOP_S3_ENDPOINT", "AWS_ENDPOINT_URL")),
     _Key("cloud", "s3_region", "s3_region", parse_str, ("AWS_DEFAULT_REGION",)),
     _Key("cloud", "redis_url", "redis_url", _chain(parse_str, check_redis_url), ("FLEETLOOP_REDIS_URL",)),
+    _Key("cloud", "ingest_url", "ingest_url", _chain(parse_str, check_http_url), ("FLEETLOOP_INGEST_URL",)),
     _Key("credentials", "aws_access_key_id", "aws_access_key_id", parse_str, ("AWS_ACCESS_KEY_ID",)),
     _Key("credentials", "aws_secret_access_key", "aws_secret_access_key", parse_str, ("AWS_SECRET_ACCESS_KEY",)),
     _Key("spool", "dir", "spool_dir", parse_str, ("FLEETLOOP_SPOOL_DIR",)),

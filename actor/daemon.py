@@ -17,7 +17,6 @@ watchdog instead of leaving it open forever.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ from fleetloop.actor.spool import Spool
 from fleetloop.actor.uploader import Uploader, recover_unsealed
 from fleetloop.buffer.store import ObjectStore
 from fleetloop.policy.guidance import Guidance
+from fleetloop.ingest import Refused as WriteRefused
 from fleetloop.policy.interface import Policy
 from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.proto.v1 import policy_pb2
@@ -291,7 +291,7 @@ class ActorDaemon:
                  chunk_bytes: int = 4 << 20, inference: str = "async", inference_lead_steps: int = 2,
                  inference_replan_steps: Optional[int] = None, inference_inline_below_ms: float = 5.0,
                  control_hz: float = 30.0, limits: Optional[LinkLimits] = None,
-                 link_security: Optional["LinkSecurity"] = None):
+                 link_security: Optional["LinkSecurity"] = None, writes=None):
         """inference: "async" (compute the next chunk in the background while the robot executes
         the current one) or "sync" (every Act computes). inference_lead_steps: start the next
         chunk when the current one has no more than expected-latency + this many steps left.
@@ -301,7 +301,9 @@ class ActorDaemon:
         until measured from ReportStep spacing. See fleetloop.actor.inference. limits: the bounds on
         robot input (fleetloop.actor.contract.LinkLimits; reported by GetSpec). link_security: TLS /
         client certificates / bearer tokens on the robot link (fleetloop.actor.link.LinkSecurity;
-        None: plaintext, which start() allows on loopback and unix sockets only)."""
+        None: plaintext, which start() allows on loopback and unix sockets only). writes: how the
+        daemon's episode events, heartbeats and control acks reach Redis (fleetloop.ingest; None:
+        the write gate in this process on redis_client, the embedded default)."""
         self.limits = limits or LinkLimits()
         self.decode_budget = DecodeBudget(self.limits.max_decoded_bytes_in_flight)  # all calls' decoded images
         try:
@@ -314,7 +316,9 @@ class ActorDaemon:
         self.heartbeat_interval_s = heartbeat_interval_s
         recover_unsealed(spool)  # before any recording: close what a crash left open
         self.recorder = EpisodeRecorder(spool, robot_id, chunk_steps=chunk_steps, chunk_bytes=chunk_bytes)
-        self.uploader = Uploader(spool, store, redis_client)
+        from fleetloop.ingest import LocalWrites
+        self.writes = writes or LocalWrites(redis_client, self.robot_id)
+        self.uploader = Uploader(spool, store, redis_client, writes=self.writes)
         self.inference = InferenceScheduler(InferenceSettings(
             mode=inference, lead_steps=inference_lead_steps, replan_steps=inference_replan_steps,
             inline_below_ms=inference_inline_below_ms, control_hz=control_hz))
@@ -406,10 +410,11 @@ class ActorDaemon:
                         log.warning("ignoring malformed control message on %s: %s", channel, e)
                         continue
                     result = self.apply_command(cmd)
-                    self.redis.xadd(config.CONTROL_CHANNEL_PREFIX + "acks",
-                                    {"robot_id": self.robot_id, "command_id": cmd.command_id, "result": result},
-                                    maxlen=10_000, approximate=True)
-                    self.heartbeat()
+                    try:
+                        self.writes.ack(cmd.command_id, result)
+                        self.heartbeat()
+                    except (WriteRefused, OSError) as e:  # applied; the operator sees no ack
+                        log.warning("control ack for %s not written: %s", cmd.command_id, e)
             except redis.RedisError as e:
                 log.warning("control channel unavailable (%s); retrying", e)
                 self._stop.wait(backoff)
@@ -437,18 +442,17 @@ class ActorDaemon:
         }
 
     def heartbeat(self) -> None:
-        key = config.HEARTBEAT_PREFIX + self.robot_id
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping={"status": json.dumps(self.status(), default=str)})
-        pipe.sadd(config.HEARTBEAT_PREFIX + "all", self.robot_id)
-        pipe.execute()
+        """The status hash fleetloop:robot:<id> and the robot set, through the write gate."""
+        self.writes.heartbeat(self.status())
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):
             try:
                 self.heartbeat()
-            except redis.RedisError:
+            except (redis.RedisError, OSError):
                 pass  # the dashboard shows us offline; recording goes on
+            except WriteRefused as e:
+                log.warning("heartbeat refused by the write gate: %s", e)
             with self.lock:  # watchdog: a robot that went silent mid-episode
                 ep = self.open_episode
                 if ep and time.monotonic() - ep.last_call > self.episode_idle_timeout_s:
@@ -487,8 +491,8 @@ class ActorDaemon:
         self.server.start()
         try:
             self.heartbeat()
-        except redis.RedisError as e:
-            log.warning("redis unavailable at start (%s); recording anyway", e)
+        except (redis.RedisError, OSError, WriteRefused) as e:
+            log.warning("heartbeat failed at start (%s); recording anyway", e)
         log.info("actor daemon for %s listening on port %d (%s)", self.robot_id, self.port, sec.describe())
         return self
 
@@ -590,6 +594,8 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None, indi
     slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=loader,
                       initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s,
                       steering_state=Path(cfg.spool_dir) / STEERING_STATE_FILE)
+    from fleetloop.ingest import robot_writes
     return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address,
                        chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes, inference=cfg.inference,
-                       link_security=cfg.link_security())
+                       link_security=cfg.link_security(),
+                       writes=robot_writes(client, cfg.robot_id, cfg.ingest_url, cfg.redis_url))

@@ -61,14 +61,11 @@ def running_versions(client: redis.Redis) -> set[str]:
         if k != "all" and ":" not in k:
             ids.add(k)
     out: set[str] = set()
+    from fleetloop.dashboard.heartbeat import parse  # robot-written: validated, bounded
     for rid in ids:
-        raw = client.hget(config.HEARTBEAT_PREFIX + rid, "status")
-        try:
-            hb = json.loads(raw) if raw else {}
-        except ValueError:
-            continue
-        for f in ("policy_version", "pending_version", "target_version"):
-            if isinstance(hb.get(f), str) and hb[f]:
+        hb = parse(client.hget(config.HEARTBEAT_PREFIX + rid, "status")) or {}
+        for f in ("policy_version", "pending_version"):
+            if hb.get(f):
                 out.add(hb[f])
     return out
 

@@ -60,6 +60,7 @@ BIN = Path(sys.executable).parent
 
 VOLUME_MOUNT = "/var/lib/fleetloop"   # where learner-home / dashboard-home are mounted
 KEYS_MOUNT = "/etc/fleetloop/keys"      # the signing-keys volume (keys-init, learner, dashboard)
+INGEST_CONTAINER_PORT = 8090          # hard-coded in the ingest gate's compose command
 MARK = "FLEETLOOP_COMPOSE_TEST_ID"
 
 pytestmark = pytest.mark.timeout(240)
@@ -231,6 +232,8 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
     for tool in ("ray", "fleetloop"):
         if not (BIN / tool).exists() and not shutil.which(tool):
             pytest.skip(f"the `{tool}` command is not installed in this environment")
+    if not port_is_free(INGEST_CONTAINER_PORT):
+        pytest.skip(f"port {INGEST_CONTAINER_PORT} is taken on this host (the ingest gate's compose command)")
     import boto3
 
     from fleetloop.actor.link import RobotLinkClient
@@ -317,6 +320,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         def localize(value: str, home: Path) -> str:
             """The compose network's names -> loopback; the volume mount point -> this service's dir."""
             return (value.replace("http://minio:9000", s3.endpoint)
+                    .replace("http://ingest:8090", f"http://127.0.0.1:{INGEST_CONTAINER_PORT}")
                     .replace("@redis:6379/", f"@127.0.0.1:{redis_port}/")
                     .replace(f"ray-head:{ray_head_port}", f"127.0.0.1:{ray_head_port}")
                     .replace(KEYS_MOUNT, str(scratch / "keys"))
@@ -385,6 +389,20 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         wait_for("the dashboard's compose healthcheck", dashboard_healthy, 60, procs, alive=("dashboard",), interval=1)
         assert http_json(f"{dash_url}/api/whoami", viewer_token)["name"] == "wallboard"
 
+        # -- ingest: the robot write gate (robots' Redis users may not write), its own identity ------
+        ing = services["ingest"]
+        ing_file = read_env_file(host_path(ing["env_file"]))
+        assert ing_file["FLEETLOOP_REDIS_URL"] == f"redis://ingest:{passwords['ingest']}@redis:6379/0"
+        (scratch / "ingest").mkdir()
+        ing_env = {**base_env, **{k: localize(str(v), scratch / "ingest")
+                                  for k, v in {**ing_file, **ing["environment"]}.items()}}
+        procs.start("ingest", ing["command"], ing_env, cwd=scratch / "ingest")
+        ing_health = ing["healthcheck"]["test"]
+        assert ing_health[0] == "CMD"
+        wait_for("the ingest gate's compose healthcheck",
+                 lambda: subprocess.run(ing_health[1:], env=ing_env, capture_output=True, timeout=10).returncode == 0,
+                 60, procs, alive=("ingest",), interval=1)
+
         # -- the learner publishes its initial version --------------------------------------------
         store_uri = head_env["FLEETLOOP_STORE"]
         assert store_uri == f"s3://{dotenv['S3_BUCKET']}/{dotenv['S3_PREFIX']}"
@@ -400,6 +418,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         robot_file = read_env_file(secrets_dir / "env" / f"robot-{robot_id}.env")
         assert robot_file["FLEETLOOP_ROBOT_ID"] == robot_id and robot_file["FLEETLOOP_STORE"] == store_uri
         assert robot_file["FLEETLOOP_REDIS_URL"].startswith(f"redis://robot-{robot_id}:")
+        assert robot_file["FLEETLOOP_INGEST_URL"] == "http://ingest:8090"  # its writes go through the gate
         grpc_port = free_port()
         actor_env = {**base_env,
                      "HF_HUB_OFFLINE": "1", "FLEETLOOP_HOME": str(scratch / "robot"),  # the systemd unit's

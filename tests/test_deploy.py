@@ -130,7 +130,7 @@ def test_compose_needs_the_issued_credentials(tmp_path):
 def test_compose_services_and_health():
     services = load_compose()["services"]
     assert set(services) == {"redis", "minio", "minio-init", "keys-init", "ray-head", "ray-worker", "dashboard",
-                             "admin"}
+                             "ingest", "admin"}
     for name, svc in services.items():
         if name not in ("minio-init", "keys-init", "admin"):  # one-shot jobs
             assert "healthcheck" in svc, f"{name} has no healthcheck"
@@ -151,6 +151,9 @@ def test_compose_services_and_health():
         assert "signing-keys:/etc/fleetloop/keys:ro" in services[name]["volumes"]
         assert services[name]["environment"]["FLEETLOOP_SIGNING_KEY"] == "/etc/fleetloop/keys/signing.key"
     assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    # the robot write gate: Redis only (it never touches the store or the signing key)
+    assert services["ingest"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    assert services["ingest"]["env_file"] == "deploy/secrets/env/ingest.env" and "volumes" not in services["ingest"]
     assert services["admin"]["profiles"] == ["tools"] and services["admin"]["restart"] == "no"
 
 

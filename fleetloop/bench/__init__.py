@@ -16,6 +16,7 @@ BENCHMARKS = {
     "fleet": "fleetloop.bench.fleet",
     "learning": "fleetloop.bench.learning",
     "decode": "fleetloop.bench.decode",
+    "gate": "fleetloop.bench.gate",
 }
 
 

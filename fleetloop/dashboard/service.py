@@ -35,6 +35,7 @@ from fleetloop.buffer.consumer import DataConsumer
 from fleetloop.buffer.index import ONLINE, EpisodeEntry, FrameIndex, PayloadCache
 from fleetloop.buffer.store import ObjectStore
 from fleetloop.dashboard import audit as audit_form
+from fleetloop.dashboard import heartbeat
 from fleetloop.policy.registry import PolicyRegistry, UnknownVersion, canary_member
 from fleetloop.proto.v1 import policy_pb2
 from fleetloop.stats import wilson_interval
@@ -432,17 +433,8 @@ class Dashboard:
     # ---- robots ----------------------------------------------------------------------------
 
     def heartbeats(self) -> dict[str, Optional[dict]]:
-        ids = sorted(_s(r) for r in self.redis.smembers(ROBOTS_SET))
-        pipe = self.redis.pipeline(transaction=False)
-        for rid in ids:
-            pipe.hget(config.HEARTBEAT_PREFIX + rid, "status")
-        out: dict[str, Optional[dict]] = {}
-        for rid, raw in zip(ids, pipe.execute(raise_on_error=False)):
-            try:
-                out[rid] = json.loads(raw) if isinstance(raw, (bytes, str)) and raw else None
-            except ValueError:
-                out[rid] = None  # a corrupt heartbeat shows the robot offline rather than failing
-        return out
+        """Robots with a heartbeat, each validated and bounded (fleetloop.dashboard.heartbeat)."""
+        return heartbeat.read_all(self.redis)
 
     def require_robot(self, robot_id: str) -> None:
         try:  # reserved names ('all' is the robot set's own key, 'acks' the ack stream) are never robots
@@ -497,11 +489,7 @@ class Dashboard:
 
     def robot(self, robot_id: str, recent: int = 20) -> dict:
         self.require_robot(robot_id)
-        raw = self.redis.hget(config.HEARTBEAT_PREFIX + robot_id, "status")
-        try:
-            hb = json.loads(raw) if raw else None
-        except ValueError:
-            hb = None
+        hb = heartbeat.read_one(self.redis, robot_id)
         agg = self.aggregates()
         d = self._robot_summary(robot_id, hb, agg, self._steering(), time.time_ns())
         hb = hb or {}
