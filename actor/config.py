@@ -18,6 +18,9 @@ deploy/robot/actor.example.toml is a complete, commented example. The keys:
             s3_region               AWS_DEFAULT_REGION        default us-east-1
             redis_url               FLEETLOOP_REDIS_URL       required; redis://[:password@]host[:port][/db],
                                                               rediss:// (TLS) or unix:///path
+            ingest_url              FLEETLOOP_INGEST_URL      http(s)://host[:port] of `fleetloop ingest`, the write
+                                                              gate a robot with issued credentials writes through
+                                                              (its Redis user may not write); "": write to Redis
   [credentials] aws_access_key_id   AWS_ACCESS_KEY_ID         both or neither; when neither, boto3's usual
             aws_secret_access_key   AWS_SECRET_ACCESS_KEY     chain (instance profile, ~/.aws) is used
   [spool]   dir                     FLEETLOOP_SPOOL_DIR       default /var/lib/fleetloop/spool; created, must be writable
@@ -34,6 +37,12 @@ deploy/robot/actor.example.toml is a complete, commented example. The keys:
   [recording] chunk_steps           FLEETLOOP_CHUNK_STEPS     steps per chunk object; default 256
             chunk_size              FLEETLOOP_CHUNK_SIZE      bytes per chunk object (a size); default 4MiB
   [policy]  poll_interval           FLEETLOOP_POLICY_POLL_INTERVAL  seconds or "500ms", "5s", "2m"; default 5s
+            indicator               FLEETLOOP_POLICY_INDICATOR      RECAP improvement indicator the policy runs
+                                                              with: "published" (default: what the
+                                                              version's signed manifest says), "positive",
+                                                              "negative" or "unset"
+            guidance_beta           FLEETLOOP_POLICY_GUIDANCE_BETA  classifier-free guidance weight, 0-10, or
+                                                              "published" (default; RECAP publishes 1.5)
 
 Secrets (the S3 secret key, a Redis password inside the URL) may live in the TOML file or, better,
 in a root-only EnvironmentFile (deploy/robot/fleetloop-actor.service). `ActorConfig.redacted()`
@@ -55,9 +64,9 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from fleetloop.actor.config_types import (ChunkSize, Count, Device, Duration, Flag, GrpcAddress, HttpUrl,
-                                         InferenceMode, RedisUrl, RobotId, SpoolPolicy, SpoolSize, StoreUri, Text,
-                                         redact_url)
+from fleetloop.actor.config_types import (ChunkSize, Count, Device, Duration, Flag, GrpcAddress, GuidanceBeta,
+                                         HttpUrl, Indicator, InferenceMode, RedisUrl, RobotId, SpoolPolicy, SpoolSize,
+                                         StoreUri, Text, redact_url)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +96,7 @@ class ActorConfig:
     robot_id: str
     store_uri: str
     redis_url: str
+    ingest_url: str = ""             # the write gate (`fleetloop ingest`); "": write to Redis directly
     s3_endpoint: str | None = None
     s3_region: str = "us-east-1"
     aws_access_key_id: str | None = None
@@ -102,6 +112,8 @@ class ActorConfig:
     policy_bases: str = ""           # colon-separated dirs holding provisioned VLA bases (FLEETLOOP_BASE_DIRS)
     trusted_keys: str = ""           # public keys that sign policy versions: files/dirs, comma-separated
     inference: str = "async"         # async: the next chunk is computed while the robot executes this one
+    policy_indicator: str = "published"         # or positive / negative / unset: overrides the version's
+    policy_guidance_beta: float | None = None   # None: the version's published beta
     grpc_tls_cert: Path | None = None    # robot link TLS: certificate chain + key (PEM)
     grpc_tls_key: Path | None = None
     grpc_client_ca: Path | None = None   # mutual TLS: clients need a certificate signed by this CA
@@ -160,6 +172,7 @@ class CloudTable(_Table):
     s3_endpoint: HttpUrl = setting("s3_endpoint", "FLEETLOOP_S3_ENDPOINT", "AWS_ENDPOINT_URL")
     s3_region: Text = setting("s3_region", "AWS_DEFAULT_REGION")
     redis_url: RedisUrl = setting("redis_url", "FLEETLOOP_REDIS_URL")
+    ingest_url: HttpUrl = setting("ingest_url", "FLEETLOOP_INGEST_URL")
 
 
 class CredentialsTable(_Table):
@@ -194,6 +207,8 @@ class PolicyTable(_Table):
     bases: Text = setting("policy_bases", "FLEETLOOP_BASE_DIRS")
     trusted_keys: Text = setting("trusted_keys", "FLEETLOOP_TRUSTED_KEYS")
     inference: InferenceMode = setting("inference", "FLEETLOOP_INFERENCE")
+    indicator: Indicator = setting("policy_indicator", "FLEETLOOP_POLICY_INDICATOR")
+    guidance_beta: GuidanceBeta = setting("policy_guidance_beta", "FLEETLOOP_POLICY_GUIDANCE_BETA")
 
 
 class ActorSettings(BaseSettings):

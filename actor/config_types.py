@@ -56,7 +56,7 @@ def parse_size(value: Any) -> int:
     elif isinstance(value, float):
         raise ValueError(f"expected {SIZE_HELP}; got the float {value!r} (write it as a string with a unit)")
     elif isinstance(value, str):
-        m = _SIZE_RE.match(value)
+        m = _SIZE_RE.fullmatch(value)
         unit = m.group(2).lower() if m else None
         if not m or unit not in _SIZE_UNITS:
             raise ValueError(f"expected {SIZE_HELP}; got {value!r}")
@@ -76,7 +76,7 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, (int, float)):
         s = float(value)
     elif isinstance(value, str):
-        m = _DURATION_RE.match(value)
+        m = _DURATION_RE.fullmatch(value)
         unit = (m.group(2).lower() or "s") if m else None
         if not m or unit not in _DURATION_UNITS:
             raise ValueError(f"expected {DURATION_HELP}; got {value!r}")
@@ -120,7 +120,7 @@ def parse_str(value: Any) -> str:
 
 
 def check_robot_id(value: str) -> str:
-    if not ROBOT_ID_RE.match(value):
+    if not ROBOT_ID_RE.fullmatch(value):
         raise ValueError(f"{value!r} is not a valid robot id: use 1-128 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit (e.g. \"arm-07\")")
     return value
@@ -141,7 +141,7 @@ def _check_host(host: str | None, what: str) -> None:
         return
     except ValueError:
         pass
-    if not HOSTNAME_RE.match(host):
+    if not HOSTNAME_RE.fullmatch(host):
         raise ValueError(f"{what} has an invalid host name {host!r}")
 
 
@@ -154,7 +154,7 @@ def check_store_uri(value: str) -> str:
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"{value!r} has no bucket; {accepted}")
-        if not BUCKET_RE.match(parts.netloc) or ".." in parts.netloc:
+        if not BUCKET_RE.fullmatch(parts.netloc) or ".." in parts.netloc:
             raise ValueError(f"{value!r}: bucket {parts.netloc!r} is not a valid S3 bucket name (3-63 lowercase "
                              f"letters, digits, '.' or '-', starting and ending with a letter or digit); {accepted}")
         if parts.query or parts.fragment:
@@ -225,6 +225,28 @@ def check_inference(value: str) -> str:
     return value
 
 
+def check_indicator(value: str) -> str:
+    from fleetloop.release.guidance import INDICATOR_SETTINGS
+    if value not in INDICATOR_SETTINGS:
+        raise ValueError(f"{value!r} is not an indicator setting; accepted: "
+                         + ", ".join(f'"{v}"' for v in INDICATOR_SETTINGS))
+    return value
+
+
+def parse_guidance_beta(value: Any) -> float | None:
+    """A number from 0 to 10, or "published" (None: the version's own)."""
+    from fleetloop.release.guidance import PUBLISHED, check_beta
+    if isinstance(value, str) and value.strip().lower() == PUBLISHED:
+        return None
+    accepted = f'accepted: a number from 0 to 10 (1 = no guidance) or "{PUBLISHED}"'
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a guidance weight; {accepted}")
+    try:
+        return check_beta(value.strip() if isinstance(value, str) else value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a guidance weight; {accepted}") from None
+
+
 def check_grpc_address(value: str) -> str:
     accepted = "use host:port (e.g. 127.0.0.1:50051), [ipv6]:port or unix:/absolute/path"
     if value.startswith("unix:"):
@@ -285,6 +307,8 @@ SpoolPolicy = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_on
 GrpcAddress = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_grpc_address)]
 Device = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_device)]
 InferenceMode = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_inference)]
+Indicator = Annotated[str, BeforeValidator(parse_str), AfterValidator(check_indicator)]
+GuidanceBeta = Annotated[float | None, BeforeValidator(parse_guidance_beta)]  # None: "published"
 SpoolSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(_within(
     MIN_SPOOL_BYTES, None, "{n} bytes is too small for a spool (at least 1MiB)"))]
 ChunkSize = Annotated[int, BeforeValidator(parse_size), AfterValidator(_within(

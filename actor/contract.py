@@ -14,10 +14,13 @@ import io
 import math
 import re
 import struct
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
 
 from fleetloop.buffer.codec import Limits as StoreLimits
+from fleetloop.text import control_refusal
 from fleetloop.proto.v1 import robot_link_pb2 as rl
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -40,6 +43,14 @@ class LinkLimits:
     max_steps_per_episode: int = StoreLimits().max_steps
     max_episode_bytes: int = StoreLimits().max_bytes - (16 << 20)  # headroom for chunk framing
     max_message_bytes: int = 32 << 20
+    # Decoded image bytes (height x width x channels, summed): a 115 KB request of PNG zeros can
+    # decode to 128 MiB, so one call may decode this much and all calls together DecodeBudget's.
+    max_decoded_bytes_per_call: int = 48 << 20  # e.g. 8 cameras of 1920x1080 RGB, 3 of 2048x2048 RGBA
+    max_decoded_bytes_in_flight: int = 128 << 20
+
+    def __post_init__(self):
+        if self.max_decoded_bytes_in_flight < self.max_decoded_bytes_per_call:
+            raise ValueError("max_decoded_bytes_in_flight must hold at least one call's max_decoded_bytes_per_call")
 
     def to_proto(self, episode_idle_timeout_s: float = 0.0) -> rl.LinkLimits:
         return rl.LinkLimits(episode_idle_timeout_s=episode_idle_timeout_s, **self.__dict__)
@@ -68,12 +79,15 @@ def check_text(kind: str, value: str, max_bytes: int, required: bool = False) ->
     n = len(value.encode("utf-8", "surrogatepass"))
     if n > max_bytes:
         raise Rejected(f"{kind} is {n} bytes, the limit is {max_bytes}")
+    refusal = control_refusal(kind, value)  # stored text reaches exports, the dashboard and logs
+    if refusal:
+        raise Rejected(refusal)
     return value
 
 
 def check_id(kind: str, value: str, limits: LinkLimits, required: bool = True) -> str:
     check_text(kind, value, limits.max_id_bytes, required)
-    if value and (not _SAFE_ID.match(value) or value in ("all", "acks")):
+    if value and (not _SAFE_ID.fullmatch(value) or value in ("all", "acks")):
         raise Rejected(f"invalid {kind} {short(value)}: use letters, digits, '.', '_' or '-', "
                        f"starting with a letter or digit")
     return value
@@ -129,10 +143,37 @@ class Spec:
 
 # ---- images -----------------------------------------------------------------------------------
 
-def check_image(img, where: str, limits: LinkLimits, encodings=ENCODINGS) -> tuple[int, int, int]:
-    """Declared size, encoding, byte count and decodability of one Image; returns (h, w, c).
-    The pixel limit is checked on the declared size and, for PNG, on the size in the PNG header
-    before any pixel is decoded (a decompression bomb is refused unread)."""
+class DecodeBudget:
+    """A counting semaphore on decoded image bytes, shared by the daemon's calls: a call holds
+    its images' decoded size while it decodes (and, for Act, while the policy reads them); one
+    that finds no room waits, at most `wait_s` (or its deadline), then gets RESOURCE_EXHAUSTED."""
+
+    def __init__(self, capacity: int, wait_s: float = 2.0):
+        self.capacity, self.wait_s = capacity, wait_s
+        self.used = 0
+        self._cv = threading.Condition()
+
+    @contextmanager
+    def hold(self, nbytes: int, timeout_s: Optional[float] = None):
+        nbytes = min(nbytes, self.capacity)  # a call over the per-call limit never gets here
+        wait = self.wait_s if timeout_s is None else max(0.0, min(self.wait_s, timeout_s))
+        with self._cv:
+            if not self._cv.wait_for(lambda: self.used + nbytes <= self.capacity, wait):
+                raise Rejected(f"the daemon is decoding {self.used} bytes of other calls' images (the limit is "
+                               f"{self.capacity}); retry", "RESOURCE_EXHAUSTED")
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cv:
+                self.used -= nbytes
+                self._cv.notify_all()
+
+
+def check_image_header(img, where: str, limits: LinkLimits, encodings=ENCODINGS) -> tuple[int, int, int]:
+    """Declared size, encoding and byte count of one Image; returns (h, w, c). The pixel limit is
+    checked on the declared size and, for PNG, on the size in the PNG header: nothing is decoded
+    (a decompression bomb is refused unread; decode_png decodes once the call's budget allows)."""
     h, w, c = img.height, img.width, img.channels
     if img.encoding not in encodings:
         raise Rejected(f"{where}: encoding {short(img.encoding, 16)} is not one of {', '.join(encodings)}")
@@ -162,13 +203,24 @@ def check_image(img, where: str, limits: LinkLimits, encodings=ENCODINGS) -> tup
                        "are accepted")
     if mode_c != c:
         raise Rejected(f"{where}: the PNG has {mode_c} channels, the message declares {c}")
+    return h, w, c
+
+
+def decode_png(img, where: str) -> None:
+    """Decodes (and drops) a PNG whose header check_image_header passed: refused if it is damaged."""
+    if img.encoding != "png":
+        return
     from PIL import Image as PILImage
     try:
         with PILImage.open(io.BytesIO(img.data), formats=["PNG"]) as im:
             im.load()
     except Exception as e:  # noqa: BLE001 -- PIL raises many types for damaged data
         raise Rejected(f"{where}: the PNG does not decode ({type(e).__name__})") from None
-    return h, w, c
+
+
+@contextmanager
+def _nothing():
+    yield
 
 
 # ---- steps ------------------------------------------------------------------------------------
@@ -184,13 +236,25 @@ class EpisodeShape:
 class StepChecker:
     """One per open episode."""
 
-    def __init__(self, spec: Spec, limits: LinkLimits):
+    def __init__(self, spec: Spec, limits: LinkLimits, budget: Optional[DecodeBudget] = None):
         self.spec, self.limits = spec, limits
+        self.budget = budget  # None: decoding is bounded per call only
         self.shape: Optional[EpisodeShape] = None
         self.steps = 0
         self.bytes = 0
 
     def check_observation(self, obs, where: str = "observation") -> dict[str, tuple[int, int, int]]:
+        """Checks `obs` (decoding its PNGs within the budget); returns each camera's (h, w, c)."""
+        with self.admit(obs, where) as sizes:
+            return sizes
+
+    @contextmanager
+    def admit(self, obs, where: str = "observation", for_act: bool = False, timeout_s: Optional[float] = None):
+        """Checks `obs` and holds its decoded size in the daemon's DecodeBudget until the block
+        ends (Act: while the policy decodes and reads it); yields each camera's (h, w, c).
+        for_act: the observation goes to the policy, so a camera the policy does not read is
+        refused. Every header, the per-call decoded size and the budget are checked before any
+        PNG is decoded."""
         lim, spec, shape = self.limits, self.spec, self.shape
         n = len(obs.state)
         if n > lim.max_state_dim:
@@ -216,7 +280,10 @@ class StepChecker:
             if img.camera in sizes:
                 raise Rejected(f"{at}: camera {short(img.camera)} appears twice")
             at = f"{where}.images[{i}] ({img.camera})"
-            sizes[img.camera] = check_image(img, at, lim, spec.image_encodings)
+            if for_act and spec.known and img.camera not in spec.cameras:
+                want = f"only {', '.join(spec.cameras)}" if spec.cameras else "no images"
+                raise Rejected(f"{at}: the policy does not read this camera; send Act {want} (GetSpec: spec.cameras)")
+            sizes[img.camera] = check_image_header(img, at, lim, spec.image_encodings)
             if img.camera in spec.cameras and sizes[img.camera] != (spec.image_size, spec.image_size, 3):
                 h, w, c = sizes[img.camera]
                 raise Rejected(f"{at}: {h}x{w}x{c}, the policy expects {spec.image_size}x{spec.image_size}x3")
@@ -230,7 +297,14 @@ class StepChecker:
             cam = next(c for c in sizes if sizes[c] != shape.cameras[c])
             raise Rejected(f"{where}: camera {cam} is {'x'.join(map(str, sizes[cam]))}, this episode's "
                            f"steps have {'x'.join(map(str, shape.cameras[cam]))}")
-        return sizes
+        n = sum(h * w * c for h, w, c in sizes.values())
+        if n > lim.max_decoded_bytes_per_call:
+            raise Rejected(f"{where}: the images decode to {n} bytes (height x width x channels, summed), "
+                           f"the limit per call is {lim.max_decoded_bytes_per_call}")
+        with (self.budget.hold(n, timeout_s) if self.budget is not None and n else _nothing()):
+            for i, img in enumerate(obs.images):
+                decode_png(img, f"{where}.images[{i}] ({img.camera})")
+            yield sizes
 
     def check_step(self, req) -> EpisodeShape:
         """Checks a ReportStepRequest; returns the shape it has (commit with `accept`)."""

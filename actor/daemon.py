@@ -17,26 +17,27 @@ watchdog instead of leaving it open forever.
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import math
 import os
 import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import grpc
 import redis
 
 from fleetloop import config
-from fleetloop.actor.contract import LinkLimits, Rejected, Spec, StepChecker, check_id, check_text, short
+from fleetloop.actor.contract import DecodeBudget, LinkLimits, Rejected, Spec, StepChecker, check_id, check_text, short
 from fleetloop.actor.inference import BadObservation, InferenceScheduler, InferenceSettings
 from fleetloop.actor.recorder import EpisodeRecorder
 from fleetloop.actor.spool import Spool
 from fleetloop.actor.uploader import Uploader, recover_unsealed
 from fleetloop.buffer.store import ObjectStore
+from fleetloop.release.guidance import Guidance
+from fleetloop.ingest import Refused as WriteRefused
 from fleetloop.policy.interface import Policy
 from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.proto.v1 import policy_pb2
@@ -56,6 +57,13 @@ class FixedPolicySource:
 
     def begin_episode(self):
         return self.policy, str(self.policy.version)
+
+    def next_policy(self):
+        return self.policy, str(self.policy.version)
+
+    @property
+    def current_policy(self) -> Policy:
+        return self.policy
 
     def status(self) -> dict:
         return {"current_version": str(self.policy.version), "pending_version": None}
@@ -77,6 +85,7 @@ class OpenEpisode:
     checker: StepChecker
     last_call: float = field(default_factory=time.monotonic)
     intervening: bool = False
+    intervention_steps: int = 0  # > 0 at the end: the episode counts in counters.intervention_episodes
     step_lock: threading.Lock = field(default_factory=threading.Lock)  # check + record of one step
 
 
@@ -89,10 +98,6 @@ class RobotCounters:
     intervention_episodes: int = 0
     steps: int = 0
     intervention_steps: int = 0
-
-
-def _finite(values) -> bool:
-    return all(math.isfinite(v) for v in values)
 
 
 def _abort(context, e: Rejected):
@@ -156,11 +161,13 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
             # A demonstration was not produced by a policy: its manifest says "" (episode.proto).
             episode_id = self.d.recorder.start(request.task_id, request.instruction,
                                                "" if demonstration else version, kind=kind)
-            checker = StepChecker(Spec.of(policy), lim)
+            checker = StepChecker(Spec.of(policy), lim, self.d.decode_budget)
             self.d.open_episode = OpenEpisode(episode_id, request.task_id, request.instruction, policy, version,
                                               checker)
             if policy is not None:
-                self.d.inference.begin_episode(episode_id, policy, request.instruction, self.d.indicator)
+                # indicator None: the policy's own (its version's published guidance, or the
+                # robot's override: fleetloop.release.runtime.PolicyLoader)
+                self.d.inference.begin_episode(episode_id, policy, request.instruction, None)
         return rl.StartEpisodeResponse(episode_id=episode_id, policy_version=version)
 
     def Act(self, request, context):
@@ -169,12 +176,12 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"episode {ep.episode_id} is a demonstration recorded before any policy was loaded: "
                           "there are no actions to serve (report the demonstrator's actions with ReportStep)")
-        try:
-            ep.checker.check_observation(request.observation)
+        try:  # checked, and its decoded size held in the daemon's budget until answered
+            with ep.checker.admit(request.observation, for_act=True, timeout_s=context.time_remaining()):
+                # time-aligned rows of the newest chunk (or a fresh one: first Act, sync mode, stall)
+                served = self.d.inference.act(ep.episode_id, request.observation)
         except Rejected as e:
             _abort(context, e)
-        try:  # time-aligned rows of the newest chunk (or a fresh one: first Act, sync mode, stall)
-            served = self.d.inference.act(ep.episode_id, request.observation)
         except KeyError:
             context.abort(grpc.StatusCode.NOT_FOUND, f"episode {request.episode_id!r} ended during the call")
         except BadObservation as e:
@@ -203,6 +210,7 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
                 # a segment the flag alone opens is named by the step's operator ("unknown" if none)
                 self.d.recorder.add_step(step, operator=request.operator or "unknown", reason="unspecified")
                 n = self.d.recorder.num_steps
+                ep.intervention_steps += int(step.intervention)
                 ep.checker.accept(shape, request.ByteSize())
         self.d.inference.on_step(ep.episode_id, request.observation)  # step count; may start an inference
         self.d.counters.steps += 1
@@ -274,11 +282,11 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
 class ActorDaemon:
     def __init__(self, robot_id: str, store: ObjectStore, redis_client: redis.Redis, spool: Spool,
                  policy_source, grpc_address: str = "127.0.0.1:50051", episode_idle_timeout_s: float = 30.0,
-                 heartbeat_interval_s: float = 2.0, indicator: Optional[bool] = None, chunk_steps: int = 256,
+                 heartbeat_interval_s: float = 2.0, chunk_steps: int = 256,
                  chunk_bytes: int = 4 << 20, inference: str = "async", inference_lead_steps: int = 2,
                  inference_replan_steps: Optional[int] = None, inference_inline_below_ms: float = 5.0,
                  control_hz: float = 30.0, limits: Optional[LinkLimits] = None,
-                 link_security: Optional["LinkSecurity"] = None):
+                 link_security: Optional["LinkSecurity"] = None, writes=None):
         """inference: "async" (compute the next chunk in the background while the robot executes
         the current one) or "sync" (every Act computes). inference_lead_steps: start the next
         chunk when the current one has no more than expected-latency + this many steps left.
@@ -288,20 +296,24 @@ class ActorDaemon:
         until measured from ReportStep spacing. See fleetloop.actor.inference. limits: the bounds on
         robot input (fleetloop.actor.contract.LinkLimits; reported by GetSpec). link_security: TLS /
         client certificates / bearer tokens on the robot link (fleetloop.actor.link.LinkSecurity;
-        None: plaintext, which start() allows on loopback and unix sockets only)."""
+        None: plaintext, which start() allows on loopback and unix sockets only). writes: how the
+        daemon's episode events, heartbeats and control acks reach Redis (fleetloop.ingest; None:
+        the write gate in this process on redis_client, the embedded default)."""
         self.limits = limits or LinkLimits()
+        self.decode_budget = DecodeBudget(self.limits.max_decoded_bytes_in_flight)  # all calls' decoded images
         try:
             self.robot_id = check_id("robot id", robot_id, self.limits)
         except Rejected as e:
             raise ValueError(str(e)) from None
         self.store, self.redis, self.spool = store, redis_client, spool
         self.policy_source = policy_source
-        self.indicator = indicator  # RECAP: condition on "advantage positive" at deployment
         self.episode_idle_timeout_s = episode_idle_timeout_s
         self.heartbeat_interval_s = heartbeat_interval_s
         recover_unsealed(spool)  # before any recording: close what a crash left open
         self.recorder = EpisodeRecorder(spool, robot_id, chunk_steps=chunk_steps, chunk_bytes=chunk_bytes)
-        self.uploader = Uploader(spool, store, redis_client)
+        from fleetloop.ingest import LocalWrites
+        self.writes = writes or LocalWrites(redis_client, self.robot_id)
+        self.uploader = Uploader(spool, store, redis_client, writes=self.writes)
         self.inference = InferenceScheduler(InferenceSettings(
             mode=inference, lead_steps=inference_lead_steps, replan_steps=inference_replan_steps,
             inline_below_ms=inference_inline_below_ms, control_hz=control_hz))
@@ -338,20 +350,24 @@ class ActorDaemon:
         c.successes += outcome == pb.OUTCOME_SUCCESS
         c.failures += outcome == pb.OUTCOME_FAILURE
         c.incomplete += incomplete
+        c.intervention_episodes += ep.intervention_steps > 0
         self.takeover_requested = False
         return episode_id, n, spooled
 
     def spec(self) -> rl.PolicySpec:
         """The spec of the policy the robot runs: the open episode's, else the one the next
-        episode starts with (unknown before any policy is loaded)."""
+        episode starts with -- a pending version if one is loaded (unknown before any policy is)."""
         ep = self.open_episode
         if ep is not None and ep.policy is not None:
             return ep.checker.spec.to_proto(ep.policy_version)
         src = self.policy_source
-        policy = getattr(src, "current_policy", None)
-        if policy is None:  # FixedPolicySource.policy; PolicySlot keeps it private
-            policy = getattr(src, "policy", None) or getattr(src, "current_policy", None)
-        return Spec.of(policy).to_proto(str(src.status().get("current_version") or "") if policy is not None else "")
+        next_policy = getattr(src, "next_policy", None)  # PolicySlot, FixedPolicySource
+        if next_policy is not None:
+            policy, version = next_policy()
+        else:  # a source that only offers begin_episode/status: its current policy, if it shows one
+            policy = getattr(src, "current_policy", None) or getattr(src, "policy", None)
+            version = str(src.status().get("current_version") or "")
+        return Spec.of(policy).to_proto(version if policy is not None else "")
 
     # -- control channel ---------------------------------------------------------------------
     def apply_command(self, cmd: policy_pb2.ControlCommand) -> str:
@@ -389,10 +405,11 @@ class ActorDaemon:
                         log.warning("ignoring malformed control message on %s: %s", channel, e)
                         continue
                     result = self.apply_command(cmd)
-                    self.redis.xadd(config.CONTROL_CHANNEL_PREFIX + "acks",
-                                    {"robot_id": self.robot_id, "command_id": cmd.command_id, "result": result},
-                                    maxlen=10_000, approximate=True)
-                    self.heartbeat()
+                    try:
+                        self.writes.ack(cmd.command_id, result)
+                        self.heartbeat()
+                    except (WriteRefused, OSError) as e:  # applied; the operator sees no ack
+                        log.warning("control ack for %s not written: %s", cmd.command_id, e)
             except redis.RedisError as e:
                 log.warning("control channel unavailable (%s); retrying", e)
                 self._stop.wait(backoff)
@@ -403,6 +420,9 @@ class ActorDaemon:
         src = self.policy_source.status()
         ep = self.open_episode
         c = self.counters
+        # what runs: the open episode's policy, else the one the next episode starts with
+        running = ep.policy if ep and ep.policy is not None else getattr(self.policy_source, "current_policy", None)
+        guidance = getattr(running, "guidance", None)
         return {
             "robot_id": self.robot_id, "last_seen_ns": time.time_ns(),
             "episode_id": ep.episode_id if ep else "", "task_id": ep.task_id if ep else "",
@@ -413,21 +433,21 @@ class ActorDaemon:
             "upload_error": self.uploader.last_error or "", "counters": c.__dict__,
             "swap": {k: v for k, v in src.items() if k not in ("current_version", "pending_version")},
             "last_command": self.last_command, "inference": self.inference.status(),
+            "guidance": guidance.describe() if isinstance(guidance, Guidance) else None,
         }
 
     def heartbeat(self) -> None:
-        key = config.HEARTBEAT_PREFIX + self.robot_id
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping={"status": json.dumps(self.status(), default=str)})
-        pipe.sadd(config.HEARTBEAT_PREFIX + "all", self.robot_id)
-        pipe.execute()
+        """The status hash fleetloop:robot:<id> and the robot set, through the write gate."""
+        self.writes.heartbeat(self.status())
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):
             try:
                 self.heartbeat()
-            except redis.RedisError:
+            except (redis.RedisError, OSError):
                 pass  # the dashboard shows us offline; recording goes on
+            except WriteRefused as e:
+                log.warning("heartbeat refused by the write gate: %s", e)
             with self.lock:  # watchdog: a robot that went silent mid-episode
                 ep = self.open_episode
                 if ep and time.monotonic() - ep.last_call > self.episode_idle_timeout_s:
@@ -447,7 +467,8 @@ class ActorDaemon:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="robot-link"),
                                   interceptors=sec.interceptors(),
                                   options=[("grpc.max_receive_message_length", self.limits.max_message_bytes)])
-        rl_grpc.add_RobotLinkServicer_to_server(RobotLinkService(self), self.server)
+        from fleetloop.actor.wire import add_robot_link  # text that is not UTF-8: INVALID_ARGUMENT, not INTERNAL
+        add_robot_link(RobotLinkService(self), self.server, self.robot_id)
         creds = sec.server_credentials()
         try:
             self.port = (self.server.add_secure_port(self._grpc_address, creds) if creds is not None
@@ -465,8 +486,8 @@ class ActorDaemon:
         self.server.start()
         try:
             self.heartbeat()
-        except redis.RedisError as e:
-            log.warning("redis unavailable at start (%s); recording anyway", e)
+        except (redis.RedisError, OSError, WriteRefused) as e:
+            log.warning("heartbeat failed at start (%s); recording anyway", e)
         log.info("actor daemon for %s listening on port %d (%s)", self.robot_id, self.port, sec.describe())
         return self
 
@@ -495,18 +516,30 @@ class ActorDaemon:
 # -- CLI: `fleetloop actor` ---------------------------------------------------------------------
 
 def add_arguments(p) -> None:
+    from fleetloop.release.guidance import INDICATOR_SETTINGS
     p.add_argument("--config", help="actor config file (TOML); environment variables override it")
     p.add_argument("--policy", help="initial policy checkpoint dir (otherwise the fleet's current version)")
+    p.add_argument("--indicator", choices=INDICATOR_SETTINGS, default=None,
+                   help="RECAP improvement indicator the policy runs with: 'published' = what each version's "
+                        "signed manifest says (RECAP versions: positive), or positive / negative / unset for "
+                        "every version. Overrides [policy] indicator and FLEETLOOP_POLICY_INDICATOR "
+                        "(default there: published)")
+    p.add_argument("--guidance-beta", default=None, metavar="BETA",
+                   help="classifier-free guidance weight, a = a_uncond + beta * (a_cond - a_uncond): a number "
+                        "from 0 to 10 (1 = no guidance) or 'published' = each version's (RECAP publishes 1.5). "
+                        "Overrides [policy] guidance_beta and FLEETLOOP_POLICY_GUIDANCE_BETA (default there: "
+                        "published). The heartbeat's 'guidance' shows what runs")
 
 
 def run(args) -> int:
     from fleetloop.actor.config import ConfigError, load_actor_config
     try:
         cfg = load_actor_config(args.config)
+        daemon = build_daemon_from_config(cfg, args.policy, indicator=args.indicator,
+                                          guidance_beta=args.guidance_beta)
     except ConfigError as e:
         print(f"fleetloop actor: configuration error: {e}")
         return 2
-    daemon = build_daemon_from_config(cfg, args.policy)
     daemon.start()
     try:
         while True:
@@ -518,12 +551,25 @@ def run(args) -> int:
     return 0
 
 
-def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> ActorDaemon:
+STEERING_STATE_FILE = ".policy-steering.json"  # in the spool directory (fleetloop.release.steering)
+
+
+def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None, indicator: Optional[str] = None,
+                             guidance_beta: Optional[str] = None) -> ActorDaemon:
+    """indicator / guidance_beta: the command line's overrides of cfg.policy_indicator /
+    cfg.policy_guidance_beta (None: the configuration's); a bad value raises ConfigError."""
+    from fleetloop.actor.config import ConfigError
+    from fleetloop.actor.config_types import check_indicator, parse_guidance_beta
     from fleetloop.actor.weights import PolicySlot
     from fleetloop.buffer.store import open_store
     from fleetloop.release.registry import PolicyRegistry
     from fleetloop.release.runtime import PolicyLoader, PolicyRuntime
 
+    try:  # before anything is opened: a bad override stops here
+        indicator = cfg.policy_indicator if indicator is None else check_indicator(indicator)
+        beta = cfg.policy_guidance_beta if guidance_beta is None else parse_guidance_beta(guidance_beta)
+    except ValueError as e:
+        raise ConfigError(f"command line: {e}") from None
     store = open_store(cfg.store_uri, cfg.s3_settings())
     client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=3)
     spool = Spool(cfg.spool_dir, max_bytes=cfg.spool_max_bytes, on_full=cfg.spool_on_full)
@@ -536,9 +582,16 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None) -> A
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    initial = PolicyRuntime.from_checkpoint(initial_policy_dir, device=device) if initial_policy_dir else None
-    slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=PolicyLoader(device=device),
-                      initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s)
+    loader = PolicyLoader(device=device, indicator=indicator, beta=beta)
+    initial = (PolicyRuntime.from_checkpoint(initial_policy_dir, device=device, guidance=loader.guidance_for(None))
+               if initial_policy_dir else None)
+    # The newest steering records accepted live beside the spool (a dot file: not an episode), so
+    # a restarted robot still refuses older, replayed ones.
+    slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=loader,
+                      initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s,
+                      steering_state=Path(cfg.spool_dir) / STEERING_STATE_FILE)
+    from fleetloop.ingest import robot_writes
     return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address,
                        chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes, inference=cfg.inference,
-                       link_security=cfg.link_security())
+                       link_security=cfg.link_security(),
+                       writes=robot_writes(client, cfg.robot_id, cfg.ingest_url, cfg.redis_url))

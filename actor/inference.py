@@ -51,14 +51,23 @@ log = logging.getLogger(__name__)
 MODES = ("async", "sync")
 
 
+def _cameras_read(policy) -> Optional[tuple]:
+    """The cameras a policy that states its spec reads (None: it does not say, decode all)."""
+    from fleetloop.actor.contract import Spec
+    spec = Spec.of(policy)
+    return spec.cameras if spec.known else None
+
+
 class BadObservation(ValueError):
     """The robot sent an observation that cannot be decoded (a bad image)."""
 
 
-def observation_from_proto(obs) -> Observation:
-    """fleetloop.v1.Observation -> Observation (decodes the images)."""
+def observation_from_proto(obs, cameras=None) -> Observation:
+    """fleetloop.v1.Observation -> Observation (decodes the images; with `cameras`, only those:
+    a ReportStep may carry cameras recorded for training that the policy never reads)."""
     try:
-        images = {img.camera or f"cam{i}": decode_image(img) for i, img in enumerate(obs.images)}
+        images = {img.camera or f"cam{i}": decode_image(img) for i, img in enumerate(obs.images)
+                  if cameras is None or img.camera in cameras}
     except (ValueError, OSError) as e:
         raise BadObservation(f"bad observation image: {e}") from e
     return Observation(images=images, state=np.asarray(obs.state, dtype=np.float32))
@@ -356,7 +365,7 @@ class InferenceScheduler:
         """Decode and run the policy (no self._cv held). One policy call at a time."""
         with self._policy_lock:
             t0 = time.perf_counter()
-            obs = observation_from_proto(obs_proto)
+            obs = observation_from_proto(obs_proto, _cameras_read(policy))
             chunk = np.asarray(policy.act(obs, instruction, indicator), dtype=np.float32)
             dt = time.perf_counter() - t0
         if chunk.ndim != 2 or chunk.shape[0] < 1:

@@ -1,7 +1,8 @@
 """The uploader: spool -> object store -> Redis stream, in the background, never losing an episode.
 
 Per sealed episode: put every chunk, put the manifest (the commit point), XADD the event,
-then delete the spool copy. Each step is
+then delete the spool copy. Puts are write-once (If-None-Match: *): a committed object is never
+overwritten, so the store can enforce it (docs/security.md). Each step is
 idempotent, so a kill -9 anywhere means redoing at most one step after restart; a duplicate
 event is absorbed by the consumer's dedupe. Store or Redis outages are retried with
 exponential backoff while the robot keeps recording into the spool.
@@ -25,7 +26,8 @@ from fleetloop.actor.spool import Spool, read_json
 from fleetloop.buffer.codec import (EncodedChunk, EpisodeRejected, chunk_ref, decode_chunk, decode_image_chunk,
                                    finish_manifest, manifest_from_bytes, manifest_key,
                                    manifest_to_bytes)
-from fleetloop.buffer.queue import EpisodeAnnouncer
+from fleetloop.buffer.queue import event_to_fields
+from fleetloop.ingest import LocalWrites, Refused, Throttled
 from fleetloop.buffer.store import ObjectStore, StoreError
 from fleetloop.proto.v1 import SCHEMA_VERSION
 from fleetloop.proto.v1 import episode_pb2 as pb
@@ -132,9 +134,11 @@ def _parse_entry(episode_id: str, meta: dict, end: dict | None) -> tuple[str, pb
 
 class Uploader:
     def __init__(self, spool: Spool, store: ObjectStore, client: redis.Redis,
-                 max_backoff_s: float = 5.0, on_uploaded=None):
+                 max_backoff_s: float = 5.0, on_uploaded=None, writes=None):
+        """writes: where the event goes (fleetloop.ingest: the gate in this process on `client`
+        by default, or GatewayWrites to `fleetloop ingest` for a robot with issued credentials)."""
         self.spool, self.store = spool, store
-        self.announcer = EpisodeAnnouncer(client)
+        self.writes = writes or LocalWrites(client)
         self.max_backoff_s = max_backoff_s
         self.on_uploaded = on_uploaded  # callback(episode_id, manifest) for metrics/tests
         self.uploaded = 0
@@ -176,16 +180,25 @@ class Uploader:
                         raise DamagedEntry(f"chunk {i} is missing and the stored manifest is bad: {e}") from None
                     break
                 raise DamagedEntry(f"chunk {i} of {len(refs)} is missing") from None
-            # Re-putting a chunk after a crash is harmless: same key, same bytes.
-            self.store.put(ref.key, data)
+            # Write-once (If-None-Match: *), so a bucket policy can forbid overwrites of episodes
+            # (docs/security.md). A chunk already there was stored by this robot before a crash:
+            # same key, same bytes.
+            self.store.put_new(ref.key, data)
             manifest.chunks.append(ref)
         else:
             finish_manifest(manifest)
             manifest_bytes = manifest_to_bytes(manifest)
-            self.store.put(mkey, manifest_bytes)  # the commit point (idempotent too)
-        self.announcer.announce(pb.EpisodeEvent(
+            if not self.store.put_new(mkey, manifest_bytes):  # the commit point
+                manifest_bytes = self.store.get(mkey)  # committed before a crash: that one counts
+        event = pb.EpisodeEvent(
             episode_id=episode_id, manifest_key=mkey, robot_id=meta["robot_id"], task_id=meta["task_id"],
-            ended_ns=end["ended_ns"], schema_version=SCHEMA_VERSION, manifest_json=manifest_bytes.decode()))
+            ended_ns=end["ended_ns"], schema_version=SCHEMA_VERSION, manifest_json=manifest_bytes.decode())
+        try:
+            self.writes.episode(event_to_fields(event))
+        except Throttled:
+            raise  # over the robot's rate: retried with backoff like an outage
+        except Refused as e:  # the gate will never take this event: keep the entry aside, go on
+            raise DamagedEntry(f"the ingest gate refused its event: {e}") from None
         self.spool.remove(episode_id)
         self.uploaded += 1
         if self.on_uploaded:
@@ -215,7 +228,7 @@ class Uploader:
             except Exception as e:  # outages (store, Redis, disk) and anything unforeseen: the thread lives on
                 self.failures += 1
                 self.last_error = str(e)
-                expected = isinstance(e, (StoreError, redis.RedisError, OSError))
+                expected = isinstance(e, (StoreError, redis.RedisError, OSError, Throttled))
                 log.warning("upload failed (%s); retrying in %.2fs; the robot keeps recording", e, backoff,
                             exc_info=not expected)
                 stop.wait(backoff)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -23,7 +24,8 @@ from typing import Any, Callable, Optional
 import redis
 
 from fleetloop import config
-from fleetloop.release import signing
+from fleetloop.release import signing, steering
+from fleetloop.release.guidance import Guidance
 from fleetloop.release.registry import PolicyRegistry, Target
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,15 @@ def _takes_version(fn: Callable) -> bool:
     return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
 
 
+def _takes_guidance(fn: Callable) -> bool:
+    """load_fn accepts guidance= (PolicyLoader does): the version's published inference settings."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "guidance" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def _summary(values) -> dict:
     v = sorted(values)
     if not v:
@@ -66,18 +77,25 @@ def _summary(values) -> dict:
 class PolicySlot:
     def __init__(self, registry: PolicyRegistry, robot_id: str, load_fn: Callable[..., Any],
                  initial_policy: Any = None, poll_interval_s: float = 5.0, max_backoff_s: float = 30.0,
-                 keep_base: bool = True):
-        """load_fn(config_json, weights[, version]) -> a Policy; called on the slot's thread with
-        verified bytes. keep_base: hold the last loaded version's bytes so a version published
-        as a delta against it downloads only the changed blocks."""
+                 keep_base: bool = True, steering_state: Optional[str | os.PathLike] = None):
+        """load_fn(config_json, weights[, version][, guidance=]) -> a Policy; called on the slot's
+        thread with verified bytes; guidance: the version's signed inference settings
+        (fleetloop.release.guidance.Guidance), passed when load_fn takes it. keep_base: hold the
+        last loaded version's bytes so a version published as a delta against it downloads only
+        the changed blocks. steering_state: a file on the robot that remembers the newest
+        pointer/pin/canary record accepted, so a restart still refuses older (replayed) ones
+        (fleetloop.release.steering); None keeps it in memory only."""
         self.registry, self.robot_id, self.load_fn = registry, robot_id, load_fn
         if registry.trust is None:  # a robot runs only versions and pointer moves signed by a trusted key
             registry.trust = signing.TrustStore.default()
+        if registry.memory is None or steering_state is not None:
+            registry.memory = steering.SteeringMemory(steering_state)
         if not len(registry.trust) and not signing.insecure_allowed():
             log.error("robot %s: no trusted policy keys (%s or %s); every policy version will be refused",
                       robot_id, signing.TRUSTED_KEYS_ENV, signing.keys_dir() / "trusted")
         self.poll_interval_s, self.max_backoff_s, self.keep_base = poll_interval_s, max_backoff_s, keep_base
         self._load_takes_version = _takes_version(load_fn)
+        self._load_takes_guidance = _takes_guidance(load_fn)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # signalled when pending/current change
         self._current = initial_policy
@@ -92,6 +110,7 @@ class PolicySlot:
         # status
         self.target: Optional[Target] = None
         self.last_error: Optional[str] = None
+        self.steering_alerts: list[str] = []  # why the last resolution ignored a stored record
         self.last_error_ns = 0
         self.errors = self.loads = self.swaps = self.bytes_moved = 0
         self.fetches = {"full": 0, "delta": 0}
@@ -115,6 +134,15 @@ class PolicySlot:
                 log.debug("robot %s now runs policy %s", self.robot_id, p.version)
             if self._current is None:
                 raise NoPolicyYet(f"robot {self.robot_id}: no policy loaded yet (nothing published?)")
+            return self._current, self._current_version or ""
+
+    def next_policy(self) -> tuple[Any, str]:
+        """(policy, version) the next begin_episode() returns without swapping anything: the
+        pending one if loaded, else the current one ((None, "") before the first load)."""
+        with self._lock:
+            p = self._pending
+            if p is not None:
+                return p.policy, p.version
             return self._current, self._current_version or ""
 
     @property
@@ -150,6 +178,7 @@ class PolicySlot:
                 "running": bool(self._thread and self._thread.is_alive()),
                 "last_error": self.last_error,
                 "last_error_ns": self.last_error_ns,
+                "steering_alerts": list(self.steering_alerts),
                 "errors": self.errors,
                 "loads": self.loads,
                 "swaps": self.swaps,
@@ -183,12 +212,13 @@ class PolicySlot:
         """Resolve this robot's target and, if it is new, fetch + verify + load it as pending.
         Returns the version loaded, else None. Redis errors propagate (the loop backs off);
         per-version failures are recorded and retried later with their own backoff."""
-        try:
-            target = self.registry.resolve(self.robot_id)  # verifies the pin/canary/pointer signature
-        except signing.SignatureError as e:
-            self._error(f"policy target refused: {e}")
-            log.warning("robot %s: %s; keeping %s", self.robot_id, e, self._current_version)
-            return None
+        self.registry.trust.refresh()  # a .pub added or removed on disk counts from now on
+        # Verifies the pin/canary/pointer signatures and refuses replays; a refused record is
+        # ignored (the robot goes by what it accepted before) and reported, never a block.
+        target, alerts = self.registry.resolve_with_alerts(self.robot_id)
+        if alerts:
+            self._error("steering record refused: " + "; ".join(alerts))
+        self.steering_alerts = list(alerts)
         self.target = target
         if target is None:
             return None
@@ -238,10 +268,12 @@ class PolicySlot:
         t1 = time.perf_counter()
         if self.keep_base:  # verified bytes; replacing the old base now frees it before loading
             self._base = (target.version, f.weights)
+        # How the version runs is part of what was signed; out-of-range values refuse the version.
+        kw = {"guidance": Guidance.from_manifest(f.manifest)} if self._load_takes_guidance else {}
         if self._load_takes_version:
-            policy = self.load_fn(f.manifest.config_json, f.weights, target.version)
+            policy = self.load_fn(f.manifest.config_json, f.weights, target.version, **kw)
         else:
-            policy = self.load_fn(f.manifest.config_json, f.weights)
+            policy = self.load_fn(f.manifest.config_json, f.weights, **kw)
             try:  # episodes are tagged with policy.version
                 if getattr(policy, "version", None) != target.version:
                     policy.version = target.version
@@ -255,7 +287,9 @@ class PolicySlot:
         latency = (loaded_ns - target.since_ns) / 1e9 if target.since_ns else None
         if latency is not None:
             self._publish_to_loaded.append(latency)
+        g = getattr(policy, "guidance", None)
         self.last_load = {"version": target.version, "source": target.source, "via": f.via,
+                          "guidance": g.describe() if isinstance(g, Guidance) else None,
                           "bytes_moved": f.bytes_moved, "fetch_s": round(t1 - t0, 4), "load_s": round(t2 - t1, 4),
                           "publish_to_loaded_s": None if latency is None else round(latency, 4),
                           "since_ns": target.since_ns, "loaded_ns": loaded_ns}

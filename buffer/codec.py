@@ -59,7 +59,7 @@ RESERVED_IDS = {"all", "acks"}  # names the Redis key scheme uses next to robot 
 
 
 def check_id(kind: str, value: str) -> str:
-    if not _SAFE_ID.match(value or ""):
+    if not _SAFE_ID.fullmatch(value or ""):
         raise ValueError(f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' (max 128)")
     if value in RESERVED_IDS:
         raise ValueError(f"{kind} {value!r} is reserved")

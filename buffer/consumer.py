@@ -21,6 +21,7 @@ from fleetloop import config
 
 from fleetloop.buffer.codec import EpisodeRejected, Limits, check_id, manifest_from_bytes, read_episode
 from fleetloop.buffer.index import EpisodeEntry, FrameIndex, entry_from_loaded
+from fleetloop.buffer.ledger import IngestLedger
 from fleetloop.buffer.queue import Delivery, EpisodeQueueConsumer, fields_to_event
 from fleetloop.buffer.store import ObjectStore, StoreError
 
@@ -69,6 +70,7 @@ class DataConsumer:
         # Each group sees every episode once: the learner's group feeds training; the dashboard
         # reads the same stream in a group of its own.
         self.queue = EpisodeQueueConsumer(client, group=group, consumer=consumer_name, claim_idle_ms=claim_idle_ms)
+        self.ledger = IngestLedger(client)  # a committed episode rewritten later is refused
         self.on_indexed = on_indexed
         self.stats = ConsumerStats()
         self._retry: list[tuple[float, int, Delivery]] = []  # (due, attempt, delivery)
@@ -104,10 +106,11 @@ class DataConsumer:
             stray = [ref.key for ref in loaded.manifest.chunks if not ref.key.startswith(prefix)]
             if stray:
                 raise EpisodeRejected("robot-mismatch", f"chunks outside {prefix}: {stray[:3]}")
+            self.ledger.check(loaded.manifest)  # ingested before? then it must be the same episode
             return "ok", loaded, event
         except EpisodeRejected as e:
             return "dead", (e.reason, e.detail), event
-        except (StoreError, OSError) as e:
+        except (StoreError, OSError, redis.RedisError) as e:
             return "retry", e, event
 
     def _finish(self, d: Delivery, attempt: int, outcome: str, value, event) -> None:
@@ -125,6 +128,7 @@ class DataConsumer:
         else:
             entry = entry_from_loaded(value)
             if self.index.add(entry):
+                self.ledger.record(value.manifest)
                 self.stats.indexed += 1
                 if event.ended_ns:
                     self.stats.freshness_s.append(max(0.0, (time.time_ns() - event.ended_ns) / 1e9))

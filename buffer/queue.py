@@ -21,6 +21,7 @@ from fleetloop.proto.v1 import episode_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+MAX_EVENT_BYTES = 1 << 20  # what a consumer decodes at most (the write gate admits 64 KiB)
 EVENT_FIELDS = ("episode_id", "manifest_key", "robot_id", "task_id", "ended_ns", "schema_version")
 
 
@@ -32,7 +33,11 @@ def event_to_fields(ev: pb.EpisodeEvent) -> dict[str, str]:
 
 
 def fields_to_event(fields: dict) -> pb.EpisodeEvent:
-    """Raises ValueError on a malformed event."""
+    """Raises ValueError on a malformed event (also one larger than MAX_EVENT_BYTES: the write
+    gate never adds one, so it came from elsewhere and is not decoded)."""
+    size = sum(len(k) + len(v) for k, v in fields.items() if isinstance(v, (bytes, str)))
+    if size > MAX_EVENT_BYTES:
+        raise ValueError(f"event is {size} bytes, more than {MAX_EVENT_BYTES}")
     f = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
          for k, v in fields.items()}
     missing = [k for k in ("episode_id", "manifest_key") if not f.get(k)]
@@ -139,7 +144,7 @@ class EpisodeQueueConsumer:
 
     def dead_letter(self, delivery: Delivery, reason: str, detail: str) -> None:
         """Park an event that can never be processed, with the reason; then ack it."""
-        fields = {(k.decode() if isinstance(k, bytes) else k): v for k, v in delivery.fields.items()}
+        fields = bounded_copy(delivery.fields)
         fields.update({"dead_reason": reason, "dead_detail": detail[:2000], "original_id": delivery.msg_id,
                        "dead_at_ns": str(time.time_ns()), "consumer": self.consumer})
         pipe = self.client.pipeline(transaction=True)
@@ -158,6 +163,31 @@ class EpisodeQueueConsumer:
             if _s(g["name"]) == self.group:
                 return {"pending": int(g.get("pending") or 0), "lag": int(g.get("lag") or 0)}
         return {"pending": 0, "lag": 0}
+
+
+DEAD_FIELD_MAX = 8 * 1024   # bytes kept of each field of a dead-lettered event
+DEAD_FIELDS_MAX = 32        # fields kept of it
+
+
+def bounded_copy(fields: dict) -> dict:
+    """What the dead-letter stream keeps of an event: at most DEAD_FIELDS_MAX fields of at most
+    DEAD_FIELD_MAX bytes each (an event anyone wrote 100 MB into is not copied whole); what was
+    cut is named in `dead_truncated`."""
+    out: dict = {}
+    cut = []
+    for i, (k, v) in enumerate(fields.items()):
+        name = (k.decode("utf-8", "replace") if isinstance(k, bytes) else str(k))[:128]
+        if i >= DEAD_FIELDS_MAX:
+            cut.append(f"+{len(fields) - DEAD_FIELDS_MAX} fields")
+            break
+        raw = v if isinstance(v, bytes) else str(v).encode("utf-8", "surrogatepass")
+        if len(raw) > DEAD_FIELD_MAX:
+            cut.append(f"{name}:{len(raw)}")
+            raw = raw[:DEAD_FIELD_MAX]
+        out[name] = raw
+    if cut:
+        out["dead_truncated"] = ",".join(cut)[:1024]
+    return out
 
 
 def _s(x) -> str:

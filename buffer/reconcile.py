@@ -32,6 +32,7 @@ import redis
 from fleetloop import config
 from fleetloop.buffer.codec import EpisodeRejected, Limits, read_episode
 from fleetloop.buffer.index import EpisodeEntry, FrameIndex, entry_from_loaded
+from fleetloop.buffer.ledger import IngestLedger
 from fleetloop.buffer.store import ObjectStore, StoreError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Reconciler:
                  interval_s: float = 300.0, check_s: float = 5.0, limits: Limits = Limits(),
                  workers: int = 4, stream: str = config.EPISODE_STREAM, group: str | None = None):
         self.store, self.index, self.name, self.client = store, index, name, client
+        self.ledger = IngestLedger(client)  # without a client: no check (tests, one-off tools)
         self.on_indexed, self.interval_s, self.check_s = on_indexed, interval_s, check_s
         self.limits, self.workers, self.stream, self.group = limits, workers, stream, group
         self.scans = 0
@@ -85,7 +87,9 @@ class Reconciler:
 
             def load(key):
                 try:
-                    return key, read_episode(self.store, key, self.limits), None
+                    loaded = read_episode(self.store, key, self.limits)
+                    self.ledger.check(loaded.manifest)  # rewritten since its first ingest: refused
+                    return key, loaded, None
                 except EpisodeRejected as e:
                     return key, None, e.reason
 
@@ -98,6 +102,7 @@ class Reconciler:
                         continue
                     entry = entry_from_loaded(loaded)
                     if self.index.add(entry):
+                        self.ledger.record(loaded.manifest)
                         added += 1
                         if self.on_indexed:
                             self.on_indexed(entry)

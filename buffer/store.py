@@ -6,7 +6,9 @@ or none of it (S3 PUT semantics; write-to-temp + rename locally). Episode commit
 """
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -28,6 +30,7 @@ class ObjectStore(Protocol):
     uri: str
 
     def put(self, key: str, data: bytes) -> None: ...
+    def put_new(self, key: str, data: bytes) -> bool: ...
     def get(self, key: str) -> bytes: ...
     def exists(self, key: str) -> bool: ...
     def size(self, key: str) -> int: ...
@@ -57,6 +60,29 @@ class LocalStore:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, data)
+
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write-once: store `data` only if `key` does not exist yet (atomically: a hard link of
+        the finished temp file, which fails if the name is taken). False when it existed."""
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                    raise
+                if path.exists():  # a filesystem without hard links: check, then rename (not atomic)
+                    return False
+                os.replace(tmp, path)
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def get(self, key: str) -> bytes:
         try:
@@ -161,6 +187,31 @@ class S3Store:
     def put(self, key: str, data: bytes) -> None:
         self._call(self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
 
+    def put_new(self, key: str, data: bytes) -> bool:
+        """Write-once: a conditional PUT (If-None-Match: *); False when the key exists (412). A
+        bucket policy can then require the header for a prefix (docs/security.md), so nobody
+        overwrites what is there."""
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412"):
+                return False
+            if code in ("NotImplemented", "501"):  # an older S3-compatible server: plain PUT, said once
+                if not getattr(self, "_warned_unconditional", False):
+                    self._warned_unconditional = True
+                    import logging
+                    logging.getLogger(__name__).warning(
+                        "%s does not support conditional writes (If-None-Match); episode objects are not "
+                        "write-once on it (docs/security.md)", self.uri)
+                self.put(key, data)
+                return True
+            raise StoreError(f"S3 {code}: {e}") from e
+        except BotoCoreError as e:
+            raise StoreError(f"S3 request failed: {e}") from e
+
     def get(self, key: str) -> bytes:
         resp = self._call(self._client.get_object, Bucket=self.bucket, Key=self._key(key))
         from botocore.exceptions import BotoCoreError
@@ -187,7 +238,9 @@ class S3Store:
         try:
             resp = self._client.get_object(Bucket=self.bucket, Key=self._key(key),
                                            Range=f"bytes={start}-{start + length - 1}")
-            data = resp["Body"].read()
+            # read(length): a server that ignores Range (200, whole object) still costs `length`
+            data = resp["Body"].read(length)
+            resp["Body"].close()
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404", "NotFound"):

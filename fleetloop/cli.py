@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("fleetloop.actor.sim.evaluate", "evaluate a policy on simulated tasks (success with Wilson 95%% intervals)"),
     "export": ("fleetloop.lerobot.export", "export fleet episodes as a LeRobot v3 dataset"),
     "import": ("fleetloop.lerobot.importer", "import a LeRobot v3 dataset into the offline buffer"),
+    "ingest": ("fleetloop.ingest", "the robot write gate: robots' episode events, heartbeats and acks, checked"),
     "credentials": ("fleetloop.credentials", "per-robot Redis ACL users, S3/MinIO policies and policy-signing keys"),
     "bench": ("fleetloop.bench", "benchmarks that print JSON (ingest, policy, broadcast, scaling, ...)"),
 }

@@ -14,19 +14,24 @@
   minio/users                "<who> <secret>" lines: the MinIO users to create (0600)
   minio/setup.sh             creates the MinIO users and attaches the policies (needs `mc alias
                              set fleet ...`; deploy/minio/init.sh does the same in compose)
+  s3/bucket-policy-episodes-write-once.json   AWS S3 bucket policy: committed episodes are
+                             write-once (docs/security.md)
   env/<who>.env              FLEETLOOP_REDIS_URL / AWS_* for each identity (compose env_file, or a
-                             robot's /etc/fleetloop/actor.env)
+                             robot's /etc/fleetloop/actor.env; a robot's also FLEETLOOP_INGEST_URL)
   keys/signing.key, keys/trusted/<id>.pub   the learner's signing key and what robots trust
                              (--no-keys: compose's keys-init makes the fleet's key instead)
   passwords.json             the generated secrets (so a re-run is stable)
 
 What each identity may do:
 
-  robot-<id>  Redis: XADD the episode stream and the control-ack stream; HSET/EXPIRE its own
-              heartbeat key; SADD the robot set; read the policy pointer, pins and canary;
-              SUBSCRIBE the policy channel and its own control channel. Nothing else: it cannot
-              PUBLISH, move a pointer, read a stream, or listen to another robot's commands.
+  robot-<id>  Redis: read the policy pointer, the canary and its own pin; SUBSCRIBE the policy channel and
+              its own control channel. No write command at all: its episode events, heartbeat
+              and control acks go through the write gate (`fleetloop ingest`, fleetloop/ingest.py),
+              which checks their shape, size, rate and that they are its own, and which it
+              authenticates to with this same user and password. It cannot PUBLISH, move a
+              pointer, read a stream, or listen to another robot's commands.
               S3: write only episodes/<id>/, read only policies/.
+  ingest      Redis: fleetloop:* keys (the gate writes robots' events, heartbeats and acks).
   learner     Redis: fleetloop:* keys, PUBLISH policy notices; no admin commands.
               S3: read episodes/, labels/; write policies/, learner/.
   dashboard   Redis: fleetloop:* keys, PUBLISH policy notices and control commands.
@@ -47,7 +52,7 @@ from typing import Iterable
 from fleetloop import config
 
 RESERVED_ROBOT_IDS = {"all", "acks"}  # names the Redis key scheme uses next to robot ids
-SERVICE_USERS = ("learner", "dashboard", "fleetloop-admin")
+SERVICE_USERS = ("learner", "dashboard", "ingest", "fleetloop-admin")
 S3_SERVICES = ("learner", "dashboard", "fleetloop-admin")
 HEALTHCHECK_USER = "healthcheck"   # PING only, any password: what a container health check uses
 
@@ -68,18 +73,15 @@ def _pw_hash(password: str) -> str:
 def robot_acl(robot_id: str, password: str) -> str:
     """One ACL line (Redis >= 7: selectors give each command its own keys)."""
     r = check_robot_id(robot_id)
-    hb = config.HEARTBEAT_PREFIX + r
     ns = config.POLICY_POINTER.rsplit(":", 1)[0]
-    reads = " ".join(f"%R~{k}" for k in (config.POLICY_POINTER, f"{ns}:robot_pins", f"{ns}:canary"))
+    reads = " ".join(f"%R~{k}" for k in (config.POLICY_POINTER, f"{ns}:canary"))
+    own_pin = f"%R~{ns}:robot_pin:{r}"  # its own pin only (registry.ROBOT_PIN_PREFIX), not the listing of all
     return " ".join([
         f"user {redis_user(r)} on {_pw_hash(password)} resetkeys resetchannels nocommands",
         "+ping +echo +hello +client|setname +client|id +multi +exec +discard",
         f"&{config.POLICY_CHANNEL} &{config.CONTROL_CHANNEL_PREFIX}{r} +subscribe +unsubscribe",
-        f"(~{config.EPISODE_STREAM} +xadd)",
-        f"(~{config.CONTROL_CHANNEL_PREFIX}acks +xadd)",
-        f"(~{hb} +hset +expire +pexpire)",
-        f"(~{config.HEARTBEAT_PREFIX}all +sadd)",
-        f"({reads} +hget +hmget +hgetall)",
+        f"({reads} +hget +hmget +hgetall)",  # reads only: every write goes through fleetloop ingest
+        f"({own_pin} +get)",
     ])
 
 
@@ -87,7 +89,7 @@ def service_acl(name: str, password: str) -> str:
     keys = "~fleetloop:*"
     if name == "fleetloop-admin":
         return f"user {name} on {_pw_hash(password)} ~* &* +@all"
-    channels = {"learner": f"&{config.POLICY_CHANNEL}",
+    channels = {"learner": f"&{config.POLICY_CHANNEL}", "ingest": "resetchannels",
                 "dashboard": f"&{config.POLICY_CHANNEL} &{config.CONTROL_CHANNEL_PREFIX}*"}[name]
     return f"user {name} on {_pw_hash(password)} resetkeys resetchannels {keys} {channels} +@all -@admin -@dangerous " \
            f"+info +client|setname +client|id"
@@ -131,6 +133,17 @@ def s3_policy(who: str, bucket: str, prefix: str = "") -> dict:
     return {"Version": "2012-10-17", "Statement": st}
 
 
+def episodes_write_once_policy(bucket: str, prefix: str = "") -> dict:
+    """AWS S3 *bucket* policy: every PUT under episodes/ must carry If-None-Match, so a committed
+    episode object can never be overwritten -- not even by the robot that wrote it. The uploader
+    writes that way (ObjectStore.put_new); apply with `aws s3api put-bucket-policy` (docs/security.md)."""
+    p = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+    return {"Version": "2012-10-17", "Statement": [{
+        "Sid": "EpisodesWriteOnce", "Effect": "Deny", "Principal": "*", "Action": "s3:PutObject",
+        "Resource": f"arn:aws:s3:::{bucket}/{p}episodes/*",
+        "Condition": {"Null": {"s3:if-none-match": "true"}}}]}
+
+
 def _write_secret(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -141,11 +154,13 @@ def _write_secret(path: Path, text: str) -> None:
 
 def issue(out: str | os.PathLike, robots: Iterable[str], redis_host: str = "redis:6379", bucket: str = "fleetloop",
           s3_endpoint: str = "http://minio:9000", prefix: str = "", robot_redis_host: str | None = None,
-          robot_s3_endpoint: str | None = None, keys: bool = True, robot_redis_scheme: str = "redis") -> dict:
+          robot_s3_endpoint: str | None = None, keys: bool = True, robot_redis_scheme: str = "redis",
+          ingest_url: str = "http://ingest:8090") -> dict:
     """Write everything described in the module docstring; returns {identity: password}.
     redis_host / s3_endpoint: where the cloud services reach them (compose: redis:6379,
     http://minio:9000); robot_redis_host / robot_s3_endpoint: where robots do (default: the same);
-    robot_redis_scheme "rediss" for a TLS port in front of Redis."""
+    robot_redis_scheme "rediss" for a TLS port in front of Redis; ingest_url: where robots reach
+    the write gate (`fleetloop ingest`)."""
     out = Path(out)
     pw_path = out / "passwords.json"
     passwords = json.loads(pw_path.read_text()) if pw_path.exists() else {}
@@ -162,6 +177,9 @@ def issue(out: str | os.PathLike, robots: Iterable[str], redis_host: str = "redi
         doc.write_text(json.dumps(s3_policy(who, bucket, prefix), indent=1))
     _write_secret(out / "minio" / "users", "".join(f"{who} {passwords[who]}\n" for who in identities))
     _write_secret(out / "minio" / "setup.sh", MINIO_SETUP)
+    (out / "s3").mkdir(parents=True, exist_ok=True)  # for AWS S3 (MinIO: object lock, docs/security.md)
+    (out / "s3" / "bucket-policy-episodes-write-once.json").write_text(
+        json.dumps(episodes_write_once_policy(bucket, prefix), indent=1))
     os.chmod(out / "minio" / "setup.sh", 0o700)
     (out / "redis" / "users.acl").chmod(0o644)  # hashes only; the Redis container's user reads it
     for who in identities:
@@ -174,10 +192,13 @@ def issue(out: str | os.PathLike, robots: Iterable[str], redis_host: str = "redi
                "AWS_ACCESS_KEY_ID": who, "AWS_SECRET_ACCESS_KEY": passwords[who], "FLEETLOOP_S3_CREATE_BUCKET": "0"}
         if robot:
             env["FLEETLOOP_ROBOT_ID"] = who[len("robot-"):]
+            env["FLEETLOOP_INGEST_URL"] = ingest_url
             env["FLEETLOOP_TRUSTED_KEYS"] = "/etc/fleetloop/trusted"
         else:
             env["FLEETLOOP_SIGNING_KEY"] = "/etc/fleetloop/keys/signing.key"
         _write_secret(out / "env" / f"{who}.env", "".join(f"{k}={v}\n" for k, v in env.items()))
+    # the write gate needs Redis only (it never touches the store)
+    _write_secret(out / "env" / "ingest.env", f"FLEETLOOP_REDIS_URL=redis://ingest:{passwords['ingest']}@{redis_host}/0\n")
     if not keys:
         return passwords
     keys = out / "keys"
@@ -222,6 +243,8 @@ def add_arguments(p) -> None:
     i.add_argument("--robot-redis-host", help="host:port robots reach Redis at (default: --redis-host)")
     i.add_argument("--robot-redis-tls", action="store_true", help="robots use rediss:// (a TLS port in front of Redis)")
     i.add_argument("--robot-s3-endpoint", help="S3 endpoint robots use (default: --s3-endpoint)")
+    i.add_argument("--ingest-url", default="http://ingest:8090",
+                   help="where robots reach the write gate, `fleetloop ingest` (their only way to write)")
     i.add_argument("--no-keys", action="store_true",
                    help="no signing key (compose's keys-init makes the fleet's key; hand robots its .pub)")
     k = sub.add_parser("keys", help="an Ed25519 policy-signing key pair (private key 0600 + <key id>.pub)")
@@ -240,7 +263,8 @@ def run(args) -> int:
     try:
         issue(args.out, robots, args.redis_host, args.bucket, args.s3_endpoint, args.prefix,
               robot_redis_host=args.robot_redis_host, robot_s3_endpoint=args.robot_s3_endpoint,
-              keys=not args.no_keys, robot_redis_scheme="rediss" if args.robot_redis_tls else "redis")
+              keys=not args.no_keys, robot_redis_scheme="rediss" if args.robot_redis_tls else "redis",
+              ingest_url=args.ingest_url)
     except ValueError as e:
         print(f"fleetloop credentials: {e}")
         return 2

@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from fleetloop.stats import rolling_rate, time_to_success
+
 log = logging.getLogger("fleetloop.demo")
 
 
@@ -149,12 +151,39 @@ def _initial_policy(store_uri: str, tasks: list[str], args) -> tuple[Path, list[
     return ckpt, pretrained_tasks
 
 
-def _evaluate(policy, tasks, episodes, images, indicator=None) -> dict:
+def versions_published(before: str | None, latest: str | None) -> int:
+    """How many versions were published after `before` up to `latest` (version numbers are
+    contiguous: fleetloop.release.registry). Counting the registry's list instead would count what
+    retention left of them."""
+    def seq(v):
+        return int(v[1:]) if v else 0
+    return max(0, seq(latest) - seq(before))
+
+
+def heartbeat_guidance(client, robot_ids) -> dict:
+    """robot -> {"policy_version", "guidance"} as its last heartbeat in Redis says (what runs there)."""
+    from fleetloop import config
+    out = {}
+    for rid in robot_ids:
+        raw = client.hget(config.HEARTBEAT_PREFIX + rid, "status")
+        beat = json.loads(raw) if raw else {}
+        out[rid] = {"policy_version": beat.get("policy_version"), "guidance": beat.get("guidance")}
+    return out
+
+
+def _guidance_line(beats: dict) -> str:
+    def one(b):
+        g = b.get("guidance") or {}
+        return f"{g.get('indicator', '?')}/beta {g.get('beta', '?')}"
+    return " ".join(f"{rid}={b.get('policy_version') or '-'}:{one(b)}" for rid, b in beats.items())
+
+
+def _evaluate(policy, tasks, episodes, images) -> dict:
     from fleetloop.actor.sim.evaluate import evaluate
     return {r.task: {"episodes": r.episodes, "successes": r.successes, "success_rate": round(r.success_rate, 4),
                      "ci95": [round(r.ci95[0], 4), round(r.ci95[1], 4)],
                      "successes_per_hour_at_30hz": round(r.successes_per_hour, 1)}
-            for r in evaluate(policy, tasks, episodes, images=images, indicator=indicator)}
+            for r in evaluate(policy, tasks, episodes, images=images)}
 
 
 class Robot:
@@ -162,7 +191,7 @@ class Robot:
     MetaWorld robot driving it over the robot link with a simulated human watching."""
 
     def __init__(self, index: int, tasks: list[str], store, redis_url: str, spool_root: Path, images: bool,
-                 control_hz, seed: int, indicator):
+                 control_hz, seed: int):
         import redis as redis_lib
 
         from fleetloop.actor.daemon import ActorDaemon
@@ -183,7 +212,7 @@ class Robot:
         slot = PolicySlot(PolicyRegistry(store, client), self.robot_id, poll_interval_s=2.0,
                           load_fn=PolicyLoader())
         self.daemon = ActorDaemon(self.robot_id, store, client, Spool(spool_root / self.robot_id), slot,
-                                  grpc_address="127.0.0.1:0", indicator=indicator).start()
+                                  grpc_address="127.0.0.1:0").start()
         self.link = RobotLinkClient(self.daemon.address, self.robot_id, timeout_s=10.0)
         self.slot = slot
         self.episodes: list[dict] = []
@@ -246,18 +275,6 @@ class Robot:
         self.daemon.stop()
 
 
-def _rolling(episodes: list[dict], window: int = TIME_TO_WINDOW, key: str = "autonomous_success"):
-    """(t, rate, lo, hi, n) of `key` (autonomous success by default) over the last `window` episodes."""
-    from fleetloop.stats import wilson_interval
-    out = []
-    for i in range(len(episodes)):
-        w = episodes[max(0, i - window + 1): i + 1]
-        s = sum(bool(e.get(key)) for e in w)
-        lo, hi = wilson_interval(s, len(w))
-        out.append((episodes[i]["t"], s / len(w), lo, hi, len(w)))
-    return out
-
-
 def _plot(path: Path, per_task: dict, before: dict, after: dict, minutes: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -267,7 +284,7 @@ def _plot(path: Path, per_task: dict, before: dict, after: dict, minutes: float)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (task, eps) in enumerate(sorted(per_task.items())):
         c = colors[i % len(colors)]
-        roll = _rolling(eps)
+        roll = rolling_rate(eps, TIME_TO_WINDOW)
         if roll:
             t = [r[0] / 60 for r in roll]
             ax.plot(t, [r[1] for r in roll], color=c, label=f"{task} (fleet, rolling {TIME_TO_WINDOW} episodes)")
@@ -309,30 +326,6 @@ def _start_dashboard(redis_url: str, store, port: int):
         return None
     print(f"fleetloop demo: dashboard at {server.url}/{note}", flush=True)
     return server
-
-
-def time_to_success(episodes: list[dict], threshold: float = 0.8, window: int = 20,
-                    key: str = "autonomous_success", hold: int = 0):
-    """Wall time (s) when the rolling rate of `key` over the last `window` episodes first reaches
-    `threshold` (window full), or None. (Default window 20: what `bench scaling` uses on the pooled
-    fleet; the demo's per-task figures use TIME_TO_WINDOW.)
-
-    hold > 0 asks for a crossing that held up: one counts only if the `hold` episodes after it,
-    fresh evidence disjoint from the window that crossed, are at `threshold` too. The first
-    crossing of a noisy rolling rate is an optimistic figure (it is the maximum of many
-    overlapping windows); a confirmed one is not, and its time is still the crossing's."""
-    rolling = _rolling(episodes, window, key)
-    for i, r in enumerate(rolling):
-        if r[4] < window or r[1] < threshold:
-            continue
-        if hold <= 0:
-            return r[0]
-        after = episodes[i + 1: i + 1 + hold]
-        if len(after) < hold:
-            return None  # not confirmed (yet)
-        if sum(bool(e.get(key)) for e in after) / hold >= threshold:
-            return r[0]
-    return None
 
 
 # An episode is "robot success" when it succeeded and the robot drove at least this share of its
@@ -396,6 +389,7 @@ def run_demo(args) -> dict:
     from fleetloop.actor.sim.tasks import parse_task_list
     from fleetloop.buffer.store import open_store
     from fleetloop.learner.app import start_learner
+    from fleetloop.release.guidance import Guidance
     from fleetloop.release.registry import PolicyRegistry
     from fleetloop.release.runtime import PolicyRuntime
     from fleetloop.services import RedisServer
@@ -426,6 +420,7 @@ def run_demo(args) -> dict:
     import redis as redis_lib
     client = redis_lib.Redis.from_url(redis_url)
     store = open_store(store_uri)
+    registry = PolicyRegistry(store, client)
     results: dict = {"algo": args.algo, "robots": args.robots, "minutes": args.minutes, "tasks": tasks,
                      "images": args.images, "settings": vars(args)}
     robots: list[Robot] = []
@@ -445,6 +440,7 @@ def run_demo(args) -> dict:
                            args.eval_episodes, args.images) if args.eval_episodes else {}
         _print_eval("before (pretrained)", before)
 
+        published_before = registry.latest_version()  # to count the versions this run publishes
         learner = start_learner(store_uri, redis_url, args.algo, str(pretrained), run_name=f"demo-{args.algo}",
                                 publish_every=args.publish_every, torch_threads=1, ray_num_cpus=2,
                                 batch_size=128 if args.backend == "tiny" else 32,
@@ -452,10 +448,9 @@ def run_demo(args) -> dict:
         learner.wait_ready(timeout=300)
         if args.dashboard_port >= 0:
             dashboard = _start_dashboard(redis_url, store, args.dashboard_port)
-        indicator = True if args.algo == "recap" else None  # RECAP deploys "advantage positive"
         for i in range(args.robots):
             robots.append(Robot(i, tasks, store, redis_url, out / "spool", args.images,
-                                args.control_hz, seed=args.seed * 1000 + i + 1, indicator=indicator))
+                                args.control_hz, seed=args.seed * 1000 + i + 1))
         t_loop = time.time()
         for r in robots:
             r.t0 = t_loop
@@ -482,9 +477,10 @@ def run_demo(args) -> dict:
                     rolling[task] = (f"{sum(e['robot_success'] for e in w)}/{len(w)}"
                                      f"({sum(e['autonomous_success'] for e in w)})")
             log.info("t=%4.0fs episodes=%d learner step=%s versions=%s  success over the last %d per task, "
-                     "robot drove >= %d%% (no takeover at all): %s",
+                     "robot drove >= %d%% (no takeover at all): %s  heartbeats (version:indicator/beta): %s",
                      time.time() - t_loop, len(eps), st.get("step"), st.get("versions_published"), TIME_TO_WINDOW,
-                     round(ROBOT_SHARE * 100), " ".join(f"{k}={v}" for k, v in rolling.items()))
+                     round(ROBOT_SHARE * 100), " ".join(f"{k}={v}" for k, v in rolling.items()),
+                     _guidance_line(heartbeat_guidance(client, [r.robot_id for r in robots])))
             for r in robots:
                 if r.error and r.robot_id not in reported:
                     reported.add(r.robot_id)
@@ -494,24 +490,31 @@ def run_demo(args) -> dict:
         learner_final = learner.stop()
         learner = None
 
-        registry = PolicyRegistry(store, client)
         final_version = registry.latest_version()
         manifest, weights = registry.fetch(final_version)
-        final_policy = PolicyRuntime.from_bytes(manifest.config_json, weights, final_version)
-        log.info("evaluating %s: %d episodes per task", final_version, args.eval_episodes)
-        # evaluated as the robots ran it: RECAP with its improvement indicator "positive"
-        after = _evaluate(final_policy, eval_tasks, args.eval_episodes, args.images,
-                          indicator=indicator) if args.eval_episodes else {}
+        # evaluated as the robots ran it: with the guidance its manifest publishes (RECAP:
+        # indicator "positive", beta 1.5)
+        published_guidance = Guidance.from_manifest(manifest)
+        final_policy = PolicyRuntime.from_bytes(manifest.config_json, weights, final_version,
+                                                guidance=published_guidance)
+        log.info("evaluating %s (guidance %s): %d episodes per task", final_version,
+                 published_guidance.describe(), args.eval_episodes)
+        after = _evaluate(final_policy, eval_tasks, args.eval_episodes, args.images) if args.eval_episodes else {}
         _print_eval(f"after ({final_version})", after)
 
         episodes = [mark_robot_success(e) for e in sorted((e for r in robots for e in r.episodes), key=lambda e: e["t"])]
         per_task: dict = {t: [e for e in episodes if e["task"] == t] for t in tasks}
         hours = (stopped_early_at if stopped_early_at is not None else args.minutes * 60) / 3600
         swap = [r.slot.status() for r in robots]
+        for r in robots:
+            r.daemon.heartbeat()  # their last word before the results are written
+        robots_guidance = heartbeat_guidance(client, [r.robot_id for r in robots])
         t08 = time_to_08(per_task)
         results.update({
             "final_version": final_version,
-            "versions_published": len(registry.list_versions()),
+            "versions_published": versions_published(published_before, final_version),
+            "versions_retained": len(registry.list_versions()),  # what retention left of them
+            "guidance": {"published": published_guidance.describe(), "robots": robots_guidance},
             "time_to_0_8": t08,
             "learner": learner_final,
             "wall_s": {"total": round(time.time() - t_start, 1), "loop": round(args.minutes * 60, 1)

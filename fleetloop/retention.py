@@ -61,14 +61,11 @@ def running_versions(client: redis.Redis) -> set[str]:
         if k != "all" and ":" not in k:
             ids.add(k)
     out: set[str] = set()
+    from fleetloop.dashboard.heartbeat import parse  # robot-written: validated, bounded
     for rid in ids:
-        raw = client.hget(config.HEARTBEAT_PREFIX + rid, "status")
-        try:
-            hb = json.loads(raw) if raw else {}
-        except ValueError:
-            continue
-        for f in ("policy_version", "pending_version", "target_version"):
-            if isinstance(hb.get(f), str) and hb[f]:
+        hb = parse(client.hget(config.HEARTBEAT_PREFIX + rid, "status")) or {}
+        for f in ("policy_version", "pending_version"):
+            if hb.get(f):
                 out.add(hb[f])
     return out
 
@@ -77,7 +74,7 @@ def plan(registry, policy: RetentionPolicy = RetentionPolicy()) -> dict:
     """{"keep": {version: [reasons]}, "delete": [versions]} without changing anything."""
     from fleetloop.release.registry import STACK_KEY, _seq, _VERSION_RE
     versions = sorted({k.split("/")[1] for k in registry.store.list("policies/")
-                       if k.endswith("/manifest.json") and _VERSION_RE.match(k.split("/")[1])}, key=_seq)
+                       if k.endswith("/manifest.json") and _VERSION_RE.fullmatch(k.split("/")[1])}, key=_seq)
     keep: dict[str, list[str]] = {}
 
     def mark(v: str, why: str) -> None:

@@ -46,10 +46,12 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 15
 
 class RedisServer:
     """A private redis-server. `appendonly` keeps the stream across restart() like a production
-    Redis with persistence on."""
+    Redis with persistence on. Without data_dir its data lives in a temporary folder, removed when
+    the `with` block ends (restart() keeps it)."""
 
     def __init__(self, port: int | None = None, data_dir: str | None = None, appendonly: bool = True):
         self.port = port or free_port()
+        self._own_dir = data_dir is None
         self.dir = Path(data_dir or tempfile.mkdtemp(prefix="fleetloop-redis-"))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
@@ -92,6 +94,8 @@ class RedisServer:
 
     def __exit__(self, *exc):
         self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class MotoS3Server:

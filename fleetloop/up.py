@@ -13,6 +13,9 @@ def add_arguments(p) -> None:
     p.set_defaults(redis=None)  # None: embedded default (FLEETLOOP_REDIS_URL or a private server)
     p.add_argument("--host", default="127.0.0.1", help="dashboard address")
     p.add_argument("--port", type=int, default=8080, help="dashboard port")
+    p.add_argument("--ingest-port", type=int, default=None,
+                   help="also serve the robot write gate (fleetloop ingest) on --host:PORT, for robots whose "
+                        "issued Redis users may not write (docs/security.md); off by default")
 
 
 def run(args) -> int:
@@ -41,10 +44,18 @@ def run(args) -> int:
         app, _dash = build_app(redis_lib.Redis.from_url(redis_url, socket_timeout=10), open_store(args.store), tokens)
         dashboard = DashboardServer(app, host=args.host, port=args.port).start()
         print(f"fleetloop up: dashboard at {dashboard.url}", flush=True)
+        gate = None
+        if args.ingest_port is not None:
+            from fleetloop.ingest import RedisAuth, RobotGate, make_app
+            gate_app = make_app(RobotGate(redis_lib.Redis.from_url(redis_url, socket_timeout=10)), RedisAuth(redis_url))
+            gate = DashboardServer(gate_app, host=args.host, port=args.ingest_port).start()
+            print(f"fleetloop up: robot write gate at {gate.url}", flush=True)
         try:
             return learner_main.run(args)  # blocks until SIGINT/SIGTERM or the learner stops
         finally:
             dashboard.stop()
+            if gate is not None:
+                gate.stop()
     finally:
         if private is not None:
             private.stop()

@@ -204,8 +204,8 @@ def _train_worker(loop_cfg: dict) -> None:
         m = registry.publish(v.weights, v.config_json, backend=v.backend, base_sha256=v.base_sha256,
                              parent_version=published.get("version", ""), learner_step=core.step,
                              algorithm=cfg.algo,
-                             metrics={"loss": float(np.mean(losses)) if losses else float("nan"),
-                                      **algorithm.inference_settings()})
+                             metrics={"loss": float(np.mean(losses)) if losses else float("nan")},
+                             guidance=algorithm.inference_settings())
         published.update(version=m.version, step=core.step, count=published.get("count", 0) + 1)
         replay.published.remote(m.version, core.step, published["count"])
         extra["publish_ms"] = round(1e3 * (time.perf_counter() - t), 1)
@@ -466,7 +466,7 @@ def start_learner(store_uri: str | None = None, redis_url: str | None = None, al
             m = registry.publish(weights, json.dumps(model_cfg, sort_keys=True), learner_step=0, algorithm="pretrain",
                                  backend=str(model_cfg.get("backend", "")),
                                  base_sha256=_base_of(model_cfg, weights),
-                                 metrics=make_algorithm(cfg.algo, **cfg.algo_options).inference_settings())
+                                 guidance=make_algorithm(cfg.algo, **cfg.algo_options).inference_settings())
             published = {"version": m.version, "step": 0, "count": 0}
 
     replay_cfg = {"store_uri": cfg.store_uri, "redis_url": cfg.redis_url, "algo": cfg.algo,

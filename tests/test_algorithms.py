@@ -15,6 +15,7 @@ from fleetloop.learner.algorithms.hg_dagger import HGDagger
 from fleetloop.learner.algorithms.recap import Recap, threshold_for_fraction
 from fleetloop.learner.algorithms.value import (bin_values, n_step_advantage, returns_to_go, step_rewards,
                                                 two_hot)
+from fleetloop.release.guidance import Guidance
 from fleetloop.policy.model import INDICATOR_NEGATIVE, INDICATOR_POSITIVE, INDICATOR_UNSET
 
 torch.set_num_threads(1)
@@ -185,7 +186,7 @@ def test_recap_thresholds_and_forced_positive_corrections():
     adv = algo.advantages(e)
     assert (adv[e.intervention] <= algo.eps["a"][ONLINE]).any()
     assert algo.stats()["positive_fraction"]["a"][OFFLINE] == pytest.approx(0.3, abs=0.01)
-    assert algo.inference_settings() == {"inference_indicator": 2.0, "inference_beta": 1.5}
+    assert algo.inference_settings() == Guidance(indicator=True, beta=1.5)
 
 
 def test_recap_unknown_outcome_leaves_the_tail_unset():

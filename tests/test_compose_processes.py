@@ -18,7 +18,7 @@ dashboard as `dashboard`, and the robot as its own `robot-<id>` user -- so every
 the learner, dashboard and actor daemon issue in this test passes the least-privilege ACLs.
 
 Only two kinds of rewriting happen, both outside the command text: the compose network's host
-names are resolved to loopback ports (minio:9000, redis:6379, ray-head:6379), and the mount point
+names are resolved to loopback ports (minio:9000, redis:6379, ray-head:$RAY_HEAD_PORT), and the mount point
 of the service's volume (/var/lib/fleetloop) is mapped to a temp dir, as a volume would be. A
 robot's actor daemon then runs as the systemd unit runs it (`fleetloop actor --config FILE`,
 with deploy/robot/actor.example.toml as the file and the documented environment variables
@@ -60,7 +60,7 @@ BIN = Path(sys.executable).parent
 
 VOLUME_MOUNT = "/var/lib/fleetloop"   # where learner-home / dashboard-home are mounted
 KEYS_MOUNT = "/etc/fleetloop/keys"      # the signing-keys volume (keys-init, learner, dashboard)
-DASHBOARD_CONTAINER_PORT = 8080       # hard-coded in the dashboard's compose command
+INGEST_CONTAINER_PORT = 8090          # hard-coded in the ingest gate's compose command
 MARK = "FLEETLOOP_COMPOSE_TEST_ID"
 
 pytestmark = pytest.mark.timeout(240)
@@ -232,9 +232,8 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
     for tool in ("ray", "fleetloop"):
         if not (BIN / tool).exists() and not shutil.which(tool):
             pytest.skip(f"the `{tool}` command is not installed in this environment")
-    if not port_is_free(DASHBOARD_CONTAINER_PORT):
-        pytest.skip(f"port {DASHBOARD_CONTAINER_PORT} is taken on this host, and the dashboard's compose command "
-                    f"hard-codes `--port {DASHBOARD_CONTAINER_PORT}` (no variable to move it)")
+    if not port_is_free(INGEST_CONTAINER_PORT):
+        pytest.skip(f"port {INGEST_CONTAINER_PORT} is taken on this host (the ingest gate's compose command)")
     import boto3
 
     from fleetloop.actor.link import RobotLinkClient
@@ -255,6 +254,10 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
             fresh = secrets.token_hex(16)  # URL-safe: REDIS_PASSWORD goes into a URL
             dotenv[key] = f"{name}:{fresh}" if sep and key.endswith("_TOKENS") else fresh
     dotenv["FLEETLOOP_VIEWER_TOKENS"] = f"wallboard:{secrets.token_hex(16)}"
+    # The ports the services listen on inside their containers, moved to free ones the way
+    # .env offers (the processes here share the host's network).
+    ray_head_port, dashboard_port = free_port(), free_port()
+    dotenv["RAY_HEAD_PORT"], dotenv["DASHBOARD_CONTAINER_PORT"] = str(ray_head_port), str(dashboard_port)
     operator_token = dotenv["FLEETLOOP_OPERATOR_TOKENS"].split(",")[0].partition(":")[2]
     viewer_token = dotenv["FLEETLOOP_VIEWER_TOKENS"].partition(":")[2]
     services = compose_services(dotenv)
@@ -312,14 +315,14 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
                      aws_access_key_id=admin_env["AWS_ACCESS_KEY_ID"],
                      aws_secret_access_key=admin_env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=bucket)
 
-        ray_head_port = free_port()
         homes = {name: scratch / name for name in ("ray-head", "dashboard")}
 
         def localize(value: str, home: Path) -> str:
             """The compose network's names -> loopback; the volume mount point -> this service's dir."""
             return (value.replace("http://minio:9000", s3.endpoint)
+                    .replace("http://ingest:8090", f"http://127.0.0.1:{INGEST_CONTAINER_PORT}")
                     .replace("@redis:6379/", f"@127.0.0.1:{redis_port}/")
-                    .replace("ray-head:6379", f"127.0.0.1:{ray_head_port}")
+                    .replace(f"ray-head:{ray_head_port}", f"127.0.0.1:{ray_head_port}")
                     .replace(KEYS_MOUNT, str(scratch / "keys"))
                     .replace(VOLUME_MOUNT, str(home)))
 
@@ -341,7 +344,8 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
             assert svc_env["FLEETLOOP_REDIS_URL"] == f"redis://{who}:{passwords[who]}@redis:6379/0"
             assert svc_env["AWS_ACCESS_KEY_ID"] == who and svc_env["AWS_SECRET_ACCESS_KEY"] == passwords[who]
             assert svc_env["FLEETLOOP_STORE"] == from_file["FLEETLOOP_STORE"]  # issued for this bucket/prefix
-            assert svc_env["RAY_ADDRESS"] == "ray-head:6379"
+            assert svc_env["RAY_ADDRESS"] == f"ray-head:{ray_head_port}"
+            assert svc_env["RAY_HEAD_PORT"] == str(ray_head_port)
             assert env["FLEETLOOP_HOME"] == str(homes[name])
             return {**base_env, **env}
 
@@ -359,10 +363,6 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         head = services["ray-head"]
         assert head["command"][:2] == ["sh", "-c"] and "entrypoint" not in head
         head_env = service_env("ray-head")
-        # The command reads RAY_HEAD_PORT from the container's environment, which compose never
-        # sets (it is in no `environment:` block and not in .env.example); 6379 is this host's
-        # Redis, so the head goes on a free port, given the way the command offers.
-        head_env["RAY_HEAD_PORT"] = str(ray_head_port)
         head_env["RAY_TMPDIR"] = str(scratch / "ray")   # Ray's own variable: keep its sessions here
         (scratch / "ray").mkdir()
         init_dir = Path(head_env["FLEETLOOP_LEARNER_ARGS"].split("--init", 1)[1].split()[0])
@@ -379,7 +379,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         dash_env = service_env("dashboard")
         assert dash_env["FLEETLOOP_OPERATOR_TOKENS"] == dotenv["FLEETLOOP_OPERATOR_TOKENS"]
         procs.start("dashboard", dash["command"], dash_env, cwd=homes["dashboard"])
-        dash_url = f"http://127.0.0.1:{DASHBOARD_CONTAINER_PORT}"
+        dash_url = f"http://127.0.0.1:{dashboard_port}"
         # the compose healthcheck, verbatim (python -c "... urlopen('http://127.0.0.1:8080/api/health') ...")
         health = dash["healthcheck"]["test"]
         assert health[0] == "CMD"
@@ -388,6 +388,20 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
             return subprocess.run(health[1:], env=dash_env, capture_output=True, timeout=10).returncode == 0
         wait_for("the dashboard's compose healthcheck", dashboard_healthy, 60, procs, alive=("dashboard",), interval=1)
         assert http_json(f"{dash_url}/api/whoami", viewer_token)["name"] == "wallboard"
+
+        # -- ingest: the robot write gate (robots' Redis users may not write), its own identity ------
+        ing = services["ingest"]
+        ing_file = read_env_file(host_path(ing["env_file"]))
+        assert ing_file["FLEETLOOP_REDIS_URL"] == f"redis://ingest:{passwords['ingest']}@redis:6379/0"
+        (scratch / "ingest").mkdir()
+        ing_env = {**base_env, **{k: localize(str(v), scratch / "ingest")
+                                  for k, v in {**ing_file, **ing["environment"]}.items()}}
+        procs.start("ingest", ing["command"], ing_env, cwd=scratch / "ingest")
+        ing_health = ing["healthcheck"]["test"]
+        assert ing_health[0] == "CMD"
+        wait_for("the ingest gate's compose healthcheck",
+                 lambda: subprocess.run(ing_health[1:], env=ing_env, capture_output=True, timeout=10).returncode == 0,
+                 60, procs, alive=("ingest",), interval=1)
 
         # -- the learner publishes its initial version --------------------------------------------
         store_uri = head_env["FLEETLOOP_STORE"]
@@ -404,6 +418,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         robot_file = read_env_file(secrets_dir / "env" / f"robot-{robot_id}.env")
         assert robot_file["FLEETLOOP_ROBOT_ID"] == robot_id and robot_file["FLEETLOOP_STORE"] == store_uri
         assert robot_file["FLEETLOOP_REDIS_URL"].startswith(f"redis://robot-{robot_id}:")
+        assert robot_file["FLEETLOOP_INGEST_URL"] == "http://ingest:8090"  # its writes go through the gate
         grpc_port = free_port()
         actor_env = {**base_env,
                      "HF_HUB_OFFLINE": "1", "FLEETLOOP_HOME": str(scratch / "robot"),  # the systemd unit's

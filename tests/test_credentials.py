@@ -1,6 +1,7 @@
 """Least privilege (issue 12, item 2) against a real redis-server running the ACL file that
-`fleetloop credentials issue` writes: a robot's own credentials do what a robot does (announce an
-episode, heartbeat, hear policy notices and its own commands, resolve its target) and cannot move
+`fleetloop credentials issue` writes: a robot's own credentials do what a robot does in Redis (hear
+policy notices and its own commands, resolve its target; its writes go through the write gate,
+tests/test_robot_writes.py) and cannot move
 the fleet's policy in any way, nor listen to another robot. Plus the consumer's check that an
 episode's robot id is the robot that wrote it."""
 from __future__ import annotations
@@ -70,13 +71,7 @@ def test_robot_credentials_cannot_move_the_fleet(acl_redis, tmp_path):
     reg = PolicyRegistry(store, learner)
     v1 = reg.publish(b"weights" * 10, json.dumps({}), learner_step=1).version
 
-    # What a robot does works.
-    assert robot.xadd(config.EPISODE_STREAM, {"episode_id": "e1", "manifest_key": "episodes/robot-1/e1/manifest.json"})
-    pipe = robot.pipeline()
-    pipe.hset(config.HEARTBEAT_PREFIX + "robot-1", mapping={"status": "{}"})
-    pipe.sadd(config.HEARTBEAT_PREFIX + "all", "robot-1")
-    pipe.execute()
-    robot.xadd(config.CONTROL_CHANNEL_PREFIX + "acks", {"command_id": "c1", "result": "applied"})
+    # What a robot does works (its writes go through the write gate: tests/test_robot_writes.py).
     assert PolicyRegistry(store, robot).resolve("robot-1").version == v1  # reads its target
     ps = robot.pubsub()
     ps.subscribe(config.POLICY_CHANNEL, config.CONTROL_CHANNEL_PREFIX + "robot-1")
@@ -119,7 +114,9 @@ def test_robot_credentials_cannot_move_the_fleet(acl_redis, tmp_path):
         ps.get_message(timeout=1)
     ps.close()
     assert PolicyRegistry(store, learner).pointer()["version"] == v1  # nothing moved
-    other.hset(config.HEARTBEAT_PREFIX + "robot-2", "status", "{}")  # robot-2 may write its own
+    with pytest.raises(redis.exceptions.NoPermissionError):  # not even its own heartbeat: only the gate writes
+        other.hset(config.HEARTBEAT_PREFIX + "robot-2", "status", "{}")
+    assert connect("ingest").hset(config.HEARTBEAT_PREFIX + "robot-2", "status", "{}") == 1
 
     # The dashboard steers (signed) and commands robots; the learner may not command robots.
     dash = connect("dashboard")

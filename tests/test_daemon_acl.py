@@ -1,6 +1,7 @@
 """Least privilege at the daemon level (issue 12, item 2): a full ActorDaemon whose only Redis
 credentials are its robot's own ACL user (from `fleetloop credentials issue`, loaded into a real
-redis-server with --aclfile) records and uploads an episode, heartbeats, follows the policy
+redis-server with --aclfile; its writes go through the write gate, `fleetloop ingest`, with the
+same user and password) records and uploads an episode, heartbeats, follows the policy
 channel (a new version arrives by notice, not by polling), hears its own control channel and acks
 a command -- and with those same credentials cannot publish a policy notice, move the fleet
 pointer, pin, set a canary or roll back. The learner's own ACL user then ingests the episode."""
@@ -20,6 +21,8 @@ from fleetloop.actor.spool import Spool
 from fleetloop.actor.weights import PolicySlot
 from fleetloop.buffer.codec import manifest_key, read_manifest
 from fleetloop.buffer.store import LocalStore
+from fleetloop.dashboard.app import DashboardServer
+from fleetloop.ingest import GatewayWrites, RedisAuth, RobotGate, make_app
 from fleetloop.policy.interface import Observation
 from fleetloop.release.registry import PolicyRegistry
 from fleetloop.proto.v1 import episode_pb2 as pb
@@ -60,12 +63,18 @@ def wait(what, fn, timeout=15.0):
 
 @pytest.fixture
 def acl_redis(tmp_path):
-    with acl_redis_server(tmp_path, ["arm-1", "arm-2"]) as (connect, _secrets):
-        yield connect
+    """(connect(user), the robot's writes): Redis on the issued ACL file, and the write gate
+    (`fleetloop ingest`) on its own identity, which the robot reaches with its own credentials."""
+    with acl_redis_server(tmp_path, ["arm-1", "arm-2"]) as (connect, secrets_dir):
+        passwords = json.loads((secrets_dir / "passwords.json").read_text())
+        port = connect("ingest").connection_pool.connection_kwargs["port"]
+        app = make_app(RobotGate(connect("ingest")), RedisAuth(f"redis://127.0.0.1:{port}/0"))
+        with DashboardServer(app) as gate:
+            yield connect, GatewayWrites(gate.url, "arm-1", "robot-arm-1", passwords["robot-arm-1"])
 
 
 def test_daemon_on_robot_credentials(acl_redis, tmp_path):
-    connect = acl_redis
+    connect, writes = acl_redis
     learner, dashboard, robot = connect("learner"), connect("dashboard"), connect("robot-arm-1")
     store = LocalStore(tmp_path / "store")
     learner_reg = PolicyRegistry(store, learner)
@@ -74,7 +83,7 @@ def test_daemon_on_robot_credentials(acl_redis, tmp_path):
     # notices only: a poll interval far longer than the test, so v2 can only arrive by the channel
     slot = PolicySlot(PolicyRegistry(store, robot), "arm-1", load_fn, poll_interval_s=600.0)
     d = ActorDaemon("arm-1", store, robot, Spool(tmp_path / "spool"), slot, grpc_address="127.0.0.1:0",
-                    heartbeat_interval_s=0.2).start()
+                    heartbeat_interval_s=0.2, writes=writes).start()
     try:
         assert slot.wait_ready(v1, timeout=15)
         link = RobotLinkClient(d.address, "arm-1", timeout_s=10)

@@ -130,7 +130,7 @@ def test_compose_needs_the_issued_credentials(tmp_path):
 def test_compose_services_and_health():
     services = load_compose()["services"]
     assert set(services) == {"redis", "minio", "minio-init", "keys-init", "ray-head", "ray-worker", "dashboard",
-                             "admin"}
+                             "ingest", "admin"}
     for name, svc in services.items():
         if name not in ("minio-init", "keys-init", "admin"):  # one-shot jobs
             assert "healthcheck" in svc, f"{name} has no healthcheck"
@@ -151,6 +151,9 @@ def test_compose_services_and_health():
         assert "signing-keys:/etc/fleetloop/keys:ro" in services[name]["volumes"]
         assert services[name]["environment"]["FLEETLOOP_SIGNING_KEY"] == "/etc/fleetloop/keys/signing.key"
     assert services["ray-worker"]["depends_on"] == {"ray-head": {"condition": "service_healthy"}}
+    # the robot write gate: Redis only (it never touches the store or the signing key)
+    assert services["ingest"]["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    assert services["ingest"]["env_file"] == "deploy/secrets/env/ingest.env" and "volumes" not in services["ingest"]
     assert services["admin"]["profiles"] == ["tools"] and services["admin"]["restart"] == "no"
 
 
@@ -232,7 +235,11 @@ def test_compose_commands_are_real_cli_invocations():
     """The commands a process-level test can start as they are (fleetloop subcommands that exist)."""
     from fleetloop.cli import COMMANDS
     services = load_compose()["services"]
-    assert services["dashboard"]["command"] == ["fleetloop", "dashboard", "--host", "0.0.0.0", "--port", "8080"]
+    # the port inside the container comes from .env (DASHBOARD_CONTAINER_PORT), as do the published one and the health check's
+    assert services["dashboard"]["command"] == ["fleetloop", "dashboard", "--host", "0.0.0.0", "--port",
+                                                "${DASHBOARD_CONTAINER_PORT:-8080}"]
+    assert services["dashboard"]["ports"] == ["${DASHBOARD_BIND:-0.0.0.0}:${DASHBOARD_PORT:-8080}:${DASHBOARD_CONTAINER_PORT:-8080}"]
+    assert "127.0.0.1:${DASHBOARD_CONTAINER_PORT:-8080}/api/health" in services["dashboard"]["healthcheck"]["test"][-1]
     head = services["ray-head"]["command"]
     assert head[:2] == ["sh", "-c"]
     script = head[2]
@@ -268,7 +275,9 @@ def test_learner_and_dashboard_arguments_parse():
     assert argv[:2] == ["fleetloop", "learner"]
     args = learner_parser().parse_args(argv[2:])
     assert args.gpu and args.num_workers == 2 and args.init_checkpoint == "/var/lib/fleetloop/init"
-    args = dashboard_parser().parse_args(load_compose()["services"]["dashboard"]["command"][2:])
+    port = env_example()["DASHBOARD_CONTAINER_PORT"]
+    args = dashboard_parser().parse_args([a.replace("${DASHBOARD_CONTAINER_PORT:-8080}", port)
+                                          for a in load_compose()["services"]["dashboard"]["command"][2:]])
     assert (args.host, args.port) == ("0.0.0.0", 8080)
 
 
@@ -279,7 +288,9 @@ def test_compose_gpu_workers_are_optional_and_scalable():
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     # `--scale ray-worker=N` needs replicas that do not collide:
     assert "container_name" not in worker and "ports" not in worker and "hostname" not in worker
-    assert worker["environment"]["RAY_ADDRESS"] == "ray-head:6379"
+    # the head's port is one setting (RAY_HEAD_PORT), read by `ray start --head`, its health check and RAY_ADDRESS
+    assert worker["environment"]["RAY_ADDRESS"] == "ray-head:${RAY_HEAD_PORT:-6379}"
+    assert worker["environment"]["RAY_HEAD_PORT"] == "${RAY_HEAD_PORT:-6379}"
     assert worker["build"]["dockerfile"] == "deploy/Dockerfile.cuda"
 
 
@@ -361,7 +372,11 @@ def test_dockerfile_copies_exist_and_are_not_ignored(dockerfile):
 
 def test_dockerfile_bases_and_torch():
     cpu = (DEPLOY / "Dockerfile.cpu").read_text()
-    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim", cpu, re.M)
+    # the official Python image by default; deploy/images.sh passes a locally built base instead
+    assert re.search(r"^ARG PYTHON_IMAGE=python:\$\{PYTHON_VERSION\}-slim", cpu, re.M)
+    assert re.findall(r"^FROM (\S+)", cpu, re.M) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    # the wheelhouse exists only in the build stage, never in the published image
+    assert cpu.index("COPY deploy/wheelhouse /wheels") < cpu.rindex("FROM ${PYTHON_IMAGE}")
     assert "https://download.pytorch.org/whl/cpu" in cpu and '"torch==${TORCH_VERSION}"' in cpu
     assert "ARG TORCH_VERSION=2.13.0" in cpu
     cuda = (DEPLOY / "Dockerfile.cuda").read_text()

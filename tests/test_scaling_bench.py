@@ -97,7 +97,7 @@ def test_real_loop_tiny_budget(tmp_path, capsys, monkeypatch):
 def test_time_to_threshold_must_hold_up():
     """A lucky window that crosses 0.8 and falls back does not count when --hold asks for the
     next episodes to be at the threshold too; the confirmed crossing's time is the crossing's."""
-    from fleetloop.demo import time_to_success
+    from fleetloop.stats import time_to_success
 
     def eps(pattern):  # one episode per second, "1" = autonomous success
         return [{"t": float(i + 1), "autonomous_success": c == "1"} for i, c in enumerate(pattern)]

@@ -207,3 +207,18 @@ def test_smolvlm_256m_preset_has_the_real_shapes():
     assert 250e6 < n < 262e6, n
     n_policy = sum(p.numel() for p in full.model.parameters())  # what the policy keeps (no LM head)
     assert 220e6 < n_policy < 235e6, n_policy
+
+
+def test_failed_bake_leaves_nothing_behind_and_the_retry_works(base, tmp_path):
+    """A bake that fails (here: a tolerance no model meets) writes neither --base-out nor
+    --checkpoint-out, so the same command runs again."""
+    from fleetloop.policy.hf_vla.bake import bake_checkpoint
+    save_checkpoint(pretrained(base), tmp_path / "ckpt")
+    with pytest.raises(RuntimeError, match="acts differently"):
+        bake_checkpoint(tmp_path / "ckpt", tmp_path / "new-base", tmp_path / "new-ckpt", tolerance=-1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no base, checkpoint or staging folder
+    out = bake_checkpoint(tmp_path / "ckpt", tmp_path / "new-base", tmp_path / "new-ckpt")
+    assert out["base_sha256"] == base_digest(tmp_path / "new-base") and out["max_action_diff"] == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "new-base", "new-ckpt"]
+    # the checkpoint names the base where it ended up (no base dirs configured here: only the hint finds it)
+    assert load_checkpoint(tmp_path / "new-ckpt").base_dir == (tmp_path / "new-base").resolve()

@@ -193,8 +193,8 @@ def test_whole_loop_with_a_vla(ray_cluster, redis_server, redis_client, bases, t
     registry = PolicyRegistry(store, redis_client)
     client = redis_lib.Redis.from_url(redis_server.url)
     slot = PolicySlot(PolicyRegistry(store, client), "robot-0", PolicyLoader(), poll_interval_s=0.5).start()
-    daemon = ActorDaemon("robot-0", store, client, Spool(tmp_path / "spool"), slot, grpc_address="127.0.0.1:0",
-                         indicator=True if algo == "recap" else None).start()
+    daemon = ActorDaemon("robot-0", store, client, Spool(tmp_path / "spool"), slot,
+                         grpc_address="127.0.0.1:0").start()
     link = RobotLinkClient(daemon.address, "robot-0", timeout_s=60.0)
     rng = np.random.default_rng(7)
     versions_run, models = [], set()
@@ -237,5 +237,8 @@ def test_whole_loop_with_a_vla(ray_cluster, redis_server, redis_client, bases, t
     status = slot.status()
     assert status["swaps"] >= 1 and status["errors"] == 0, status
     assert len(models) == 1
+    # RECAP's published guidance is what the robot runs (indicator positive, beta 1.5)
+    expected = {"indicator": "positive", "beta": 1.5} if algo == "recap" else {"indicator": "unset", "beta": 1.0}
+    assert {k: daemon.status()["guidance"][k] for k in expected} == expected
     # An update moves only the adapters + expert: far less than the model.
     assert status["last_load"]["bytes_moved"] < 0.5 * len(load_checkpoint(tmp_path / "init").export_weights(False))

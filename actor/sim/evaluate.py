@@ -24,6 +24,7 @@ from fleetloop.actor.sim.env import FRONT_CAMERA, SimEnv
 from fleetloop.actor.sim.expert import ExpertPolicy
 from fleetloop.actor.sim.robot import EXECUTE_STEPS, SimRobot
 from fleetloop.actor.sim.tasks import parse_task_list
+from fleetloop.release.guidance import INDICATOR_SETTINGS
 from fleetloop.policy.interface import Policy
 from fleetloop.stats import wilson_interval
 
@@ -124,7 +125,7 @@ def _store_and_rest(spec: str, store_uri: Optional[str]) -> tuple[Optional[str],
     under it); a spec without a scheme is relative to `store_uri` (the configured store)."""
     import re
     if "://" in spec:
-        m = re.match(r"^(.*?)/((?:policies|learner)/.*)$", spec.rstrip("/"))
+        m = re.fullmatch(r"(.*?)/((?:policies|learner)/.*)", spec.rstrip("/"))
         if not m:
             raise PolicySpecError(f"--policy {spec!r}: a store URI must end in /policies/<version>, "
                                   "/policies/latest or /learner/<run>")
@@ -133,12 +134,17 @@ def _store_and_rest(spec: str, store_uri: Optional[str]) -> tuple[Optional[str],
 
 
 def _from_weights(data: bytes, version: str, kwargs: dict, config=None, sha256=None) -> Policy:
+    from fleetloop.release.guidance import Guidance
     from fleetloop.release.runtime import PolicyRuntime
+    kwargs = dict(kwargs)
+    overrides = kwargs.pop("overrides")
+    kwargs.setdefault("guidance", Guidance().with_overrides(*overrides))
     return PolicyRuntime.from_bytes(config, data, version, sha256=sha256, **kwargs)
 
 
 def _published(store, version: str, kwargs: dict) -> Policy:
-    """A published version from the store (manifest + weights, sha256-verified), or 'latest'."""
+    """A published version from the store (manifest + weights, sha256-verified), or 'latest'; it
+    runs with the guidance its manifest publishes, as on the robots (then --indicator / --beta)."""
     from fleetloop.buffer.store import ObjectNotFound
     from fleetloop.release.registry import manifest_from_bytes, manifest_key
 
@@ -152,6 +158,11 @@ def _published(store, version: str, kwargs: dict) -> Policy:
     except ObjectNotFound:
         raise PolicySpecError(f"no published version {version!r} in the store ({manifest_key(version)} not found)") from None
     data = store.get(m.weights_key or f"policies/{version}/model.safetensors")
+    from fleetloop.release.guidance import Guidance
+    try:
+        kwargs = {**kwargs, "guidance": Guidance.from_manifest(m).with_overrides(*kwargs["overrides"])}
+    except ValueError as e:
+        raise PolicySpecError(str(e)) from None
     return _from_weights(data, version, kwargs, config=m.config_json or None, sha256=m.weights_sha256 or None)
 
 
@@ -164,8 +175,10 @@ def _learner_checkpoint(store, prefix: str, kwargs: dict) -> Policy:
     return _from_weights(loaded.files["model"], f"{prefix.split('/')[-1]}@step{loaded.step}", kwargs)
 
 
-def load_policy(spec: str, beta: Optional[float] = None, store_uri: Optional[str] = None) -> Policy:
-    """What --policy names:
+def load_policy(spec: str, beta: Optional[float] = None, store_uri: Optional[str] = None,
+                indicator: str = "published") -> Policy:
+    """What --policy names (indicator / beta: fleetloop.release.guidance overrides; "published" /
+    None: a published version's own, the plain policy otherwise):
 
       expert                               the scripted expert
       DIR                                  a checkpoint directory (config.json + model.safetensors),
@@ -184,11 +197,12 @@ def load_policy(spec: str, beta: Optional[float] = None, store_uri: Optional[str
 
     if spec == "expert":
         return ExpertPolicy()
-    kwargs = {} if beta is None else {"beta": beta}
+    from fleetloop.release.guidance import Guidance
+    kwargs = {"overrides": (indicator, beta)}
     path = Path(spec)
     if path.is_dir():
         if (path / "config.json").is_file():
-            return PolicyRuntime.from_checkpoint(spec, **kwargs)
+            return PolicyRuntime.from_checkpoint(spec, guidance=Guidance().with_overrides(indicator, beta))
         if (path / "LATEST").is_file():  # a learner run directory in a local store
             return _learner_checkpoint(open_store(str(path.parent)), path.name, kwargs)
         if (path / "manifest.json").is_file() and path.parent.name == "policies":
@@ -208,7 +222,7 @@ def load_policy(spec: str, beta: Optional[float] = None, store_uri: Optional[str
         return _learner_checkpoint(store, rest, kwargs)
     version = rest[len("policies/"):] if rest.startswith("policies/") else rest
     import re
-    if version != "latest" and not re.match(r"^v\d{6,}$", version):
+    if version != "latest" and not re.fullmatch(r"v\d{6,}", version):
         raise PolicySpecError(f"--policy {spec!r}: not 'expert', not a directory or .safetensors file, and not a "
                               f"published version (v000123, latest) or learner/<run> in {uri}")
     return _published(store, version, kwargs)
@@ -233,9 +247,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--execute-steps", type=int, default=EXECUTE_STEPS,
                         help="actions executed per chunk before re-planning, as on the fleet's robots "
                              "(0: the whole chunk)")
-    parser.add_argument("--indicator", choices=("none", "positive", "negative"), default="none",
-                        help="RECAP improvement indicator passed to the policy (positive at deployment)")
-    parser.add_argument("--beta", type=float, default=None, help="classifier-free guidance weight (VLA only)")
+    parser.add_argument("--indicator", choices=INDICATOR_SETTINGS, default="published",
+                        help="RECAP improvement indicator the policy runs with: published = a published "
+                             "version's own, as on the robots (RECAP: positive), unset for a checkpoint")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="classifier-free guidance weight (default: a published version's own, else 1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -247,14 +263,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from fleetloop.policy.backend import CheckpointError
     try:
-        policy = load_policy(args.policy, args.beta, getattr(args, "store", None))
-    except (PolicySpecError, CheckpointError) as e:
+        policy = load_policy(args.policy, args.beta, getattr(args, "store", None), indicator=args.indicator)
+    except (PolicySpecError, CheckpointError, ValueError) as e:
         print(f"fleetloop eval: {e}", file=sys.stderr)
         return 2
-    indicator = {"none": None, "positive": True, "negative": False}[args.indicator]
     started = time.monotonic()
     results = evaluate(policy, tasks, args.episodes, seed=args.seed, images=args.images,
-                       max_steps=args.max_steps, execute_steps=args.execute_steps or None, indicator=indicator)
+                       max_steps=args.max_steps, execute_steps=args.execute_steps or None)  # the policy's own indicator
     if args.json:
         doc = {"policy": args.policy, "policy_version": str(policy.version), "episodes_per_task": args.episodes,
                "seed": args.seed, "indicator": args.indicator, "wall_s": round(time.monotonic() - started, 2),

@@ -15,6 +15,8 @@ BENCHMARKS = {
     "rollout": "fleetloop.bench.rollout",
     "fleet": "fleetloop.bench.fleet",
     "learning": "fleetloop.bench.learning",
+    "decode": "fleetloop.bench.decode",
+    "gate": "fleetloop.bench.gate",
 }
 
 

@@ -345,9 +345,14 @@ def weights_breakdown(data: bytes) -> dict[str, int]:
 
 def run_vla(args) -> int:
     """Full push of a VLA, then LoRA (adapters + expert) versions on top of the same base; with
-    --bake the expert is baked into the base first and versions carry only LoRA + normalisation."""
+    --bake the expert is baked into the base first and versions carry only LoRA + normalisation.
+    The scratch folder (a preset base is GBs) is removed afterwards, also after an error."""
     import tempfile
+    with tempfile.TemporaryDirectory(prefix="fleetloop-bench-broadcast-") as tmp:
+        return _run_vla(args, tmp)
 
+
+def _run_vla(args, tmp: str) -> int:
     import redis
     import torch
 
@@ -358,7 +363,6 @@ def run_vla(args) -> int:
     from fleetloop.services import MotoS3Server, RedisServer
 
     os.environ.setdefault("MOTO_S3_DEFAULT_KEY_BUFFER_SIZE", str(1 << 34))
-    tmp = tempfile.mkdtemp(prefix="fleetloop-bench-broadcast-")
     base = args.base
     if not base:
         from fleetloop.policy.hf_vla.tiny import make_tiny_base

@@ -218,8 +218,13 @@ class _Prefetch:
 
 
 def bench(args) -> dict:
+    """The figures; the scratch folder (a tiny base, a store of frames) is removed afterwards."""
     import tempfile
+    with tempfile.TemporaryDirectory(prefix="fleetloop-bench-learner-") as tmp:
+        return _bench(args, tmp)
 
+
+def _bench(args, tmp: str) -> dict:
     import numpy as np
     import torch
 
@@ -235,7 +240,6 @@ def bench(args) -> dict:
     if not args.batch_size:
         args.batch_size = 256 if args.backend == "tiny" else 32
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    tmp = tempfile.mkdtemp(prefix="fleetloop-bench-learner-")
     net = _make_model(args, tmp)
     cfg = net.spec
     t0 = time.perf_counter()

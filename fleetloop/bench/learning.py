@@ -202,10 +202,8 @@ class L2Anchor:
 def deploy_settings(algo) -> tuple:
     """(indicator, beta) robots run a version with: RECAP's "advantage positive" with its guidance
     weight, as the algorithm publishes them (inference_settings); HG-DAgger none."""
-    from fleetloop.learner.algorithms.base import INDICATOR_POSITIVE
-    s = algo.inference_settings()
-    positive = s.get("inference_indicator") == float(INDICATOR_POSITIVE)
-    return (True if positive else None), float(s.get("inference_beta", 1.0))
+    g = algo.inference_settings()
+    return g.indicator, g.beta
 
 
 def post_train(ckpt: Path, store, train: list[str], offline_tasks: list[str], seed: int, condition: str, args,

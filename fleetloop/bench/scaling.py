@@ -70,8 +70,8 @@ def parse_seeds(text: str, first: int = 0) -> list[int]:
 
 
 def pooled_time_to(episodes: list[dict], threshold: float, window: int = WINDOW, hold: int = WINDOW):
-    from fleetloop import demo
-    return demo.time_to_success(episodes, threshold, window=window, hold=hold)
+    from fleetloop.stats import time_to_success
+    return time_to_success(episodes, threshold, window=window, hold=hold)
 
 
 def stats_of(values: list[float]) -> dict:

@@ -2,8 +2,9 @@
 the web page, all from one FastAPI app.
 
 Access control and the audit log live in one ASGI middleware in front of every route
-(middleware.py), so a new route cannot forget either. Routes only add what they did (action,
-target, result) to request.state.audit (audit_note).
+(middleware.py), so a new route cannot forget either; a write's audit entry is written before the
+caller gets its answer. Routes only add what they did (action, target, result) to
+request.state.audit (audit_note).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from starlette.routing import Match
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from fleetloop.buffer.codec import EpisodeRejected
@@ -35,6 +36,7 @@ from fleetloop.dashboard.resources.common import BadRequest, CannotApply, NotDel
 from fleetloop.dashboard.resources.robots import CONTROL_ACTIONS
 from fleetloop.dashboard.service import Dashboard
 from fleetloop.release.registry import RegistryError, UnknownVersion, WeightsIntegrityError
+from fleetloop.text import PRINTABLE_PATTERN, control_refusal
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,16 @@ class Strict(BaseModel):
 
 
 class ControlBody(Strict):
-    reason: str = Field("", max_length=200, description="why (recorded in the audit log)")
+    reason: str = Field("", max_length=200, description="why (recorded in the audit log); no control characters",
+                        json_schema_extra={"pattern": PRINTABLE_PATTERN})
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        refusal = control_refusal("reason", v)  # the audit log and the page show it
+        if refusal:
+            raise ValueError(refusal)
+        return v
 
 
 class LabelBody(Strict):

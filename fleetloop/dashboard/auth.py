@@ -56,7 +56,7 @@ class TokenTable:
         where = f" ({where})" if where else ""
         if role not in _RANK:
             raise TokenConfigError(f"unknown role {role!r}{where}: use {OPERATOR!r} or {VIEWER!r}")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise TokenConfigError(f"bad token name {name!r}{where}: letters, digits, '.', '_', '@', '-'")
         if not isinstance(token, str) or len(token) < MIN_TOKEN_LEN or any(c.isspace() for c in token):
             raise TokenConfigError(f"token for {name!r}{where} must be at least {MIN_TOKEN_LEN} characters "

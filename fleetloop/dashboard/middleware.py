@@ -1,8 +1,8 @@
 """Access control and the audit log of the dashboard's API (fleetloop/dashboard/api.py), in one
 ASGI middleware in front of every route, so a new route cannot forget either: it checks the
 bearer token before anything else runs (before the body is even parsed), and records every write
-request -- allowed, refused or failed -- on the audit stream. Routes only add what they did
-(action, target, result) to request.state.audit (audit_note).
+request -- allowed, refused or failed -- on the audit stream before the caller gets its answer.
+Routes only add what they did (action, target, result) to request.state.audit (audit_note).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from fleetloop.dashboard.audit import AuditedSend
 from fleetloop.dashboard.auth import ANONYMOUS, OPERATOR, VIEWER, Identity, TokenTable, bearer_token
 from fleetloop.dashboard.service import Dashboard
 
@@ -131,9 +132,9 @@ class AuthAuditMiddleware:
             status, detail = refusal
             response = JSONResponse({"detail": detail}, status_code=status,
                                     headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
-            await response(scope, receive, send)
-            if write:  # the body is never read for a refused caller; only its size is recorded
+            if write:  # recorded before the answer; the body is never read for a refused caller
                 await self._audit(scope, identity, status, detail, None)
+            await response(scope, receive, send)
             return
         if not write:
             return await self.app(scope, receive, send)
@@ -162,14 +163,12 @@ class AuthAuditMiddleware:
                 refused = e
         if refused is not None:
             response = JSONResponse({"detail": refused.detail}, status_code=refused.status)
-            await response(scope, receive, send)
             size = int(declared) if declared.isdigit() else len(body)
             await self._audit(scope, identity, refused.status, refused.detail,
                               f"<body of {size} bytes not recorded: {refused.detail[:200]}>" if size else None)
+            await response(scope, receive, send)
             return
 
-        status_box = {"status": 500}
-        error_body = bytearray()
         replayed = False
 
         async def replay():
@@ -179,23 +178,23 @@ class AuthAuditMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status_box["status"] = message["status"]
-            elif message["type"] == "http.response.body" and status_box["status"] >= 400 and len(error_body) < 4096:
-                error_body.extend(message.get("body", b"")[: 4096 - len(error_body)])
-            await send(message)
-
-        try:
-            await self.app(scope, replay, send_wrapper)
-        finally:
+        async def write_audit(status: int, error_body: bytes) -> None:
             detail = None
             if error_body:
                 try:
-                    detail = json.loads(bytes(error_body)).get("detail")
+                    detail = json.loads(error_body).get("detail")
                 except (ValueError, AttributeError, RecursionError):
-                    detail = bytes(error_body)[:500].decode("utf-8", "replace")
-            await self._audit(scope, identity, status_box["status"], detail, audit_params(body, parsed))
+                    detail = error_body[:500].decode("utf-8", "replace")
+            await self._audit(scope, identity, status, detail, audit_params(body, parsed))
+
+        # The answer is held until its audit entry is written (fleetloop.dashboard.audit).
+        sender = AuditedSend(send, write_audit)
+        try:
+            await self.app(scope, replay, sender)
+        except BaseException:
+            await sender.finish(release=False)  # the server answers 500 after this
+            raise
+        await sender.finish()
 
     async def _audit(self, scope, identity: Optional[Identity], status: int, detail, params) -> None:
         info = scope.get("state", {}).get("audit") or {}

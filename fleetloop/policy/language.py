@@ -12,13 +12,15 @@ Two backends compute the same embedding (mean-pooled last hidden state, L2-norma
             reference the native backend is checked against.
 
 The encoder is frozen and outside the policy net: the policy sees a 384-d vector per instruction,
-computed once per instruction string and cached (robots repeat a handful of instructions).
+computed once per instruction string and cached (robots repeat a handful of instructions; the
+cache is a bounded LRU, so a stream of distinct instructions from robots cannot grow it).
 """
 from __future__ import annotations
 
 import json
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 EMBED_DIM = 384
 MAX_TOKENS = 256  # sentence-transformers' max_seq_length for this model
+CACHE_ENTRIES = 1024  # about 2.8 KB each in memory: a fleet repeats far fewer instructions
 
 
 def model_dir() -> Path:
@@ -81,19 +84,23 @@ class _MiniBert:
 
 
 class LanguageEncoder:
-    """Instruction -> float32 [384] unit vector, cached per instruction string.
+    """Instruction -> float32 [384] unit vector, cached per instruction string (least recently
+    used first out past `max_cached`).
 
     Thread-safe; the model loads lazily on the first instruction not in the cache, so a process
     that only replays precomputed instructions never loads it (see `precompute`, `cache`)."""
 
     dim = EMBED_DIM
 
-    def __init__(self, backend: str = "native", device: str = "cpu"):
+    def __init__(self, backend: str = "native", device: str = "cpu", max_cached: int = CACHE_ENTRIES):
+        if max_cached < 1:
+            raise ValueError(f"max_cached must be at least 1, not {max_cached}")
         if backend not in ("native", "sentence-transformers"):
             raise ValueError(f"unknown language backend {backend!r}: use 'native' or 'sentence-transformers'")
         self.backend = backend
         self.device = device
-        self.cache: dict[str, np.ndarray] = {}
+        self.max_cached = max_cached
+        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()  # oldest use first
         self._lock = threading.Lock()
         self._model = None
         self._tokenizer = None
@@ -145,30 +152,37 @@ class LanguageEncoder:
         pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
         return F.normalize(pooled, dim=-1).float().cpu().numpy()
 
-    def precompute(self, instructions: Iterable[str]) -> None:
-        """Encode (in one batch) every instruction not cached yet."""
+    def _lookup(self, instructions: list[str]) -> list[np.ndarray]:
+        """The embeddings of `instructions`, computing (in one batch) the ones not cached; each one
+        used becomes the most recent in the cache."""
         with self._lock:
             todo = sorted({s for s in instructions if s not in self.cache})
-            if todo:
-                for s, e in zip(todo, self.embed(todo)):
-                    e = e.copy()  # own the memory, then freeze: cached arrays are shared
-                    e.setflags(write=False)
-                    self.cache[s] = e
+            fresh: dict[str, np.ndarray] = {}
+            for s, e in zip(todo, self.embed(todo) if todo else ()):
+                e = e.copy()  # own the memory, then freeze: cached arrays are shared
+                e.setflags(write=False)
+                fresh[s] = e
+            out = [fresh[s] if s in fresh else self.cache[s] for s in instructions]
+            for s, e in zip(instructions, out):
+                self.cache[s] = e
+                self.cache.move_to_end(s)
+            while len(self.cache) > self.max_cached:
+                self.cache.popitem(last=False)
+            return out
+
+    def precompute(self, instructions: Iterable[str]) -> None:
+        """Encode (in one batch) every instruction not cached yet (the newest `max_cached` stay)."""
+        self._lookup(list(dict.fromkeys(instructions)))
 
     def encode(self, instruction: str) -> np.ndarray:
         """float32 [384], read-only (shared with the cache)."""
-        e = self.cache.get(instruction)
-        if e is None:
-            self.precompute([instruction])
-            e = self.cache[instruction]
-        return e
+        return self._lookup([instruction])[0]
 
     def encode_many(self, instructions: list[str]) -> np.ndarray:
         """float32 [N, 384] for a list of instructions (uses and fills the cache)."""
-        self.precompute(instructions)
         if not instructions:
             return np.zeros((0, EMBED_DIM), np.float32)
-        return np.stack([self.cache[s] for s in instructions])
+        return np.stack(self._lookup(list(instructions)))
 
 
 _shared: dict[tuple[str, str], LanguageEncoder] = {}

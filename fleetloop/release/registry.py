@@ -14,9 +14,14 @@ Steering (Redis; names below, next to config.POLICY_POINTER):
   POLICY_POINTER hash    the fleet's durable "current" version (+ pinned flag, published_ns)
   stack list             versions that were current, newest last; rollback() pops it
   history list           every pointer/pin/canary change as JSON, newest last (capped)
-  robot pins hash        robot_id -> {"version", "set_ns"}
-  canary hash            version, robots (JSON list), fraction, set_ns
-Resolution for one robot: robot pin > canary membership > fleet pointer.
+  robot pin key          one per robot (robot_pin:<id>): {"version", "set_ns", "seq", "sig"}; an
+                         unpin leaves a signed tombstone (version ""). A robot's ACL reads only its own.
+  robot pins hash        robot_id -> the same JSON: the operators' listing of current pins
+  canary hash            version, robots (JSON list), fraction, set_ns, seq, sig (version "": cleared)
+  steering seq           the counter every signed steering record takes a fresh number from
+Resolution for one robot: robot pin > canary membership > fleet pointer. With `trust` set (a
+robot), records are verified and replays refused as fleetloop.release.steering describes; an
+invalid record is ignored with an alert, never a block on the other layers.
 
 Every change PUBLISHes a PolicyNotice on POLICY_CHANNEL. Notices are only wake-up hints: a robot
 always re-resolves from the durable state above, so a missed notice costs at most one poll.
@@ -42,7 +47,10 @@ from google.protobuf import json_format
 
 from fleetloop import config
 from fleetloop.buffer.store import ObjectNotFound, ObjectStore
+from fleetloop.release import steering
 from fleetloop.release.delta import apply_delta, make_delta
+from fleetloop.release.guidance import Guidance
+from fleetloop.release.steering import canary_record, pin_record, pointer_record
 from fleetloop.proto.v1 import policy_pb2 as ppb
 
 log = logging.getLogger(__name__)
@@ -53,8 +61,10 @@ VERSIONS_KEY = _NS + ":versions"      # sorted set: version -> sequence number
 INFO_KEY = _NS + ":info"              # hash: version -> JSON (created_ns, step, algorithm, metrics...)
 STACK_KEY = _NS + ":stack"            # list: versions that were fleet-current, newest last
 HISTORY_KEY = _NS + ":history"        # list: JSON pointer/pin/canary events, newest last
-ROBOT_PINS_KEY = _NS + ":robot_pins"  # hash: robot_id -> JSON {version, set_ns}
-CANARY_KEY = _NS + ":canary"          # hash: version, robots, fraction, set_ns
+ROBOT_PINS_KEY = _NS + ":robot_pins"  # hash: robot_id -> its pin's JSON: the services' listing
+CANARY_KEY = _NS + ":canary"          # hash: version, robots, fraction, set_ns, seq, sig
+ROBOT_PIN_PREFIX = _NS + ":robot_pin:"  # + robot_id: that robot's signed pin (or tombstone)
+STEERING_SEQ_KEY = _NS + ":steering_seq"  # INCR -> seq of every signed steering record
 
 STACK_MAX = 1000
 HISTORY_MAX = 10_000
@@ -92,20 +102,6 @@ def delta_key(version: str) -> str:
 
 def manifest_key(version: str) -> str:
     return f"policies/{version}/manifest.json"
-
-
-def _pointer_record(version: str, published_ns: int) -> dict:
-    """What a fleet-pointer signature covers (the pin flag is the learner's business, not the robots')."""
-    return {"kind": "fleet", "version": version, "published_ns": int(published_ns)}
-
-
-def _pin_record(robot_id: str, version: str, set_ns: int) -> dict:
-    return {"kind": "robot_pin", "robot_id": robot_id, "version": version, "set_ns": int(set_ns)}
-
-
-def _canary_record(version: str, robots: list, fraction: str, set_ns: int) -> dict:
-    return {"kind": "canary", "version": version, "robots": sorted(robots), "fraction": str(fraction),
-            "set_ns": int(set_ns)}
 
 
 def signature_key(version: str) -> str:
@@ -165,7 +161,7 @@ class Fetched:
 
 
 def _seq(version: str) -> int:
-    return int(version[1:]) if _VERSION_RE.match(version or "") else 0
+    return int(version[1:]) if _VERSION_RE.fullmatch(version or "") else 0
 
 
 def _s(v) -> str:
@@ -196,18 +192,26 @@ class PolicyRegistry:
         # instance hands out for running is verified against it first.
         self.signer = None
         self.trust = None
+        # memory: what a robot accepted of each steering layer (fleetloop.release.steering); the
+        # PolicySlot gives it a file on the robot. steering_alerts: why the last resolve() ignored
+        # a stored record.
+        self.memory: Optional[steering.SteeringMemory] = None
+        self.steering_alerts: list[str] = []
+        self._alerted: dict[str, list[str]] = {}  # robot id -> the alerts last logged
 
     # ---- learner side ---------------------------------------------------------------------
 
     def publish(self, weights: bytes, config_json: str, parent_version: str = "", learner_step: int = 0,
                 algorithm: str = "", metrics: Optional[dict] = None, move_pointer: bool = True,
-                backend: str = "", base_sha256: str = "") -> ppb.PolicyManifest:
+                backend: str = "", base_sha256: str = "", guidance=None) -> ppb.PolicyManifest:
         """Store a new version (weights, then manifest = commit), index it, move the fleet pointer
         (unless pinned or move_pointer=False) and notify. Version numbers are assigned only on a
         successful publish: a publish that fails before its manifest is committed gives its
         number back (or this instance reuses it next time), so versions stay contiguous; a
         half-written one is never visible (no manifest). backend and
-        base_sha256: see PolicyManifest (fleetloop.policy.backend.export_version gives them)."""
+        base_sha256: see PolicyManifest (fleetloop.policy.backend.export_version gives them).
+        guidance: how robots run it (fleetloop.release.guidance.Guidance; the algorithm's
+        inference_settings()), signed with the manifest; None: the plain policy."""
         if not isinstance(weights, (bytes, bytearray, memoryview)) or not len(weights):
             raise ValueError("weights must be non-empty bytes (a safetensors blob)")
         weights = bytes(weights)
@@ -215,7 +219,7 @@ class PolicyRegistry:
         version = self._reserve_version()
         try:
             m = self._publish_as(version, weights, config_json, parent_version, learner_step, algorithm,
-                                 metrics, backend, base_sha256)
+                                 metrics, backend, base_sha256, guidance)
         except BaseException:
             self._give_back(version)  # no committed manifest: the number is not used up
             raise
@@ -270,7 +274,7 @@ class PolicyRegistry:
 
     def _publish_as(self, version: str, weights: bytes, config_json: str, parent_version: str,
                     learner_step: int, algorithm: str, metrics: Optional[dict], backend: str,
-                    base_sha256: str) -> ppb.PolicyManifest:
+                    base_sha256: str, guidance=None) -> ppb.PolicyManifest:
         m = ppb.PolicyManifest(
             version=version, parent_version=parent_version or "", learner_step=int(learner_step),
             created_ns=time.time_ns(), weights_key=weights_key(version), weights_sha256=sha256_hex(weights),
@@ -278,6 +282,8 @@ class PolicyRegistry:
             backend=backend or "", base_sha256=base_sha256 or "")
         for k, v in (metrics or {}).items():
             m.metrics[str(k)] = float(v)
+        if guidance is not None:
+            m.inference.CopyFrom(guidance.to_proto())
         self.store.put(m.weights_key, weights)
         self._maybe_store_delta(m, weights)
         if self.fence is not None:
@@ -303,7 +309,7 @@ class PolicyRegistry:
         if not taken:
             return version
         highest = max((int(k.split("/")[1][1:]) for k in self.store.list("policies/")
-                       if k.endswith("/manifest.json") and _VERSION_RE.match(k.split("/")[1])), default=0)
+                       if k.endswith("/manifest.json") and _VERSION_RE.fullmatch(k.split("/")[1])), default=0)
         log.warning("version counter behind the store (at %d, store has %d); resyncing", seq, highest)
 
         def bump(pipe):
@@ -330,6 +336,10 @@ class PolicyRegistry:
                 "algorithm": m.algorithm, "metrics": {k: v if math.isfinite(v) else None for k, v in m.metrics.items()},
                 "weights_bytes": m.weights_bytes,
                 "delta_bytes": m.delta_bytes}
+        try:
+            info["guidance"] = Guidance.from_manifest(m).describe()
+        except ValueError as e:  # indexed all the same; robots refuse it when they load it
+            info["guidance"] = {"error": str(e)}
         pipe = self.redis.pipeline()
         pipe.zadd(VERSIONS_KEY, {m.version: _seq(m.version)})
         pipe.hset(INFO_KEY, m.version, json.dumps(info))
@@ -343,7 +353,7 @@ class PolicyRegistry:
         n = 0
         for key in self.store.list("policies/"):
             parts = key.split("/")
-            if len(parts) == 3 and parts[2] == "manifest.json" and _VERSION_RE.match(parts[1]):
+            if len(parts) == 3 and parts[2] == "manifest.json" and _VERSION_RE.fullmatch(parts[1]):
                 self._index(self.manifest(parts[1]))
                 n += 1
         return n
@@ -356,7 +366,7 @@ class PolicyRegistry:
             cached = self._manifests.get(version)
         if cached is not None:
             return cached
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
             raise UnknownVersion(f"unknown policy version {version!r}")
         try:
             data = self.store.get(manifest_key(version))
@@ -377,14 +387,11 @@ class PolicyRegistry:
         bytes): an unsigned, forged or oversized manifest is refused before anything is read or
         allocated from its contents. Raises signing.SignatureError, UnknownVersion, StoreError."""
         from fleetloop.release import signing
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
             raise UnknownVersion(f"unknown policy version {version!r}")
         if self.trust is None:
             raise signing.NoTrustedKeys("this registry has no trusted keys to verify against")
-        try:
-            sig = self.store.get(signature_key(version)) if self.store.exists(signature_key(version)) else None
-        except ObjectNotFound:
-            sig = None
+        sig = self._signature_object(version)
         if sig is None and signing.insecure_allowed():
             log.warning("policy %s is UNSIGNED; accepted only because %s is set", version, signing.INSECURE_ENV)
             return self.manifest(version)
@@ -392,20 +399,31 @@ class PolicyRegistry:
             if not self.store.exists(manifest_key(version)):
                 raise UnknownVersion(f"unknown policy version {version!r}")
             raise signing.SignatureError(f"policy {version} is unsigned; refusing it")
-        if sig is not None and len(sig) > signing.MAX_SIGNATURE_OBJECT:
-            raise signing.SignatureError(f"policy {version}: signature object too large")
-        try:
-            size = self.store.size(manifest_key(version))
+        try:  # bounded read: an object replaced by a huge one after a size check is still not read whole
+            data, size = self.store.get_range(manifest_key(version), 0, signing.MAX_MANIFEST_BYTES + 1)
         except ObjectNotFound:
             raise UnknownVersion(f"unknown policy version {version!r}") from None
         if size > signing.MAX_MANIFEST_BYTES:
             raise signing.SignatureError(f"policy {version}: manifest of {size} bytes is not a manifest; refusing it")
-        data = self.store.get(manifest_key(version))
         self.trust.verify_manifest(version, data, sig)  # raises: nothing below runs on a forgery
         m = manifest_from_bytes(data, manifest_key(version))
         if m.version != version:
             raise WeightsIntegrityError(f"manifest at {manifest_key(version)} names version {m.version!r}")
         return m
+
+    def _signature_object(self, version: str) -> Optional[bytes]:
+        """The manifest.sig object, None when there is none. Its size is known before its bytes
+        are held: one ranged read of at most MAX_SIGNATURE_OBJECT + 1 bytes returns the object's
+        total size too, and a larger object is refused without reading the rest."""
+        from fleetloop.release import signing
+        try:
+            head, total = self.store.get_range(signature_key(version), 0, signing.MAX_SIGNATURE_OBJECT + 1)
+        except ObjectNotFound:
+            return None
+        if total > signing.MAX_SIGNATURE_OBJECT:
+            raise signing.SignatureError(f"policy {version}: signature object of {total} bytes is not a signature "
+                                         f"(at most {signing.MAX_SIGNATURE_OBJECT}); refusing it unread")
+        return head
 
     def exists(self, version: str) -> bool:
         try:
@@ -473,43 +491,81 @@ class PolicyRegistry:
         return [json.loads(_s(e)) for e in reversed(self.redis.lrange(HISTORY_KEY, -limit, -1))]
 
     def robot_pins(self) -> dict[str, str]:
-        return {_s(k): json.loads(_s(v))["version"] for k, v in self.redis.hgetall(ROBOT_PINS_KEY).items()}
+        """robot_id -> pinned version (the operators' listing). An unreadable entry is skipped
+        with an alert rather than failing every reader of the listing."""
+        pins = {}
+        for k, v in self.redis.hgetall(ROBOT_PINS_KEY).items():
+            try:
+                rec, _sig = steering.parse_pin(_s(k), v)
+            except (steering.SteeringInvalid, UnicodeDecodeError) as e:
+                log.warning("ALERT ignoring an unreadable robot pin entry: %s", e)
+                continue
+            if rec["version"]:
+                pins[rec["robot_id"]] = rec["version"]
+        return pins
 
     def canary(self) -> Optional[dict]:
-        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(CANARY_KEY).items()}
-        if not raw:
+        """The canary, None when there is none (or it was cleared, or its record is unreadable:
+        alerted, and treated as no canary rather than failing every reader)."""
+        try:
+            parsed = steering.parse_canary(self.redis.hgetall(CANARY_KEY))
+        except steering.SteeringInvalid as e:
+            log.warning("ALERT ignoring an unreadable canary record: %s", e)
             return None
-        return {"version": raw["version"], "robots": json.loads(raw.get("robots") or "[]"),
-                "fraction": float(raw.get("fraction") or 0.0), "set_ns": int(raw.get("set_ns") or 0)}
+        if parsed is None or not parsed[0]["version"]:
+            return None
+        c = parsed[0]
+        return {"version": c["version"], "robots": c["robots"], "fraction": float(c["fraction"]),
+                "set_ns": c["set_ns"]}
 
     def resolve(self, robot_id: str) -> Optional[Target]:
         """What `robot_id` should run: robot pin > canary membership > fleet pointer. One round
-        trip. None when nothing has been published yet."""
+        trip. None when nothing has been published yet. With self.trust set (a robot) each layer
+        is verified and checked against self.memory (fleetloop.release.steering): a refused layer
+        falls back to what the robot accepted before, and the reasons are in self.steering_alerts."""
+        return self.resolve_with_alerts(robot_id)[0]
+
+    def resolve_with_alerts(self, robot_id: str) -> tuple[Optional[Target], list[str]]:
+        """resolve(), and why a stored steering record was ignored (for this call only: several
+        robots' slots may share one registry)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hget(ROBOT_PINS_KEY, robot_id)
+        pipe.get(ROBOT_PIN_PREFIX + robot_id)
         pipe.hgetall(CANARY_KEY)
-        pipe.hmget(config.POLICY_POINTER, ["version", "published_ns", "pinned", "sig"])
-        pin, canary, (version, published_ns, pinned, sig) = pipe.execute()
-        if pin:
-            p = json.loads(_s(pin))
-            if self.trust is not None:  # an operator's signed pin, or nothing
-                self._verify_steering(_pin_record(robot_id, p["version"], int(p.get("set_ns", 0))), p.get("sig"),
-                                      f"robot pin of {robot_id}")
-            return Target(p["version"], "robot_pin", int(p.get("set_ns", 0)))
-        if canary:
-            c = {_s(k): _s(v) for k, v in canary.items()}
-            robots = json.loads(c.get("robots") or "[]")
-            if robot_id in robots or canary_member(robot_id, float(c.get("fraction") or 0.0)):
-                if self.trust is not None:
-                    self._verify_steering(_canary_record(c["version"], robots, c.get("fraction") or "0.0",
-                                                         int(c.get("set_ns") or 0)), c.get("sig"), "canary")
-                return Target(c["version"], "canary", int(c.get("set_ns") or 0))
-        if version:
-            if self.trust is not None:
-                self._verify_steering(_pointer_record(_s(version), int(_s(published_ns) or 0)),
-                                      _s(sig) or None, "fleet pointer")
-            return Target(_s(version), "fleet", int(_s(published_ns) or 0))
-        return None
+        pipe.hmget(config.POLICY_POINTER, ["version", "published_ns", "seq", "sig"])
+        pin_raw, canary_raw, pointer_raw = pipe.execute()
+        alerts: list[str] = []
+        if self.trust is None:  # a service's view: no signature checks, unreadable records skipped
+            def take(parse, what):
+                try:
+                    parsed = parse()
+                except steering.SteeringInvalid as e:
+                    alerts.append(f"{what} is malformed ({e})")
+                    return None
+                return parsed[0] if parsed else None
+            pin = take(lambda: steering.parse_pin(robot_id, pin_raw), "robot pin")
+            canary = take(lambda: steering.parse_canary(canary_raw), "canary")
+            pointer = take(lambda: steering.parse_pointer(*pointer_raw), "fleet pointer")
+        else:
+            if self.memory is None:
+                self.memory = steering.SteeringMemory()
+            def take(layer, parse, what):
+                return steering.accept(layer, what, robot_id, parse, self._verify_steering, self.memory, alerts)
+            pin = take("robot_pin", lambda: steering.parse_pin(robot_id, pin_raw), f"robot pin of {robot_id}")
+            canary = take("canary", lambda: steering.parse_canary(canary_raw), "canary")
+            pointer = take("fleet", lambda: steering.parse_pointer(*pointer_raw), "fleet pointer")
+        if alerts != self._alerted.get(robot_id, []):  # say it once, not on every poll
+            for a in alerts:
+                log.warning("ALERT robot %s: %s", robot_id, a)
+        self._alerted[robot_id] = alerts
+        self.steering_alerts = alerts
+        if pin and pin["version"]:
+            return Target(pin["version"], "robot_pin", pin["set_ns"]), alerts
+        if canary and canary["version"] and (robot_id in canary["robots"]
+                                             or canary_member(robot_id, float(canary["fraction"]))):
+            return Target(canary["version"], "canary", canary["set_ns"]), alerts
+        if pointer and pointer["version"]:
+            return Target(pointer["version"], "fleet", pointer["published_ns"]), alerts
+        return None, alerts
 
     def _verify_steering(self, record: dict, sig: Optional[str], what: str) -> None:
         from fleetloop.release import signing
@@ -522,6 +578,11 @@ class PolicyRegistry:
             from fleetloop.release import signing
             self.signer = signing.default_signer()
         return self.signer
+
+    def _steering_seq(self) -> int:
+        """A fresh, fleet-wide increasing number for the next signed steering record."""
+        self.redis.set(STEERING_SEQ_KEY, steering.wall_seq_floor(), nx=True)
+        return int(self.redis.incr(STEERING_SEQ_KEY))
 
     def target_version(self, robot_id: str) -> Optional[str]:
         t = self.resolve(robot_id)
@@ -574,16 +635,31 @@ class PolicyRegistry:
 
     def pin_robot(self, robot_id: str, version: str, by: str = "") -> None:
         self._require(version)
-        set_ns = time.time_ns()
-        sig = self._get_signer().sign_record(_pin_record(robot_id, version, set_ns))
-        self.redis.hset(ROBOT_PINS_KEY, robot_id, json.dumps({"version": version, "set_ns": set_ns, "sig": sig}))
+        self._write_pin(robot_id, version)
         self._history("pin_robot", version, by, robot_id=robot_id)
         self._notify(version)
 
     def unpin_robot(self, robot_id: str, by: str = "") -> None:
-        self.redis.hdel(ROBOT_PINS_KEY, robot_id)
+        self._write_pin(robot_id, "")  # a signed tombstone: an unsigned deletion is refused
         self._history("unpin_robot", "", by, robot_id=robot_id)
         self._notify(self.pointer().get("version", ""))
+
+    def _write_pin(self, robot_id: str, version: str) -> None:
+        """The robot's own pin key (signed record, or tombstone for version "") and the listing.
+        WATCHed, so a concurrent pin of the same robot cannot land with an older seq after ours."""
+        key = ROBOT_PIN_PREFIX + robot_id
+
+        def tx(pipe):
+            set_ns, seq = time.time_ns(), self._steering_seq()
+            sig = self._get_signer().sign_record(pin_record(robot_id, version, set_ns, seq))
+            value = json.dumps({"version": version, "set_ns": set_ns, "seq": seq, "sig": sig})
+            pipe.multi()
+            pipe.set(key, value)
+            if version:
+                pipe.hset(ROBOT_PINS_KEY, robot_id, value)
+            else:
+                pipe.hdel(ROBOT_PINS_KEY, robot_id)
+        self.redis.transaction(tx, key)
 
     def set_canary(self, version: str, robot_ids: Optional[Iterable[str]] = None,
                    fraction: Optional[float] = None, by: str = "") -> None:
@@ -595,25 +671,29 @@ class PolicyRegistry:
             raise ValueError(f"canary fraction must be in [0, 1], got {fraction}")
         if not robots and frac == 0.0:
             raise ValueError("a canary needs robot_ids or a fraction > 0")
-        pipe = self.redis.pipeline()
-        pipe.delete(CANARY_KEY)
-        set_ns = time.time_ns()
-        sig = self._get_signer().sign_record(_canary_record(version, robots, repr(frac), set_ns))
-        pipe.hset(CANARY_KEY, mapping={"version": version, "robots": json.dumps(robots),
-                                       "fraction": repr(frac), "set_ns": set_ns, "sig": sig})
-        pipe.execute()
+        self._write_canary(version, robots, frac)
         self._history("set_canary", version, by, robots=robots, fraction=frac)
         self._notify(version)
 
     def clear_canary(self, by: str = "") -> None:
-        self.redis.delete(CANARY_KEY)
+        self._write_canary("", [], 0.0)  # a signed tombstone: an unsigned deletion is refused
         self._history("clear_canary", "", by)
         self._notify(self.pointer().get("version", ""))
+
+    def _write_canary(self, version: str, robots: list, frac: float) -> None:
+        def tx(pipe):
+            set_ns, seq = time.time_ns(), self._steering_seq()
+            sig = self._get_signer().sign_record(canary_record(version, robots, repr(frac), set_ns, seq))
+            pipe.multi()
+            pipe.delete(CANARY_KEY)
+            pipe.hset(CANARY_KEY, mapping={"version": version, "robots": json.dumps(robots), "fraction": repr(frac),
+                                           "set_ns": set_ns, "seq": seq, "sig": sig})
+        self.redis.transaction(tx, CANARY_KEY)
 
     # ---- internals ------------------------------------------------------------------------
 
     def _require(self, version: str) -> None:
-        if not isinstance(version, str) or not _VERSION_RE.match(version):
+        if not isinstance(version, str) or not _VERSION_RE.fullmatch(version):
             raise UnknownVersion(f"unknown policy version {version!r}")
         if self.redis.zscore(VERSIONS_KEY, version) is None:
             self.manifest(version)  # committed but not indexed (e.g. Redis lost it): still valid
@@ -643,11 +723,13 @@ class PolicyRegistry:
         return moved
 
     def _queue_pointer(self, pipe, version: str, pinned: bool) -> None:
-        published_ns = time.time_ns()
-        sig = self._get_signer().sign_record(_pointer_record(version, published_ns))
+        """Called inside a transaction WATCHing the pointer: the seq is taken after the WATCH, so
+        a pointer written with a lower seq can never land after one with a higher seq."""
+        published_ns, seq = time.time_ns(), self._steering_seq()
+        sig = self._get_signer().sign_record(pointer_record(version, published_ns, seq))
         pipe.hset(config.POLICY_POINTER, mapping={"version": version, "manifest_key": manifest_key(version),
                                                   "published_ns": published_ns, "pinned": "1" if pinned else "0",
-                                                  "sig": sig})
+                                                  "seq": seq, "sig": sig})
 
     @staticmethod
     def _queue_history(pipe, action: str, version: str, by: str, **extra) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Mapping, Optional
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from fleetloop.policy.backend import (INDICATOR_NEGATIVE, INDICATOR_POSITIVE, INDICATOR_UNSET, CheckpointError,
                                       PolicyModel, backend_class, backend_of, load_checkpoint, load_tensors,
                                       model_from_weights, parse_config, read_checkpoint_config, sha256_hex)
+from fleetloop.release.guidance import PUBLISHED, Guidance
 from fleetloop.policy.interface import Observation
 
 INSTRUCTION_CACHE_SIZE = 256  # distinct instructions kept per robot (robot input: keep it bounded)
@@ -50,14 +52,18 @@ class _SharedModel:
 class PolicyRuntime:
     """Policy protocol over a PolicyModel.
 
-    beta: classifier-free guidance weight used when an indicator is given (1 = plain
-    conditional policy; RECAP evaluates with 1.5-2.5). num_threads: torch intra-op threads
-    for this process (a robot runs 1 so the control loop keeps a core); None leaves it.
-    overlay: trained tensors of this version, copied into the (shared) model before acting."""
+    guidance: how it runs (fleetloop.release.guidance.Guidance): the improvement indicator act()
+    uses when its caller passes none, and the classifier-free guidance weight beta applied when an
+    indicator is set (1 = plain conditional policy; RECAP publishes 1.5). A loaded version gets
+    its manifest's (PolicyLoader); `beta` / `indicator` are shorthands. num_threads: torch
+    intra-op threads for this process (a robot runs 1 so the control loop keeps a core); None
+    leaves it. overlay: trained tensors of this version, copied into the (shared) model before
+    acting."""
 
     def __init__(self, model: PolicyModel | _SharedModel, version: str = "", beta: float = 1.0,
                  num_threads: int | None = 1, device: str | torch.device | None = None,
-                 overlay: Mapping[str, torch.Tensor] | None = None):
+                 overlay: Mapping[str, torch.Tensor] | None = None, indicator: Optional[bool] = None,
+                 guidance: Guidance | None = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         shared = model if isinstance(model, _SharedModel) else _SharedModel(model)
@@ -69,7 +75,7 @@ class PolicyRuntime:
         if self._overlay is None:
             shared.overlay = self  # the model's own weights are this version's
         self.version = version
-        self.beta = float(beta)
+        self.guidance = guidance if guidance is not None else Guidance(indicator=indicator, beta=beta)
         self._lang: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lang_lock = threading.Lock()
 
@@ -89,6 +95,18 @@ class PolicyRuntime:
         return cls(model_from_weights(data, config, sha256=sha256), version=version, **kw)
 
     # ---- Policy protocol ----------------------------------------------------------------
+
+    @property
+    def beta(self) -> float:
+        return self.guidance.beta
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self.guidance = replace(self.guidance, beta=value)
+
+    @property
+    def indicator(self) -> Optional[bool]:
+        return self.guidance.indicator
 
     @property
     def model(self) -> PolicyModel:
@@ -129,7 +147,11 @@ class PolicyRuntime:
         return torch.tensor(arr).permute(2, 0, 1).unsqueeze(0)
 
     def act(self, obs: Observation, instruction: str, indicator: Optional[bool] = None) -> np.ndarray:
-        """float32 [H, A] action chunk, in the action range."""
+        """float32 [H, A] action chunk, in the action range. indicator None: this runtime's own
+        (guidance.indicator: what the version was published with, or a robot's override)."""
+        guidance = self.guidance
+        if indicator is None:
+            indicator = guidance.indicator
         lang = torch.from_numpy(self._features(instruction)).unsqueeze(0)
         state = torch.tensor(np.asarray(obs.state, dtype=np.float32).reshape(1, -1))  # copy: obs may be read-only
         shared = self._shared
@@ -149,7 +171,7 @@ class PolicyRuntime:
                 device = next(model.parameters()).device
                 # On a GPU the robot computes in bf16 (a VLA's chunk time halves); CPU stays fp32.
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    chunk = model.sample_actions({k: v.to(device) for k, v in inputs.items()}, beta=self.beta)[0]
+                    chunk = model.sample_actions({k: v.to(device) for k, v in inputs.items()}, beta=guidance.beta)[0]
         return chunk.float().cpu().numpy()
 
 
@@ -166,26 +188,35 @@ def check_overlay(model: PolicyModel, tensors: Mapping[str, torch.Tensor]) -> No
 
 
 class PolicyLoader:
-    """PolicySlot's load_fn: (config_json, weights, version) -> PolicyRuntime.
+    """PolicySlot's load_fn: (config_json, weights, version, guidance) -> PolicyRuntime.
 
     A version whose weights hold only trained tensors on top of a base is built once per base
     and structure; later versions of the same structure become overlays on that model (their
-    tensors are verified here, off the control loop, and copied in at first use)."""
+    tensors are verified here, off the control loop, and copied in at first use).
 
-    def __init__(self, device: str | torch.device = "cpu", beta: float | None = None, num_threads: int | None = 1):
-        self.device, self.beta, self.num_threads = device, beta, num_threads
+    guidance: what the version's signed manifest says it runs with (PolicySlot passes it); the
+    robot's settings override it: indicator "published" (keep) or unset/negative/positive, beta
+    None (keep) or a number."""
+
+    def __init__(self, device: str | torch.device = "cpu", beta: float | None = None, num_threads: int | None = 1,
+                 indicator: str = PUBLISHED):
+        Guidance().with_overrides(indicator, beta)  # a bad setting fails here, not at the first version
+        self.device, self.beta, self.indicator, self.num_threads = device, beta, indicator, num_threads
         self._shared: tuple[str, _SharedModel] | None = None   # (structure key, model)
+
+    def guidance_for(self, published: Guidance | None) -> Guidance:
+        """What a version runs with on this robot: its published settings, then the overrides."""
+        return (published or Guidance()).with_overrides(self.indicator, self.beta)
 
     @staticmethod
     def _structure_key(cfg: dict) -> str:
         return sha256_hex(repr(sorted(cfg.items())).encode())
 
-    def __call__(self, config_json: str | Mapping | None, weights: bytes, version: str) -> PolicyRuntime:
+    def __call__(self, config_json: str | Mapping | None, weights: bytes, version: str,
+                 guidance: Guidance | None = None) -> PolicyRuntime:
         from fleetloop.policy.backend import weights_metadata
         cfg = weights_metadata(weights) if config_json is None else parse_config(config_json)
-        kw = {"version": version, "num_threads": self.num_threads}
-        if self.beta is not None:
-            kw["beta"] = self.beta
+        kw = {"version": version, "num_threads": self.num_threads, "guidance": self.guidance_for(guidance)}
         cls = backend_class(backend_of(cfg))
         if not getattr(cls, "prefers_trained_only", False):
             return PolicyRuntime(model_from_weights(weights, cfg, device=self.device), **kw)

@@ -12,7 +12,10 @@ What is signed
              from its contents) and no canonical re-serialisation can differ between protobuf
              versions (a field added later still verifies on an older robot).
   steering   a "sig" field on each Redis steering record, over DOMAIN_STEERING + the record's
-             canonical JSON (sorted keys): kind, version, scope, the record's own time, flags.
+             canonical JSON (sorted keys): kind, version, scope, the record's own time and its
+             seq -- a fleet-wide increasing number robots remember, so an old record written
+             back is refused as a replay; deletions are signed tombstones
+             (fleetloop.release.steering).
 
 Keys
   key id     the first 16 hex digits of sha256(raw 32-byte public key)
@@ -22,8 +25,10 @@ Keys
   trusted    PEM public keys (*.pub): FLEETLOOP_TRUSTED_KEYS=<file or dir>[,<file or dir>...],
              else <FLEETLOOP_HOME>/keys/trusted/. Several keys = rotation with an overlap:
              robots trust old and new, the learner switches to the new key, then the old .pub is
-             removed. An unknown key id makes a robot re-read its key files (at most every 2 s),
-             so a key added during the overlap needs no restart.
+             removed. A robot re-reads its key files when they change (the sources' and
+             *.pub files' mtimes, checked at most every 2 s before a verification), on a timer
+             (every 5 min whatever the mtimes say) and when it meets an unknown key id (at most
+             every 2 s): a key added or removed on disk takes effect without a restart.
   insecure   FLEETLOOP_INSECURE_UNSIGNED_POLICIES=1 lets a robot run unsigned versions. Off by
              default everywhere; named so nobody sets it by accident. For bring-up only.
 
@@ -155,16 +160,21 @@ class Signer:
 
 
 class TrustStore:
-    """The public keys a robot accepts, by key id. Thread-safe; re-reads its sources when it
-    meets an unknown key id (rate-limited), so rotation needs no restart."""
+    """The public keys a robot accepts, by key id. Thread-safe. Follows its key files without a
+    restart: re-read when they change (mtime/size/name of each source and *.pub, looked at no
+    more than every `reload_interval_s`), every `refresh_interval_s` regardless, and when an
+    unknown key id arrives (rate-limited) -- so a removed .pub stops being trusted within seconds."""
 
     def __init__(self, sources: Iterable[str | os.PathLike] = (), keys: Optional[dict] = None,
-                 reload_interval_s: float = 2.0):
+                 reload_interval_s: float = 2.0, refresh_interval_s: float = 300.0):
         self.sources = [Path(s) for s in sources]
         self._keys: dict = dict(keys or {})
         self._lock = threading.Lock()
-        self._loaded_at = 0.0
+        self._loaded_at = self._checked_at = 0.0
+        self._fingerprint: tuple = ()
         self.reload_interval_s = reload_interval_s
+        self.refresh_interval_s = refresh_interval_s
+        self.reloads = 0
         if self.sources:
             self.reload()
 
@@ -186,23 +196,61 @@ class TrustStore:
     def __len__(self) -> int:
         return len(self._keys)
 
-    def reload(self) -> None:
-        found: dict = {}
+    def _files(self) -> list[Path]:
+        out = []
         for src in self.sources:
-            files = sorted(src.glob("*.pub")) if src.is_dir() else ([src] if src.exists() else [])
-            for f in files:
-                try:
-                    k = load_public_key(f)
-                except SignatureError as e:
-                    log.warning("%s", e)
-                    continue
-                found[key_id(k)] = k
+            out += sorted(src.glob("*.pub")) if src.is_dir() else ([src] if src.exists() else [])
+        return out
+
+    def _stat_fingerprint(self) -> tuple:
+        """What changes when a key file is added, removed, replaced or edited."""
+        items = []
+        for p in list(self.sources) + self._files():
+            try:
+                st = p.stat()
+                items.append((str(p), st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                items.append((str(p), None))
+        return tuple(items)
+
+    def reload(self) -> None:
+        fingerprint = self._stat_fingerprint()
+        found: dict = {}
+        for f in self._files():
+            try:
+                k = load_public_key(f)
+            except SignatureError as e:
+                log.warning("%s", e)
+                continue
+            found[key_id(k)] = k
         with self._lock:
             if self.sources:
+                if set(found) != set(self._keys) and self.reloads:
+                    log.warning("trusted policy keys now %s (were %s)", sorted(found) or "none", sorted(self._keys))
                 self._keys = found
-            self._loaded_at = time.monotonic()
+            self._loaded_at = self._checked_at = time.monotonic()
+            self._fingerprint = fingerprint
+            self.reloads += 1
+
+    def refresh(self) -> bool:
+        """Re-read the key files if they changed or the timer ran out; cheap otherwise (a few
+        stat calls, at most every reload_interval_s). True when it reloaded."""
+        if not self.sources:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked_at < self.reload_interval_s:
+                return False
+            self._checked_at = now
+            due = now - self._loaded_at >= self.refresh_interval_s
+            known = self._fingerprint
+        if due or self._stat_fingerprint() != known:
+            self.reload()
+            return True
+        return False
 
     def _key(self, kid: str):
+        self.refresh()
         with self._lock:
             k = self._keys.get(kid)
             stale = time.monotonic() - self._loaded_at >= self.reload_interval_s
@@ -239,7 +287,9 @@ class TrustStore:
             s = json.loads(sig_object)
             kid, alg, sig_version = str(s["key_id"]), s["alg"], s.get("version")
             sig = base64.b64decode(s["signature"], validate=True)
-        except (ValueError, KeyError, TypeError) as e:
+        except RecursionError:  # deeply nested JSON: not a signature object either
+            raise SignatureError(f"policy {version}: malformed signature object (nested too deeply)") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise SignatureError(f"policy {version}: malformed signature object ({type(e).__name__})") from None
         if alg != ALG:
             raise SignatureError(f"policy {version}: signature algorithm {alg!r} is not {ALG}")
@@ -250,6 +300,8 @@ class TrustStore:
     def verify_record(self, record: dict, sig_field: Optional[str], what: str) -> str:
         if not sig_field:
             raise SignatureError(f"{what} is unsigned; ignoring it")
+        if not isinstance(sig_field, str) or len(sig_field) > 512:
+            raise SignatureError(f"{what}: malformed signature")
         alg, _, rest = sig_field.partition(":")
         kid, _, b64 = rest.partition(":")
         if alg != ALG or not kid or not b64:

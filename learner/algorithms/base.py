@@ -69,10 +69,12 @@ class Algorithm(UniformRules):
 
     # ---- publishing, state, stats ----------------------------------------------------------
 
-    def inference_settings(self) -> dict[str, float]:
-        """Numbers robots should run the published policy with (goes into the manifest's
-        metrics): inference_indicator (0 unset / 2 positive) and inference_beta (guidance)."""
-        return {}
+    def inference_settings(self):
+        """How robots should run the policies this algorithm trains: a
+        fleetloop.release.guidance.Guidance (indicator, guidance beta), published in every
+        version's signed manifest. Default: the plain policy."""
+        from fleetloop.release.guidance import Guidance
+        return Guidance()
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         return {}, {}

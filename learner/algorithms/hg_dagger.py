@@ -68,9 +68,9 @@ class HGDagger(Algorithm):
         code = INDICATOR_POSITIVE if self.indicator == "positive" else INDICATOR_UNSET
         return np.full(entry.num_steps, code, np.int64)
 
-    def inference_settings(self) -> dict[str, float]:
-        return {"inference_indicator": float(INDICATOR_POSITIVE if self.indicator == "positive" else INDICATOR_UNSET),
-                "inference_beta": 1.0}
+    def inference_settings(self):
+        from fleetloop.release.guidance import Guidance
+        return Guidance(indicator=True if self.indicator == "positive" else None, beta=1.0)
 
     def options(self) -> dict:
         return {"autonomous": self.autonomous, "balance": self.balance, "indicator": self.indicator}

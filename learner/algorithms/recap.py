@@ -217,8 +217,9 @@ class Recap(Algorithm):
 
     # ---- publishing, state, stats ------------------------------------------------------------
 
-    def inference_settings(self) -> dict[str, float]:
-        return {"inference_indicator": float(INDICATOR_POSITIVE), "inference_beta": self.beta}
+    def inference_settings(self):
+        from fleetloop.release.guidance import Guidance
+        return Guidance(indicator=True, beta=self.beta)  # "advantage positive", guided
 
     def options(self) -> dict:
         return {"value_function": self.mode, "n_step": self.n_step, "bins": self.bins, "c_fail": self.c_fail,

@@ -5,7 +5,6 @@ RobotResource is one part of fleetloop.dashboard.service.Dashboard, which holds 
 (redis, registry, offline_after_s) and gives it aggregates() and episodes() (EpisodeResource)."""
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Optional
@@ -15,6 +14,7 @@ from google.protobuf import json_format
 from fleetloop import config
 from fleetloop.buffer.codec import check_id
 from fleetloop.buffer.index import ONLINE
+from fleetloop.dashboard import heartbeat
 from fleetloop.dashboard.resources.common import BadRequest, NotDelivered, NotFound, _s
 from fleetloop.dashboard.resources.episodes import Aggregates, Tally
 from fleetloop.proto.v1 import policy_pb2
@@ -34,17 +34,8 @@ class RobotResource:
     # ---- robots ----------------------------------------------------------------------------
 
     def heartbeats(self) -> dict[str, Optional[dict]]:
-        ids = sorted(_s(r) for r in self.redis.smembers(ROBOTS_SET))
-        pipe = self.redis.pipeline(transaction=False)
-        for rid in ids:
-            pipe.hget(config.HEARTBEAT_PREFIX + rid, "status")
-        out: dict[str, Optional[dict]] = {}
-        for rid, raw in zip(ids, pipe.execute(raise_on_error=False)):
-            try:
-                out[rid] = json.loads(raw) if isinstance(raw, (bytes, str)) and raw else None
-            except ValueError:
-                out[rid] = None  # a corrupt heartbeat shows the robot offline rather than failing
-        return out
+        """Robots with a heartbeat, each validated and bounded (fleetloop.dashboard.heartbeat)."""
+        return heartbeat.read_all(self.redis)
 
     def require_robot(self, robot_id: str) -> None:
         try:  # reserved names ('all' is the robot set's own key, 'acks' the ack stream) are never robots
@@ -99,17 +90,14 @@ class RobotResource:
 
     def robot(self, robot_id: str, recent: int = 20) -> dict:
         self.require_robot(robot_id)
-        raw = self.redis.hget(config.HEARTBEAT_PREFIX + robot_id, "status")
-        try:
-            hb = json.loads(raw) if raw else None
-        except ValueError:
-            hb = None
+        hb = heartbeat.read_one(self.redis, robot_id)
         agg = self.aggregates()
         d = self._robot_summary(robot_id, hb, agg, self._steering(), time.time_ns())
         hb = hb or {}
         d["counters"] = hb.get("counters") or {}
         d["swap"] = hb.get("swap") or {}
         d["last_command"] = hb.get("last_command") or {}
+        d["guidance"] = hb.get("guidance")  # the indicator / guidance beta its policy runs with
         d["by_version"] = {}
         for e in agg.newest_first:
             if e.robot_id == robot_id and e.source == ONLINE:

@@ -7,7 +7,7 @@ expert part of the base:
     new base       = the checkpoint's base files (hard-linked, else copied)
                      + EXPERT_FILE: the expert's weights (LoRA merged, if it had any), its
                        settings in the safetensors metadata ("fleetloop_expert")
-                     -> its own digest (base_digest covers every file)
+                     -> its own digest (base_digest covers the model's files)
     new checkpoint = on the new base, expert_mode="lora" by default: the backbone LoRA adapters
                      (and any other trained backbone tensors) and the normalisation buffers
                      carried over, fresh expert LoRA (B = 0): it acts exactly as the pretrained
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fleetloop.policy.backend import CheckpointError, read_checkpoint_config, save_checkpoint
-from fleetloop.policy.hf_vla.base import EXPERT_FILE, STAMP_FILE, base_digest
+from fleetloop.policy.hf_vla.base import EXPERT_FILE, model_files
 
 EXPERT_FORMAT = "fleetloop-expert/1"
 
@@ -77,11 +77,9 @@ def bake_base(model, base_out) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        for p in sorted(src.rglob("*")):
+        for p in model_files(src):  # the files the digest covers (no download metadata, no stamp)
             rel = p.relative_to(src)
-            if p.is_dir():
-                (tmp / rel).mkdir(parents=True, exist_ok=True)
-            elif p.is_file() and p.name not in (STAMP_FILE, EXPERT_FILE):  # a re-bake replaces the expert
+            if rel.as_posix() != EXPERT_FILE:  # a re-bake replaces the expert
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 _link_or_copy(p, tmp / rel)
         data = save(expert_state(model), metadata={"fleetloop_expert": json.dumps(expert_meta(model), sort_keys=True)})
@@ -161,22 +159,48 @@ def max_action_difference(a, b, seed: int = 0, batch: int = 2) -> float:
 def bake_checkpoint(checkpoint_dir, base_out, checkpoint_out, overrides: Mapping | None = None,
                     verify: bool = True, tolerance: float = 1e-5) -> dict:
     """`fleetloop vla bake`: checkpoint_dir (an hf-vla checkpoint) -> a new base at base_out and a
-    checkpoint at checkpoint_out on it. verify: both act the same (max |diff| <= tolerance)."""
+    checkpoint at checkpoint_out on it. verify: both act the same (max |diff| <= tolerance).
+
+    All or nothing: the base is baked and checked in a hidden folder beside base_out and moved
+    into place only once the checkpoint is written, so a bake that fails (verification, a full
+    disk, an interrupt) leaves neither behind and the same command can simply be run again."""
     from fleetloop.policy.backend import load_checkpoint
     doc = read_checkpoint_config(checkpoint_dir)
     if doc["backend"] != "hf-vla":
         raise CheckpointError(f"{checkpoint_dir} is a {doc['backend']!r} checkpoint; bake needs hf-vla")
+    final = Path(base_out)
+    if final.exists() and any(final.iterdir()):
+        raise FileExistsError(f"{final} exists and is not empty: choose a new --base-out")
+    ckpt_out = Path(checkpoint_out)
+    ckpt_existed = ckpt_out.exists()
     src = load_checkpoint(checkpoint_dir)
-    baked = bake_model(src, base_out, **dict(overrides or {}))
-    diff = max_action_difference(src, baked) if verify else None
-    if diff is not None and diff > tolerance:
-        raise RuntimeError(f"the baked model acts differently from the checkpoint (max |diff| {diff:.3g})")
-    extra = dict(doc.get("extra") or {})
-    extra["baked_from"] = {"checkpoint": str(Path(checkpoint_dir).resolve()), "weights_sha256": doc["weights_sha256"],
-                           "base_sha256": src.base_sha256}
-    save_checkpoint(baked, checkpoint_out, extra=extra, trained_only=True)
+    staging = final.with_name(f".{final.name}.baking-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    moved = False
+    try:
+        baked = bake_model(src, staging, **dict(overrides or {}))
+        diff = max_action_difference(src, baked) if verify else None
+        if diff is not None and diff > tolerance:
+            raise RuntimeError(f"the baked model acts differently from the checkpoint (max |diff| {diff:.3g}); "
+                               f"nothing was written")
+        if final.exists():
+            final.rmdir()  # empty (checked above)
+        os.replace(staging, final)
+        moved = True
+        baked.base_dir = final.resolve()  # the checkpoint names the base where it now lies
+        extra = dict(doc.get("extra") or {})
+        extra["baked_from"] = {"checkpoint": str(Path(checkpoint_dir).resolve()),
+                               "weights_sha256": doc["weights_sha256"], "base_sha256": src.base_sha256}
+        save_checkpoint(baked, ckpt_out, extra=extra, trained_only=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if moved:
+            shutil.rmtree(final, ignore_errors=True)
+        if not ckpt_existed:
+            shutil.rmtree(ckpt_out, ignore_errors=True)
+        raise
     out = read_checkpoint_config(checkpoint_out)
-    return {"base": str(baked.base_dir), "base_sha256": base_digest(baked.base_dir),
+    return {"base": str(baked.base_dir), "base_sha256": baked.base_sha256,  # the staged copy's digest: moving keeps it
             "source_base_sha256": src.base_sha256, "checkpoint": str(Path(checkpoint_out).resolve()),
             "expert_mode": baked.settings["expert_mode"], "weights_bytes": out["weights_bytes"],
             "source_weights_bytes": doc.get("weights_bytes"), "max_action_diff": diff}

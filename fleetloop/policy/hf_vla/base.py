@@ -1,9 +1,13 @@
 """Base provisioning: a base is a local Hugging Face directory named by a content digest.
 
-    digest = sha256( sorted lines f"{relpath}\\0{sha256(file bytes)}\\n" over every regular file )
+    digest = sha256( sorted lines f"{relpath}\\0{sha256(file bytes)}\\n" over the model's files )
 
-(the stamp file written by provision_base is left out). A checkpoint names its base by that digest;
-resolve_base finds a verified copy on this machine or raises CheckpointError."""
+The model's files are every regular file except hidden ones: a path with a component that starts
+with "." is left out -- .cache/huggingface/ (the download metadata huggingface_hub writes beside a
+snapshot, with timestamps: two machines downloading the same checkpoint would otherwise disagree),
+.git/, .gitattributes, and the stamp file provision_base writes. provision_base copies only the
+model's files. A checkpoint names its base by that digest; resolve_base finds a verified copy on
+this machine or raises CheckpointError."""
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +29,14 @@ _VERIFIED: dict[str, tuple[tuple, str]] = {}
 _LOCK = threading.Lock()
 
 
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != STAMP_FILE)
+def is_model_file(relpath: Path) -> bool:
+    """A file of the model itself (not download metadata, version control or our stamp)."""
+    return not any(part.startswith(".") for part in relpath.parts)
+
+
+def model_files(root: Path) -> list[Path]:
+    """The files the digest covers, sorted."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and is_model_file(p.relative_to(root)))
 
 
 def _signature(root: Path, files: list[Path]) -> tuple:
@@ -50,7 +60,7 @@ def base_digest(directory) -> str:
     root = Path(directory).resolve()
     if not root.is_dir():
         raise CheckpointError(f"base directory {root} does not exist")
-    files = _files(root)
+    files = model_files(root)
     sig = _signature(root, files)
     with _LOCK:
         hit = _VERIFIED.get(str(root))
@@ -61,6 +71,11 @@ def base_digest(directory) -> str:
     with _LOCK:
         _VERIFIED[str(root)] = (sig, digest)
     return digest
+
+
+def _not_model_files(directory: str, names: list[str]) -> set[str]:
+    """copytree's ignore: hidden files and folders (is_model_file), at every level."""
+    return {n for n in names if n.startswith(".")}
 
 
 def provision_base(src_dir, bases_root) -> Path:
@@ -74,7 +89,7 @@ def provision_base(src_dir, bases_root) -> Path:
         raise CheckpointError(f"{dest} exists but does not hold base {digest}: remove it and provision again")
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(STAMP_FILE))
+    shutil.copytree(src, tmp, ignore=_not_model_files)
     got = base_digest(tmp)
     if got != digest:
         shutil.rmtree(tmp, ignore_errors=True)
