@@ -219,3 +219,17 @@ def test_provision_refuses_what_from_pretrained_cannot_load(bases, tmp_path, cap
     assert "'bert'" in err and "not a supported hf-vla family" in err and err.count("\n") == 1
     assert not root.exists()
     assert cli.run(parser.parse_args(["provision", str(bases["gemma3"]), "--bases", str(root)])) == 0
+
+
+def test_does_not_fit_arithmetic_counts_each_weight_at_its_dtype():
+    """The learner's out-of-memory message: weights at their dtype + 12 B (fp32 gradient + AdamW's two
+    moments) per trained parameter -- the memory table of docs/bring-your-own-vla.md."""
+    from types import SimpleNamespace
+
+    from learner.core import LearnerCore
+    frozen = torch.empty(2 ** 29, dtype=torch.bfloat16, device="meta")   # 1 GiB in bf16
+    trained = torch.empty(2 ** 26, dtype=torch.float32, device="meta")   # 0.25 GiB + 0.75 GiB of optimiser state
+    net = SimpleNamespace(parameters=lambda: [frozen, trained],
+                          num_parameters=lambda trainable=False: trained.numel() + (0 if trainable else frozen.numel()))
+    msg = str(LearnerCore._does_not_fit(SimpleNamespace(net=net, device=torch.device("cpu")), 8, RuntimeError("oom")))
+    assert "need ~2.0 GiB" in msg, msg

@@ -1,6 +1,7 @@
 """`fleetloop vla ...`: bases for the hf-vla backend.
 
-    fleetloop vla make-tiny --family idefics3|paligemma --out DIR   a tiny random base (tests, CPU demos)
+    fleetloop vla make-tiny --family FAMILY --out DIR              a tiny random base (tests, CPU demos) of
+                                                                  idefics3|paligemma|llava|gemma3|qwen2_5_vl
         [--preset smolvlm-256m|smolvlm-500m|paligemma-3b]           ... or the real architecture, random weights
     fleetloop vla bake CKPT --base-out DIR --checkpoint-out DIR2    the checkpoint's expert baked into a new
         [--set KEY=VALUE ...]                                      base + a checkpoint on it (expert LoRA)
