@@ -233,3 +233,16 @@ def test_does_not_fit_arithmetic_counts_each_weight_at_its_dtype():
                           num_parameters=lambda trainable=False: trained.numel() + (0 if trainable else frozen.numel()))
     msg = str(LearnerCore._does_not_fit(SimpleNamespace(net=net, device=torch.device("cpu")), 8, RuntimeError("oom")))
     assert "need ~2.0 GiB" in msg, msg
+
+
+def test_versions_trained_on_the_old_prompt_are_refused(bases):
+    """Adapters trained on the earlier layout (image tokens prepended, no chat template) would act on
+    another prompt: such a version (no prompt_layout in its config) is refused, not run."""
+    m = build(bases["idefics3"])
+    blob = m.export_weights(trained_only=True)
+    from fleetloop.policy.backend import weights_metadata
+    cfg = weights_metadata(blob)
+    assert cfg["prompt_layout"] == "processor"
+    old = {k: v for k, v in cfg.items() if k not in ("prompt_layout", "family_module")}
+    with pytest.raises(CheckpointError, match="predates"):
+        model_from_weights(blob, old)

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = dict(
     dtype="float32",             # frozen backbone weights: float32 | bfloat16
     gradient_checkpointing=False,
     family_module="",            # a module registering more family adapters (families.py), imported first
+    prompt_layout="processor",   # the checkpoint's processor + chat template (prompt.py); the only one
 )
 SPEC_KEYS = ("state_dim", "action_dim", "horizon", "cameras", "image_size")
 EXPERT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -108,6 +109,8 @@ def _check_settings(s: dict) -> None:
         raise ValueError(f"expert_mode must be full|lora, got {s['expert_mode']!r}")
     if s["dtype"] not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s['dtype']!r}")
+    if s["prompt_layout"] != "processor":
+        raise ValueError(f"prompt_layout must be 'processor', got {s['prompt_layout']!r}")
     if int(s["max_text_tokens"]) < 1 or int(s["num_steps"]) < 1:
         raise ValueError("max_text_tokens and num_steps must be >= 1")
 
@@ -294,6 +297,9 @@ class HFVLAPolicy(PolicyModel):
         unknown = set(cfg) - set(DEFAULTS)
         if unknown:  # a newer config may change semantics: refuse rather than guess
             raise CheckpointError(f"unknown hf-vla config fields {sorted(unknown)}")
+        if "prompt_layout" not in cfg:  # trained with image tokens prepended to a bare instruction
+            raise CheckpointError("this hf-vla version predates the checkpoint-processor prompt (no prompt_layout): "
+                                  "its adapters were trained on another prompt; pretrain again")
         return dict(base), spec, cfg
 
     @classmethod
