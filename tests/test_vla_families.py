@@ -22,7 +22,8 @@ from fleetloop.policy.hf_vla.tiny import FAMILIES, make_tiny_base  # noqa: E402
 
 SMALL = dict(expert_width=32, expert_heads=4, expert_layers=2, max_text_tokens=8, num_steps=3)
 # Whether image-token states depend on a later prompt token in the family's own forward.
-BIDIRECTIONAL_PREFIX = {"paligemma": True, "idefics3": False, "llava": False, "gemma3": False, "qwen2_5_vl": False}
+BIDIRECTIONAL_PREFIX = {"paligemma": True, "idefics3": False, "llava": False, "gemma3": False, "qwen2_5_vl": False,
+                        "qwen2_vl": False}
 
 
 @pytest.fixture(autouse=True)
@@ -101,7 +102,8 @@ def test_prompt_is_the_processors(bases, fam):
     tok = prompt.tokenizer(str(m.base_dir))
     head = tok.convert_ids_to_tokens(m.head_ids.tolist())
     wrappers = {"idefics3": ["<fake_token_around_image>", "<global-img>"], "gemma3": ["<start_of_image>", "<end_of_image>"],
-                "qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>"], "paligemma": [], "llava": []}[fam]
+                "qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>"], "qwen2_vl": ["<|vision_start|>", "<|vision_end|>"],
+                "paligemma": [], "llava": []}[fam]
     for w in wrappers:
         assert head.count(w) >= 2, (w, head)  # once per camera
     n_img = int((m.head_ids == m.image_token_id).sum())

@@ -1,7 +1,7 @@
 """`fleetloop vla ...`: bases for the hf-vla backend.
 
     fleetloop vla make-tiny --family FAMILY --out DIR              a tiny random base (tests, CPU demos) of
-                                                                  idefics3|paligemma|llava|gemma3|qwen2_5_vl
+                                                                  idefics3|paligemma|llava|gemma3|qwen2_5_vl|qwen2_vl
         [--preset smolvlm-256m|smolvlm-500m|paligemma-3b]           ... or the real architecture, random weights
     fleetloop vla bake CKPT --base-out DIR --checkpoint-out DIR2    the checkpoint's expert baked into a new
         [--set KEY=VALUE ...]                                      base + a checkpoint on it (expert LoRA)
@@ -25,7 +25,8 @@ def default_bases_root() -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vla_command", metavar="ACTION", required=True)
     p = sub.add_parser("make-tiny", help="write a tiny random VLM base (save_pretrained) to --out")
-    p.add_argument("--family", choices=("idefics3", "paligemma", "llava", "gemma3", "qwen2_5_vl"), required=True)
+    p.add_argument("--family", choices=("idefics3", "paligemma", "llava", "gemma3", "qwen2_5_vl", "qwen2_vl"),
+                   required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=None,

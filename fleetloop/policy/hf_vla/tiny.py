@@ -112,6 +112,7 @@ TOKENS = {
                        template=_template("<|im_start|>{{ m['role'] }}\n", "<|vision_start|><|image_pad|><|vision_end|>",
                                           "<|im_end|>\n", "<|im_start|>assistant\n")),
 }
+TOKENS["qwen2_vl"] = TOKENS["qwen2_5_vl"]
 FAMILIES = tuple(TOKENS)
 
 
@@ -172,6 +173,14 @@ def tiny_config(family: str, tok, image_size: int = 32):
         return Qwen2_5_VLConfig(text_config=text, vision_config=vis, image_token_id=tid("<|image_pad|>"),
                                 video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
                                 vision_end_token_id=tid("<|vision_end|>"), **ids)
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig
+        q = tiny_config("qwen2_5_vl", tok, image_size)
+        vis = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=8,
+                   spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config=q.text_config.to_dict(), vision_config=vis, image_token_id=q.image_token_id,
+                             video_token_id=q.video_token_id, vision_start_token_id=q.vision_start_token_id,
+                             vision_end_token_id=q.vision_end_token_id, **ids)
     raise ValueError(f"unknown family {family!r}: choose from {FAMILIES}")
 
 
