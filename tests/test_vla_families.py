@@ -248,3 +248,15 @@ def test_versions_trained_on_the_old_prompt_are_refused(bases):
     old = {k: v for k, v in cfg.items() if k not in ("prompt_layout", "family_module")}
     with pytest.raises(CheckpointError, match="predates"):
         model_from_weights(blob, old)
+
+
+def test_processor_and_tower_must_agree_on_image_tokens(bases, tmp_path):
+    """A processor that announces another number of image tokens than the tower makes is refused at build."""
+    import json
+    bad = tmp_path / "bad"
+    shutil.copytree(bases["gemma3"], bad)
+    cfg = json.loads((bad / "processor_config.json").read_text())
+    cfg["image_seq_length"] = 9
+    (bad / "processor_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="image tokens"):
+        build(bad)

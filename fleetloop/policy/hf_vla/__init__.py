@@ -208,6 +208,20 @@ class HFVLAPolicy(PolicyModel):
         self.register_buffer("action_std", torch.ones(action_dim))
 
         self._configure_training()
+        self._check_image_tokens()
+
+    @torch.no_grad()
+    def _check_image_tokens(self) -> None:
+        """The processor's prompt must hold as many image tokens as the tower makes for our frames."""
+        sp = self._spec
+        frames = torch.zeros(1, 3 * len(sp.cameras), sp.image_size, sp.image_size, dtype=torch.uint8,
+                             device=self.head_ids.device)
+        made = self.embed_images(frames).shape[:2].numel()
+        placed = int((self.head_ids == self.image_token_id).sum())
+        if made != placed:
+            raise CheckpointError(f"base {self.base_dir}: the processor's prompt holds {placed} image tokens for "
+                                  f"{len(sp.cameras)} camera(s), the vision tower makes {made} from "
+                                  f"{self.input_hw[0]}x{self.input_hw[1]} px frames")
 
     @torch.no_grad()
     def _load_baked_expert(self, meta: dict, tensors: dict, d_model: int) -> None:
