@@ -101,9 +101,9 @@ def test_prompt_is_the_processors(bases, fam):
     m = build(bases[fam], cameras=("front", "wrist"))
     tok = prompt.tokenizer(str(m.base_dir))
     head = tok.convert_ids_to_tokens(m.head_ids.tolist())
+    qwen = ["<|vision_start|>", "<|vision_end|>"]
     wrappers = {"idefics3": ["<fake_token_around_image>", "<global-img>"], "gemma3": ["<start_of_image>", "<end_of_image>"],
-                "qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>"], "qwen2_vl": ["<|vision_start|>", "<|vision_end|>"],
-                "paligemma": [], "llava": []}[fam]
+                "qwen2_5_vl": qwen, "qwen2_vl": qwen, "paligemma": [], "llava": []}[fam]
     for w in wrappers:
         assert head.count(w) >= 2, (w, head)  # once per camera
     n_img = int((m.head_ids == m.image_token_id).sum())
@@ -260,3 +260,19 @@ def test_processor_and_tower_must_agree_on_image_tokens(bases, tmp_path):
     (bad / "processor_config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="image tokens"):
         build(bad)
+
+
+def test_pretrain_on_an_unusable_base_ends_in_one_line(bases, tmp_path):
+    """`fleetloop pretrain --backend hf-vla --base DIR` on a folder that is no model, or a family with
+    no adapter: one line naming the base, no traceback."""
+    import argparse
+
+    from fleetloop.policy.pretrain import _build
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "bert"}')
+    for base, why in ((tmp_path, "not a Hugging Face model"), (other, "not a supported hf-vla family")):
+        args = argparse.Namespace(set=[], backend="hf-vla", base=str(base), horizon=2)
+        with pytest.raises(SystemExit) as e:
+            _build(args, 3, 2, ["front"], 32)
+        assert why in str(e.value.code) and "\n" not in str(e.value.code), e.value.code

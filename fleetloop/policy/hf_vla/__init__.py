@@ -1,6 +1,7 @@
 """The "hf-vla" backend: a pretrained Hugging Face vision-language model (Idefics3/SmolVLM,
-PaliGemma, LLaVA, Gemma 3, Qwen2.5-VL, or a family added by a plug-in: families.py) as the backbone, and a flow-matching action expert (pi0 / SmolVLA style) that
-cross-attends to the backbone's hidden states.
+PaliGemma, LLaVA, Gemma 3, Qwen2.5-VL, or a family added by a plug-in: families.py) as the
+backbone, and a flow-matching action expert (pi0 / SmolVLA style) that cross-attends to the
+backbone's hidden states.
 
     prefix  = the checkpoint's own prompt (processor + chat template, prompt.py) with one image per
               camera, the instruction and the indicator text, run through the family's own forward
@@ -138,7 +139,11 @@ class HFVLAPolicy(PolicyModel):
         self._spec = ObservationSpec(int(state_dim), int(action_dim), int(horizon), tuple(cameras), int(image_size))
 
         # -- backbone, strictly from the local (verified) directory --
-        hf_cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+        try:
+            hf_cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"base {base_dir} is not a Hugging Face model transformers can load ({first})") from None
         try:
             load_family_module(str(s["family_module"]))
             self.adapter = family_for(hf_cfg.model_type)

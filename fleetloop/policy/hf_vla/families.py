@@ -186,7 +186,8 @@ class Qwen2VLAdapter(FamilyAdapter):
         hi = size.get("longest_edge") or getattr(ip, "max_pixels", None)
         if not lo or not hi:
             raise UnsupportedFamily("the Qwen image processor names no min/max pixels")
-        return tuple(int(x) for x in smart_resize(frame_hw[0], frame_hw[1], factor=factor, min_pixels=lo, max_pixels=hi))
+        h, w = smart_resize(frame_hw[0], frame_hw[1], factor=factor, min_pixels=lo, max_pixels=hi)
+        return int(h), int(w)
 
     @staticmethod
     def _grid(vlm, input_hw):

@@ -109,8 +109,9 @@ TOKENS = {
     "qwen2_5_vl": dict(special=["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
                                 "<|video_pad|>"],
                        attrs={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-                       template=_template("<|im_start|>{{ m['role'] }}\n", "<|vision_start|><|image_pad|><|vision_end|>",
-                                          "<|im_end|>\n", "<|im_start|>assistant\n")),
+                       template=_template("<|im_start|>{{ m['role'] }}\n",
+                                          "<|vision_start|><|image_pad|><|vision_end|>", "<|im_end|>\n",
+                                          "<|im_start|>assistant\n")),
 }
 TOKENS["qwen2_vl"] = TOKENS["qwen2_5_vl"]
 FAMILIES = tuple(TOKENS)
