@@ -50,7 +50,7 @@ def processor(base_dir: str):
         return AutoProcessor.from_pretrained(base_dir, local_files_only=True)
     except (ImportError, AttributeError, OSError, ValueError) as e:
         log.info("base %s: AutoProcessor unavailable here (%s); using its tokenizer + image processor",
-                 base_dir, str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+                 base_dir, (str(e).strip().splitlines() or [type(e).__name__])[0][:120])
         return None
 
 
