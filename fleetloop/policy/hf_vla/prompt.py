@@ -71,23 +71,16 @@ def image_stats(base_dir) -> tuple[list[float], list[float]]:
     return mean, std
 
 
-def _find(seq: list[int], sub: list[int]) -> int:
-    for i in range(len(seq) - len(sub) + 1):
-        if seq[i:i + len(sub)] == sub:
-            return i
-    return -1
-
-
-def _render(base_dir: str, adapter, image_token: str, n_images: int, input_hw) -> list[int]:
-    """Token ids of a user turn with n_images images and the SENTINEL instruction, as the
-    checkpoint's processor (or, without one, its chat template + the family's expansion) makes it."""
+def _render(base_dir: str, adapter, image_token: str, n_images: int, input_hw, instruction: str) -> list[int]:
+    """Token ids of a user turn with n_images images and the instruction, as the checkpoint's
+    processor (or, without one, its chat template + the family's expansion) makes it."""
     from PIL import Image
-    msgs = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": SENTINEL}]}]
+    msgs = [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": instruction}]}]
     proc = processor(base_dir)
     if proc is not None:
         template = getattr(proc, "chat_template", None)
         text = (proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if template
-                else image_token * n_images + SENTINEL)
+                else image_token * n_images + instruction)
         dummy = [Image.new("RGB", (input_hw[1], input_hw[0]))] * n_images
         return [int(x) for x in proc(text=[text], images=[dummy], **adapter.processor_kwargs)["input_ids"][0]]
     tok = tokenizer(base_dir)
@@ -99,17 +92,25 @@ def _render(base_dir: str, adapter, image_token: str, n_images: int, input_hw) -
 
 
 def layout(base_dir, adapter, image_token_id: int, n_images: int, input_hw) -> tuple[list[int], list[int]]:
-    """(head ids, tail ids) around the instruction slot."""
+    """(head ids, tail ids) around the instruction slot: what the prompt with an instruction and the
+    prompt with none have in common before and after it (robust to how the tokenizer merges the
+    instruction with its neighbours)."""
     base_dir = str(base_dir)
     tok = tokenizer(base_dir)
     image_token = tok.convert_ids_to_tokens(int(image_token_id))
-    ids = _render(base_dir, adapter, image_token, n_images, input_hw)
-    for variant in (SENTINEL, " " + SENTINEL):
-        sub = tok(variant, add_special_tokens=False)["input_ids"]
-        i = _find(ids, sub)
-        if i >= 0:
-            return ids[:i], ids[i + len(sub):]
-    raise CheckpointError(f"base {base_dir}: cannot find the instruction in the processor's prompt")
+    full = _render(base_dir, adapter, image_token, n_images, input_hw, SENTINEL)
+    empty = _render(base_dir, adapter, image_token, n_images, input_hw, "")
+    head = 0
+    while head < min(len(full), len(empty)) and full[head] == empty[head]:
+        head += 1
+    tail = 0
+    while tail < min(len(full), len(empty)) - head and full[-1 - tail] == empty[-1 - tail]:
+        tail += 1
+    slot = tok.decode(full[head:len(full) - tail]).replace(" ", "")
+    if SENTINEL.lower() not in slot.lower():  # (an uncased tokenizer lower-cases it)
+        raise CheckpointError(f"base {base_dir}: cannot find the instruction in the processor's prompt "
+                              f"(the slot decodes to {slot[:60]!r})")
+    return full[:head], full[len(full) - tail:]
 
 
 def featurize(tok, text: str, max_tokens: int, pad_id: int) -> np.ndarray:
