@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-CLOUD_SERVICES = ("redis", "minio", "ray-head", "dashboard")   # those with a health check
+CLOUD_SERVICES = ("redis", "minio", "ray-head", "dashboard", "ingest")   # those with a health check
 STATE_DIM, ACTION_DIM = 39, 4                                    # the simulated arm's (MetaWorld)
 TASK = "reach-v3"
 # What the e2e project copies from the repository: the files compose reads, at their own paths.
@@ -193,6 +193,7 @@ class Project:
                       REDIS_BIND="127.0.0.1", REDIS_PORT=str(free_port()), MINIO_BIND="127.0.0.1",
                       MINIO_PORT=str(free_port()), MINIO_CONSOLE_PORT=str(free_port()),
                       DASHBOARD_BIND="127.0.0.1", DASHBOARD_PORT=str(free_port()),
+                      INGEST_BIND="127.0.0.1", INGEST_PORT=str(free_port()),
                       RAY_DASHBOARD_PORT=str(free_port()), RAY_SHM_SIZE="512mb",
                       # a learner that publishes often and leaves CPU to the rest of this small host
                       # (--rollout off: every version goes to every robot, as in SOP; the canary
@@ -528,7 +529,8 @@ class Check:
         run([sys.executable, "-m", "fleetloop.cli", "credentials", "issue", "--robots", ",".join(robots),
              "--out", str(p.dir / "deploy" / "secrets"), "--bucket", d["S3_BUCKET"], "--prefix", d["S3_PREFIX"],
              "--no-keys", "--robot-redis-host", f"127.0.0.1:{d['REDIS_PORT']}",
-             "--robot-s3-endpoint", f"http://127.0.0.1:{d['MINIO_PORT']}"], timeout=120)
+             "--robot-s3-endpoint", f"http://127.0.0.1:{d['MINIO_PORT']}",
+             "--ingest-url", f"http://127.0.0.1:{d['INGEST_PORT']}"], timeout=120)
         run([sys.executable, str(REPO / "deploy" / "preflight.py"), "--project-directory", str(p.dir), "--local"],
             env=engine_env, timeout=60)
         self.robots = [Robot(p, r) for r in robots]

@@ -22,8 +22,9 @@ REQUIRED = ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "FLEETLOOP_OPERATOR_TOKENS
 # (host variable, port variable, default host, default port) of every port compose publishes
 PUBLISHED = (("REDIS_BIND", "REDIS_PORT", "0.0.0.0", "6379"), ("MINIO_BIND", "MINIO_PORT", "0.0.0.0", "9000"),
              (None, "MINIO_CONSOLE_PORT", "127.0.0.1", "9001"), ("DASHBOARD_BIND", "DASHBOARD_PORT", "0.0.0.0", "8080"),
-             (None, "RAY_DASHBOARD_PORT", "127.0.0.1", "8265"))
-SECRET_FILES = ("redis/users.acl", "minio/users", "env/learner.env", "env/dashboard.env", "env/fleetloop-admin.env")
+             (None, "RAY_DASHBOARD_PORT", "127.0.0.1", "8265"), ("INGEST_BIND", "INGEST_PORT", "0.0.0.0", "8090"))
+SECRET_FILES = ("redis/users.acl", "minio/users", "env/learner.env", "env/dashboard.env", "env/ingest.env",
+                "env/fleetloop-admin.env")
 MIN_TOKEN = 12          # fleetloop/dashboard/auth.py refuses shorter tokens
 MIN_MINIO_PASSWORD = 8  # MinIO exits at start with a shorter root password
 

@@ -60,7 +60,8 @@ def add_arguments(p) -> None:
                         "with LoRA (implies --images)")
     p.add_argument("--base", help="hf-vla: a local Hugging Face VLM directory (default: a tiny random model "
                                   "of --vla-family built in OUT/base, for a CPU run of the whole loop)")
-    p.add_argument("--vla-family", default="idefics3", help="hf-vla without --base: idefics3 or paligemma")
+    p.add_argument("--vla-family", default="idefics3",
+                   help="hf-vla without --base: idefics3, paligemma, llava, gemma3 or qwen2_5_vl")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hf-vla: a backend setting")
     p.add_argument("--publish-every", type=int, default=25, help="K: learner steps per published version")
     p.add_argument("--control-hz", type=float, default=None, help="pace each robot in real time (default: as fast as the CPU goes)")

@@ -170,8 +170,9 @@ class LearnerCore:
         params = self.net.num_parameters()
         trained = self.net.num_parameters(trainable=True)
         have = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
-        # weights (fp32) + AdamW's two moments and the gradient of what trains
-        need = 4 * params + 12 * trained
+        # weights at their own dtype (a bf16 frozen backbone 2 B, fp32 4 B) + the fp32 gradient and
+        # AdamW's two moments of what trains (12 B): docs/bring-your-own-vla.md's memory table
+        need = sum(p.numel() * p.element_size() for p in self.net.parameters()) + 12 * trained
         return ModelDoesNotFit(
             f"out of memory on {self.device} at batch {batch_size}: {params / 1e6:.0f}M parameters "
             f"({trained / 1e6:.1f}M trained) need ~{need / 2**30:.1f} GiB for weights and optimiser state "

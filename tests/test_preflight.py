@@ -32,9 +32,9 @@ def issued(tmp_path_factory):
 def project(tmp_path: Path, issued: Path, **changes) -> Path:
     env = env_example()
     env.update(MINIO_ROOT_PASSWORD="a-long-enough-root-password", FLEETLOOP_OPERATOR_TOKENS="alice:" + "t" * 24)
-    for port in ("REDIS_PORT", "MINIO_PORT", "MINIO_CONSOLE_PORT", "DASHBOARD_PORT", "RAY_DASHBOARD_PORT"):
+    for port in ("REDIS_PORT", "MINIO_PORT", "MINIO_CONSOLE_PORT", "DASHBOARD_PORT", "RAY_DASHBOARD_PORT", "INGEST_PORT"):
         env[port] = str(free_port())
-    env.update(REDIS_BIND="127.0.0.1", MINIO_BIND="127.0.0.1", DASHBOARD_BIND="127.0.0.1")
+    env.update(REDIS_BIND="127.0.0.1", MINIO_BIND="127.0.0.1", DASHBOARD_BIND="127.0.0.1", INGEST_BIND="127.0.0.1")
     env.update(changes)
     (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     shutil.copytree(issued, tmp_path / "deploy" / "secrets")

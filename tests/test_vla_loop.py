@@ -28,7 +28,7 @@ from fleetloop.proto.v1 import episode_pb2 as pb
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 S, A, H, IMG = 39, 4, 8, 64
-FAMILIES = ["idefics3", "paligemma"]
+FAMILIES = ["idefics3", "paligemma", "llava", "gemma3", "qwen2_5_vl"]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,8 @@ def pretrain_vla(store_uri: str, base: str, out: str) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("family,algo", [("idefics3", "hg-dagger"), ("paligemma", "recap")])
+@pytest.mark.parametrize("family,algo", [("idefics3", "hg-dagger"), ("paligemma", "recap"), ("llava", "hg-dagger"),
+                                         ("gemma3", "recap"), ("qwen2_5_vl", "hg-dagger")])
 def test_whole_loop_with_a_vla(ray_cluster, redis_server, redis_client, bases, tmp_path, family, algo):
     import redis as redis_lib
 

@@ -57,7 +57,8 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=("bytes", "vla"), default="bytes",
                    help="bytes: a random --model-mb blob; vla: a real VLA's full and LoRA versions")
     p.add_argument("--base", help="vla: a local Hugging Face VLM directory (default: a tiny random one)")
-    p.add_argument("--family", default="idefics3", help="vla without --base: idefics3 or paligemma")
+    p.add_argument("--family", default="idefics3",
+                   help="vla without --base: idefics3, paligemma, llava, gemma3 or qwen2_5_vl")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="vla: a backend setting")
     p.add_argument("--preset", default=None,
                    help="vla without --base: a random base of a real architecture (smolvlm-256m, smolvlm-500m, "

@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="policy backend (vla = hf-vla)")
     p.add_argument("--size", default="base", help="tiny backend: model size preset (tiny, small, base)")
     p.add_argument("--base", help="vla backend: a local Hugging Face VLM directory (default: a tiny random one)")
-    p.add_argument("--family", default="idefics3", help="vla backend without --base: idefics3 or paligemma")
+    p.add_argument("--family", default="idefics3",
+                   help="vla backend without --base: idefics3, paligemma, llava, gemma3 or qwen2_5_vl")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="vla backend setting")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto: bf16 on CUDA, fp32 on CPU")

@@ -25,8 +25,8 @@ import time
 import numpy as np
 import torch
 
-from fleetloop.policy.backend import (INDICATOR_POSITIVE, INDICATOR_UNSET, backend_names, build_model,
-                                      save_checkpoint)
+from fleetloop.policy.backend import (INDICATOR_POSITIVE, INDICATOR_UNSET, CheckpointError, backend_names,
+                                      build_model, save_checkpoint)
 from fleetloop.policy.model import SIZES
 
 
@@ -145,8 +145,11 @@ def _build(args, state_dim: int, action_dim: int, cameras: list[str], image_size
     if not cameras:
         raise SystemExit(f"--backend {args.backend} is a vision-language model: it needs camera images "
                          "(drop --state-only; record demonstrations with cameras)")
-    return build_model(args.backend, base_dir=args.base, state_dim=state_dim, action_dim=action_dim,
-                       horizon=args.horizon, cameras=cameras, image_size=image_size, **settings)
+    try:
+        return build_model(args.backend, base_dir=args.base, state_dim=state_dim, action_dim=action_dim,
+                           horizon=args.horizon, cameras=cameras, image_size=image_size, **settings)
+    except CheckpointError as e:  # an unloadable base or unsupported family: one line, no traceback
+        raise SystemExit(f"--base {args.base}: {e}") from None
 
 
 def run(args) -> int:

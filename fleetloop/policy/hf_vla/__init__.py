@@ -1,8 +1,11 @@
-"""The "hf-vla" backend: a pretrained Hugging Face vision-language model (Idefics3/SmolVLM or
-PaliGemma) as the backbone, and a flow-matching action expert (pi0 / SmolVLA style) that
-cross-attends to the backbone's hidden states.
+"""The "hf-vla" backend: a pretrained Hugging Face vision-language model (Idefics3/SmolVLM,
+PaliGemma, LLaVA, Gemma 3, Qwen2.5-VL, or a family added by a plug-in: families.py) as the
+backbone, and a flow-matching action expert (pi0 / SmolVLA style) that cross-attends to the
+backbone's hidden states.
 
-    prefix  = [image tokens, camera 1..C][instruction tokens][indicator text tokens]
+    prefix  = the checkpoint's own prompt (processor + chat template, prompt.py) with one image per
+              camera, the instruction and the indicator text, run through the family's own forward
+              (its attention mask and positions)
     expert  = [state token][H action tokens (x_tau, tau)] -> velocity v_theta [B, H, A]
 
 Flow matching (pi0's convention, tau = 1 is noise):
@@ -22,7 +25,6 @@ config: a mismatch is a CheckpointError), they count as base weights, and with e
 a version is only backbone LoRA + expert LoRA + normalisation."""
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -35,7 +37,9 @@ import torch.nn.functional as F
 from fleetloop.policy.backend import (INDICATOR_UNSET, CheckpointError, ObservationSpec, PolicyModel,
                                       register_backend)
 from fleetloop.policy.hf_vla.base import EXPERT_FILE, base_digest, provision_base, resolve_base
+from fleetloop.policy.hf_vla import prompt
 from fleetloop.policy.hf_vla.expert import ActionExpert
+from fleetloop.policy.hf_vla.families import FAMILIES, UnsupportedFamily, family_for, load_family_module
 
 INDICATOR_TEXT = {1: "Advantage: negative", 2: "Advantage: positive"}
 
@@ -58,94 +62,12 @@ DEFAULTS: dict[str, Any] = dict(
     freeze_vision=True,
     dtype="float32",             # frozen backbone weights: float32 | bfloat16
     gradient_checkpointing=False,
+    family_module="",            # a module registering more family adapters (families.py), imported first
+    prompt_layout="processor",   # the checkpoint's processor + chat template (prompt.py); the only one
 )
 SPEC_KEYS = ("state_dim", "action_dim", "horizon", "cameras", "image_size")
 EXPERT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-# ---- per-family adapters: where the vision tower, connector and decoder live -------------------
-
-class Idefics3Adapter:
-    """Idefics3 / SmolVLM: SigLIP-like vision_model -> connector (pixel shuffle + linear) -> Llama text_model."""
-    name = "idefics3"
-
-    @staticmethod
-    def vision_modules(vlm):
-        return [vlm.vision_model, vlm.connector]
-
-    @staticmethod
-    def decoder(vlm):
-        return vlm.text_model
-
-    @staticmethod
-    def embed_images(vlm, pixel):
-        # Not get_image_features: it silently drops all-zero (black) frames.
-        h = vlm.vision_model(pixel_values=pixel).last_hidden_state
-        return vlm.connector(h)
-
-    @staticmethod
-    def n_image_tokens(config) -> int:
-        v = config.vision_config
-        return (v.image_size // v.patch_size) ** 2 // config.scale_factor ** 2
-
-
-class PaliGemmaAdapter:
-    """PaliGemma: SigLIP vision_tower -> multi_modal_projector (linear) -> Gemma language_model.
-    (transformers 5 scales Gemma's word embeddings inside embed_tokens, so image features go in unscaled.)"""
-    name = "paligemma"
-
-    @staticmethod
-    def vision_modules(vlm):
-        return [vlm.vision_tower, vlm.multi_modal_projector]
-
-    @staticmethod
-    def decoder(vlm):
-        return vlm.language_model
-
-    @staticmethod
-    def embed_images(vlm, pixel):
-        return vlm.multi_modal_projector(vlm.vision_tower(pixel_values=pixel).last_hidden_state)
-
-    @staticmethod
-    def n_image_tokens(config) -> int:
-        v = config.vision_config
-        return (v.image_size // v.patch_size) ** 2
-
-
-ADAPTERS = {"idefics3": Idefics3Adapter, "smolvlm": Idefics3Adapter, "paligemma": PaliGemmaAdapter}
-
-
-@functools.lru_cache(maxsize=8)
-def _tokenizer(base_dir: str):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-
-
-def _pad_id(tok) -> int:
-    # A tokenizer without a pad token pads with EOS (then EOS tokens are masked out too).
-    for t in (tok.pad_token_id, tok.eos_token_id, 0):
-        if t is not None:
-            return int(t)
-    return 0
-
-
-def _featurize(tok, text: str, max_tokens: int) -> np.ndarray:
-    ids = tok(text, add_special_tokens=True, truncation=True, max_length=max_tokens)["input_ids"][:max_tokens]
-    out = np.full(max_tokens, _pad_id(tok), dtype=np.int64)
-    out[:len(ids)] = ids
-    return out
-
-
-def _image_stats(base_dir: Path) -> tuple[list[float], list[float]]:
-    try:
-        pp = json.loads((base_dir / "preprocessor_config.json").read_text())
-        mean, std = pp["image_mean"], pp["image_std"]
-        if len(mean) == 3 and len(std) == 3:
-            return [float(x) for x in mean], [float(x) for x in std]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return [0.5] * 3, [0.5] * 3
 
 
 def _is_base_name(name: str, baked_expert: bool = False) -> bool:
@@ -188,6 +110,8 @@ def _check_settings(s: dict) -> None:
         raise ValueError(f"expert_mode must be full|lora, got {s['expert_mode']!r}")
     if s["dtype"] not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {s['dtype']!r}")
+    if s["prompt_layout"] != "processor":
+        raise ValueError(f"prompt_layout must be 'processor', got {s['prompt_layout']!r}")
     if int(s["max_text_tokens"]) < 1 or int(s["num_steps"]) < 1:
         raise ValueError("max_text_tokens and num_steps must be >= 1")
 
@@ -215,19 +139,28 @@ class HFVLAPolicy(PolicyModel):
         self._spec = ObservationSpec(int(state_dim), int(action_dim), int(horizon), tuple(cameras), int(image_size))
 
         # -- backbone, strictly from the local (verified) directory --
-        hf_cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-        if hf_cfg.model_type not in ADAPTERS:
-            raise CheckpointError(f"base {base_dir} is a {hf_cfg.model_type!r} model; supported: {sorted(ADAPTERS)}")
+        try:
+            hf_cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"base {base_dir} is not a Hugging Face model transformers can load ({first})") from None
+        try:
+            load_family_module(str(s["family_module"]))
+            self.adapter = family_for(hf_cfg.model_type)
+        except UnsupportedFamily as e:
+            raise CheckpointError(f"base {base_dir}: {e}") from None
         self.family = hf_cfg.model_type
-        self.adapter = ADAPTERS[self.family]
         full = AutoModelForImageTextToText.from_pretrained(str(base_dir), local_files_only=True,
                                                            dtype=DTYPES[s["dtype"]])
         self.vlm = full.model  # the LM head is never used: drop it (tied or not)
         del full
         text_cfg = hf_cfg.get_text_config()
         d_model, n_layers = int(text_cfg.hidden_size), int(text_cfg.num_hidden_layers)
-        self.vision_size = int(hf_cfg.vision_config.image_size)
-        self.n_img_tokens = self.adapter.n_image_tokens(hf_cfg)
+        self.image_token_id = int(getattr(hf_cfg, "image_token_id", None) or hf_cfg.image_token_index)
+        # the tower's input size for our frames (fixed for most families, the frame's own for Qwen)
+        self.input_hw = tuple(self.adapter.input_size(hf_cfg, prompt.image_processor(str(base_dir)),
+                                                      (int(image_size), int(image_size))))
+        prompt.describe_resize((int(image_size),) * 2, self.input_hw, self.base_dir)
 
         # -- sizes the expert from the base (never from a weights blob) --
         baked = read_baked_expert(self.base_dir)
@@ -258,15 +191,18 @@ class HFVLAPolicy(PolicyModel):
             self._load_baked_expert(*baked, d_model=d_model)
 
         # -- text: pad id and the pre-tokenised indicator prompts (derived from the base: not exported) --
-        tok = _tokenizer(str(base_dir))
-        self.pad_id = _pad_id(tok)
+        tok = prompt.tokenizer(str(base_dir))
+        self.pad_id = prompt.pad_id(tok)
         ind = [tok(INDICATOR_TEXT[i], add_special_tokens=False)["input_ids"] for i in (1, 2)]
         width = max(len(x) for x in ind)
         table = torch.full((3, width), self.pad_id, dtype=torch.long)  # row 0 (unset): all padding
         for i, ids in enumerate(ind, start=1):
             table[i, :len(ids)] = torch.tensor(ids)
         self.register_buffer("indicator_ids", table, persistent=False)
-        mean, std = _image_stats(self.base_dir)
+        head, tail = prompt.layout(base_dir, self.adapter, self.image_token_id, len(cameras), self.input_hw)
+        self.register_buffer("head_ids", torch.tensor(head, dtype=torch.long), persistent=False)
+        self.register_buffer("tail_ids", torch.tensor(tail, dtype=torch.long), persistent=False)
+        mean, std = prompt.image_stats(self.base_dir)
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -277,6 +213,20 @@ class HFVLAPolicy(PolicyModel):
         self.register_buffer("action_std", torch.ones(action_dim))
 
         self._configure_training()
+        self._check_image_tokens()
+
+    @torch.no_grad()
+    def _check_image_tokens(self) -> None:
+        """The processor's prompt must hold as many image tokens as the tower makes for our frames."""
+        sp = self._spec
+        frames = torch.zeros(1, 3 * len(sp.cameras), sp.image_size, sp.image_size, dtype=torch.uint8,
+                             device=self.head_ids.device)
+        made = self.embed_images(frames).shape[:2].numel()
+        placed = int((self.head_ids == self.image_token_id).sum())
+        if made != placed:
+            raise CheckpointError(f"base {self.base_dir}: the processor's prompt holds {placed} image tokens for "
+                                  f"{len(sp.cameras)} camera(s), the vision tower makes {made} from "
+                                  f"{self.input_hw[0]}x{self.input_hw[1]} px frames")
 
     @torch.no_grad()
     def _load_baked_expert(self, meta: dict, tensors: dict, d_model: int) -> None:
@@ -366,6 +316,9 @@ class HFVLAPolicy(PolicyModel):
         unknown = set(cfg) - set(DEFAULTS)
         if unknown:  # a newer config may change semantics: refuse rather than guess
             raise CheckpointError(f"unknown hf-vla config fields {sorted(unknown)}")
+        if "prompt_layout" not in cfg:  # trained with image tokens prepended to a bare instruction
+            raise CheckpointError("this hf-vla version predates the checkpoint-processor prompt (no prompt_layout): "
+                                  "its adapters were trained on another prompt; pretrain again")
         return dict(base), spec, cfg
 
     @classmethod
@@ -387,9 +340,9 @@ class HFVLAPolicy(PolicyModel):
         base = cfg.get("base") or {}
         if "sha256" not in base:
             raise CheckpointError("hf-vla config names no base")
-        tok = _tokenizer(str(resolve_base(base["sha256"], base.get("path"))))
-        n = int(cfg.get("max_text_tokens", DEFAULTS["max_text_tokens"]))
-        return lambda text: _featurize(tok, text, n)
+        tok = prompt.tokenizer(str(resolve_base(base["sha256"], base.get("path"))))
+        n, pad = int(cfg.get("max_text_tokens", DEFAULTS["max_text_tokens"])), prompt.pad_id(tok)
+        return lambda text: prompt.featurize(tok, text, n, pad)
 
     # ---- what it is --------------------------------------------------------------------------------
 
@@ -399,7 +352,9 @@ class HFVLAPolicy(PolicyModel):
 
     def config_dict(self) -> dict:
         sp = self._spec
-        base = {"sha256": self.base_sha256, "path": str(self.base_dir), "family": self.family}
+        # informative (derived from the base): the family, and the size frames are resized to for the tower
+        base = {"sha256": self.base_sha256, "path": str(self.base_dir), "family": self.family,
+                "tower_input_px": list(self.input_hw)}
         if self.baked_expert:
             base["expert"] = "baked"  # informative: the digest already says so
         return {"backend": "hf-vla", "base": base,
@@ -407,7 +362,8 @@ class HFVLAPolicy(PolicyModel):
                 "cameras": list(sp.cameras), "image_size": sp.image_size, **self.settings}
 
     def featurize_instruction(self, instruction: str) -> np.ndarray:
-        return _featurize(_tokenizer(str(self.base_dir)), instruction, int(self.settings["max_text_tokens"]))
+        return prompt.featurize(prompt.tokenizer(str(self.base_dir)), instruction,
+                                int(self.settings["max_text_tokens"]), self.pad_id)
 
     @property
     def decoder(self) -> nn.Module:
@@ -434,31 +390,39 @@ class HFVLAPolicy(PolicyModel):
     # ---- the prefix --------------------------------------------------------------------------------
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, 3*C, S, S] -> image tokens [B, C * n_img_tokens, D], cameras in spec order."""
+        """uint8 [B, 3*C, S, S] -> image tokens [B*C, T, D], batch-major, cameras in spec order (the
+        order the family's forward scatters them into the prompt's image tokens)."""
         b, c, s, _ = images.shape
         cams = len(self._spec.cameras)
         if c != 3 * cams:
             raise ValueError(f"images have {c} channels, expected {3 * cams} (cameras {list(self._spec.cameras)})")
         x = images.reshape(b * cams, 3, s, images.shape[-1]).float() / 255.0
-        if x.shape[-2:] != (self.vision_size, self.vision_size):
-            x = F.interpolate(x, size=(self.vision_size, self.vision_size), mode="bilinear",
-                              align_corners=False, antialias=True)
+        if tuple(x.shape[-2:]) != self.input_hw:  # said once at build (prompt.describe_resize) and in the config
+            x = F.interpolate(x, size=self.input_hw, mode="bilinear", align_corners=False, antialias=True)
         x = (x - self.pixel_mean) / self.pixel_std
         dt = next(self.adapter.vision_modules(self.vlm)[0].parameters()).dtype
-        tokens = self.adapter.embed_images(self.vlm, x.to(dt))
-        return tokens.reshape(b, cams * tokens.shape[1], tokens.shape[2])
+        return self.adapter.embed_images(self.vlm, x.to(dt))
+
+    def prefix_ids(self, lang: torch.Tensor, indicator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[head][instruction][indicator][tail] token ids [B, L] and their mask (True = real token)."""
+        b = lang.shape[0]
+        ind = self.indicator_ids[indicator.long()]
+        head, tail = self.head_ids.expand(b, -1), self.tail_ids.expand(b, -1)
+        ids = torch.cat([head, lang.long(), ind, tail], dim=1)
+        ones = lambda t: torch.ones_like(t, dtype=torch.bool)  # noqa: E731
+        mask = torch.cat([ones(head), lang != self.pad_id, ind != self.pad_id, ones(tail)], dim=1)
+        return ids, mask
 
     def prefix(self, image_tokens: torch.Tensor, lang: torch.Tensor, indicator: torch.Tensor):
-        """Run the decoder once on [image tokens][instruction][indicator text]; returns the hidden
-        states the expert layers read (float32) and the prefix mask [B, L] (True = real token)."""
-        ids = torch.cat([lang.long(), self.indicator_ids[indicator.long()]], dim=1)
-        emb = self.vlm.get_input_embeddings()(ids)
-        x = torch.cat([image_tokens.to(emb.dtype), emb], dim=1)
-        mask = torch.cat([torch.ones(ids.shape[0], image_tokens.shape[1], dtype=torch.bool, device=ids.device),
-                          ids != self.pad_id], dim=1)
-        pos = (mask.long().cumsum(1) - 1).clamp_min(0)  # padding in the middle does not shift positions
-        out = self.decoder(inputs_embeds=x, attention_mask=mask.long(), position_ids=pos,
-                           output_hidden_states=True, use_cache=False)
+        """Run the family's own forward once on the prompt with the image tokens in place; returns the
+        hidden states the expert layers read (float32) and the prefix mask [B, L] (True = real token)."""
+        ids, mask = self.prefix_ids(lang, indicator)
+        image_mask = ids == self.image_token_id
+        n_images = image_tokens.shape[0]
+        out = self.vlm(input_ids=ids, attention_mask=mask.long(), position_ids=self.adapter.position_ids(mask),
+                       mm_encoder_outputs={"image": self.adapter.encoder_output(image_tokens)},
+                       output_hidden_states=True, use_cache=False,
+                       **self.adapter.forward_kwargs(self.vlm, ids, image_mask, n_images, self.input_hw))
         return [out.hidden_states[i].float() for i in self.kv_layers], mask
 
     def _state(self, state: torch.Tensor) -> torch.Tensor:
@@ -592,7 +556,7 @@ class HFVLAPolicy(PolicyModel):
     # ---- for benchmarks -----------------------------------------------------------------------------
 
     def prefix_length(self) -> int:
-        return (len(self._spec.cameras) * self.n_img_tokens + int(self.settings["max_text_tokens"])
+        return (self.head_ids.numel() + self.tail_ids.numel() + int(self.settings["max_text_tokens"])
                 + self.indicator_ids.shape[1])
 
     def flops_per_sample(self) -> float:
@@ -608,7 +572,7 @@ class HFVLAPolicy(PolicyModel):
         s, sp = self.settings, self._spec
         t_p = self.prefix_length()
         vis = sum(p.numel() for m in self.adapter.vision_modules(self.vlm) for p in m.parameters())
-        patches = len(sp.cameras) * (self.vision_size // self.vlm.config.vision_config.patch_size) ** 2
+        patches = len(sp.cameras) * self.adapter.vision_patches(self.vlm.config, self.input_hw)
         dec_all = list(self.decoder.named_parameters())
         n_lora = sum(p.numel() for n, p in dec_all if ".lora_" in n)
         n_dec = sum(p.numel() for n, p in dec_all if ".lora_" not in n and "embed_tokens" not in n)
@@ -621,5 +585,5 @@ class HFVLAPolicy(PolicyModel):
         return float(vis_f + dec_f + 6 * (n_e - n_kv) * (1 + sp.horizon) + 6 * n_kv * t_p)
 
 
-__all__ = ["ADAPTERS", "DEFAULTS", "EXPERT_FILE", "HFVLAPolicy", "base_digest", "provision_base",
+__all__ = ["FAMILIES", "DEFAULTS", "EXPERT_FILE", "HFVLAPolicy", "base_digest", "provision_base",
            "read_baked_expert", "resolve_base"]

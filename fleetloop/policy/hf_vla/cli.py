@@ -1,10 +1,12 @@
 """`fleetloop vla ...`: bases for the hf-vla backend.
 
-    fleetloop vla make-tiny --family idefics3|paligemma --out DIR   a tiny random base (tests, CPU demos)
+    fleetloop vla make-tiny --family FAMILY --out DIR              a tiny random base (tests, CPU demos) of
+                                                                  idefics3|paligemma|llava|gemma3|qwen2_5_vl|qwen2_vl
         [--preset smolvlm-256m|smolvlm-500m|paligemma-3b]           ... or the real architecture, random weights
     fleetloop vla bake CKPT --base-out DIR --checkpoint-out DIR2    the checkpoint's expert baked into a new
         [--set KEY=VALUE ...]                                      base + a checkpoint on it (expert LoRA)
-    fleetloop vla provision SRC [--bases DIR]                      copy + verify a base; prints its path
+    fleetloop vla provision SRC [--bases DIR]                      check, copy + verify a base; prints its path
+        [--family-module MOD]                                      (a module adding family adapters)
     fleetloop vla digest DIR                                       the content digest checkpoints name"""
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ def default_bases_root() -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="vla_command", metavar="ACTION", required=True)
     p = sub.add_parser("make-tiny", help="write a tiny random VLM base (save_pretrained) to --out")
-    p.add_argument("--family", choices=("idefics3", "paligemma"), required=True)
+    p.add_argument("--family", choices=("idefics3", "paligemma", "llava", "gemma3", "qwen2_5_vl", "qwen2_vl"),
+                   required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=None,
@@ -41,11 +44,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("src")
     p.add_argument("--bases", default=None, help="bases root (default: first of $FLEETLOOP_BASE_DIRS, "
                                                  "else ~/.fleetloop/bases)")
+    p.add_argument("--family-module", default="", help="a module registering more family adapters (the "
+                                                       "family_module setting)")
     p = sub.add_parser("digest", help="print a base directory's sha256 digest")
     p.add_argument("dir")
 
 
+def check_base(src) -> str:
+    """What from_pretrained needs, checked before anything is copied: a directory with a config.json
+    transformers reads, of a family with an adapter. Returns the family; CheckpointError otherwise."""
+    from fleetloop.policy.backend import CheckpointError
+    from fleetloop.policy.hf_vla.families import UnsupportedFamily, family_for
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise CheckpointError(f"{src} is not a Hugging Face model directory (no config.json)")
+    if not any(src.glob("*.safetensors")):
+        raise CheckpointError(f"{src} holds no .safetensors weights (only safetensors are loaded)")
+    try:
+        from transformers import AutoConfig
+        model_type = AutoConfig.from_pretrained(str(src), local_files_only=True).model_type
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{src}/config.json does not load: {str(e).splitlines()[0][:200]}") from None
+    try:
+        family_for(model_type)
+    except UnsupportedFamily as e:
+        raise CheckpointError(str(e)) from None
+    return model_type
+
+
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from fleetloop.policy.backend import CheckpointError
+    try:
+        return _run(args)
+    except CheckpointError as e:  # one line, no traceback
+        print(f"fleetloop vla {args.vla_command}: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from fleetloop.policy.hf_vla.base import base_digest, provision_base
     if args.vla_command == "make-tiny":
         from fleetloop.policy.hf_vla.tiny import make_tiny_base
@@ -58,6 +96,12 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(bake_checkpoint(args.checkpoint, args.base_out, args.checkpoint_out,
                                          overrides=_settings(args.set), verify=not args.no_verify)))
     elif args.vla_command == "provision":
+        from fleetloop.policy.hf_vla.families import UnsupportedFamily, load_family_module
+        try:
+            load_family_module(args.family_module)
+        except UnsupportedFamily as e:
+            raise CheckpointError(str(e)) from None
+        check_base(args.src)
         root = Path(args.bases) if args.bases else default_bases_root()
         path = provision_base(args.src, root)
         print(json.dumps({"path": str(path), "sha256": base_digest(path)}))
