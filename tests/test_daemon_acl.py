@@ -8,7 +8,6 @@ pointer, pin, set a canary or roll back. The learner's own ACL user then ingests
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -29,6 +28,7 @@ from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.proto.v1 import policy_pb2
 from google.protobuf import json_format
 
+from polling import wait_until
 from test_credentials import _redis_major, acl_redis_server
 from test_robot_contract import SPEC, consume
 
@@ -49,16 +49,6 @@ class LoadedPolicy:
 
 def load_fn(config_json: str, weights: bytes, version: str):
     return LoadedPolicy(version, json.loads(config_json)["value"])
-
-
-def wait(what, fn, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -101,16 +91,16 @@ def test_daemon_on_robot_credentials(acl_redis, tmp_path):
         end = link.end_episode(pb.OUTCOME_SUCCESS)
         assert end.num_steps == 5 and end.spooled
         key = manifest_key("arm-1", eid)
-        wait("the manifest in the store", lambda: store.exists(key))
+        wait_until("the manifest in the store", lambda: store.exists(key))
         assert read_manifest(store, key).policy_version == v1
-        wait("the episode event in the stream", lambda: learner.xlen(config.EPISODE_STREAM) >= 1)
+        wait_until("the episode event in the stream", lambda: learner.xlen(config.EPISODE_STREAM) >= 1)
         assert d.uploader.failures == 0, d.uploader.last_error
         # the learner's own user ingests it
         index, _consumer = consume(store, learner, 1)
         assert index.get(eid) is not None
 
         # -- heartbeat: the dashboard's user reads what the robot's user wrote -------------------
-        status = wait("a heartbeat", lambda: dashboard.hget(config.HEARTBEAT_PREFIX + "arm-1", "status"))
+        status = wait_until("a heartbeat", lambda: dashboard.hget(config.HEARTBEAT_PREFIX + "arm-1", "status"))
         assert json.loads(status)["robot_id"] == "arm-1"
         assert b"arm-1" in dashboard.smembers(config.HEARTBEAT_PREFIX + "all")
 
@@ -124,10 +114,10 @@ def test_daemon_on_robot_credentials(acl_redis, tmp_path):
         # -- its own control channel: an operator's takeover is applied and acknowledged ----------
         cmd = policy_pb2.ControlCommand(command_id="c-1", robot_id="arm-1", operator="alice",
                                         action=policy_pb2.CONTROL_ACTION_TAKEOVER)
-        wait("the daemon to listen on its control channel",
+        wait_until("the daemon to listen on its control channel",
              lambda: dashboard.publish(config.CONTROL_CHANNEL_PREFIX + "arm-1", json_format.MessageToJson(cmd)) >= 1)
-        wait("the takeover", lambda: d.takeover_requested)
-        acks = wait("the ack", lambda: dashboard.xrange(config.CONTROL_CHANNEL_PREFIX + "acks"))
+        wait_until("the takeover", lambda: d.takeover_requested)
+        acks = wait_until("the ack", lambda: dashboard.xrange(config.CONTROL_CHANNEL_PREFIX + "acks"))
         assert acks[-1][1][b"command_id"] == b"c-1" and acks[-1][1][b"robot_id"] == b"arm-1"
         link.close()
 

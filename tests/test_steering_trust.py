@@ -28,6 +28,7 @@ from fleetloop.buffer.store import LocalStore, S3Store
 from fleetloop.release import signing
 from fleetloop.release.registry import CANARY_KEY, ROBOT_PINS_KEY, PolicyRegistry, signature_key
 
+from polling import wait_until
 from test_credentials import _redis_major, acl_redis_server
 
 ROBOT_PIN_PREFIX = "fleetloop:policy:robot_pin:"  # registry.ROBOT_PIN_PREFIX: one key per robot, for its ACL
@@ -80,6 +81,15 @@ def service_registry(store, client, signer) -> PolicyRegistry:
     return reg
 
 
+def services(fleet, tmp_path) -> tuple[LocalStore, PolicyRegistry, PolicyRegistry, redis.Redis]:
+    """A file store, the learner's and the dashboard's signing registries on it (each with its own
+    ACL user), and the admin connection that stands for an attacker with Redis write access."""
+    connect, signer, _ = fleet
+    store = LocalStore(tmp_path / "store")
+    return (store, service_registry(store, connect("learner"), signer),
+            service_registry(store, connect("dashboard"), signer), connect("fleetloop-admin"))
+
+
 def robot_registry(store, client, trusted_dir, **trust_kw) -> PolicyRegistry:
     reg = PolicyRegistry(store, client)
     reg.trust = signing.TrustStore([trusted_dir], **trust_kw)
@@ -89,16 +99,6 @@ def robot_registry(store, client, trusted_dir, **trust_kw) -> PolicyRegistry:
 def publish(reg: PolicyRegistry, i: int, move_pointer: bool = True) -> str:
     return reg.publish(f"weights-{i}".encode() * 20, json.dumps({"i": i}), learner_step=i,
                        move_pointer=move_pointer).version
-
-
-def wait(what, fn, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def alerted(slot: PolicySlot, text: str) -> bool:
@@ -164,9 +164,9 @@ def test_removed_key_stops_being_trusted_without_a_restart(fleet, tmp_path):
         assert slot.wait_ready(v1, timeout=10)
         (pub,) = trusted.glob("*.pub")
         pub.unlink()  # the operator revokes the key; the same key keeps signing
-        wait("the key file re-read", lambda: slot.registry.trust.key_ids() == [])  # ~reload_interval_s
+        wait_until("the key file re-read", lambda: slot.registry.trust.key_ids() == [])  # ~reload_interval_s
         v2 = publish(learner, 2)
-        wait("v2 refused", lambda: "no trusted policy keys" in (slot.status()["last_error"] or ""))
+        wait_until("v2 refused", lambda: "no trusted policy keys" in (slot.status()["last_error"] or ""))
         time.sleep(0.5)
         assert v2 not in loader.calls and slot.pending_version != v2
         assert slot.begin_episode()[1] == v1
@@ -202,10 +202,7 @@ def test_key_files_are_reread_on_a_timer(tmp_path):
 
 def test_replayed_pointer_and_pin_are_refused_also_after_a_restart(fleet, tmp_path):
     connect, signer, trusted = fleet
-    store = LocalStore(tmp_path / "store")
-    learner = service_registry(store, connect("learner"), signer)
-    dashboard = service_registry(store, connect("dashboard"), signer)
-    admin = connect("fleetloop-admin")
+    store, learner, dashboard, admin = services(fleet, tmp_path)
     state = tmp_path / "robot-1-spool" / ".policy-steering.json"
     v1 = publish(learner, 1)
     v2 = publish(learner, 2)  # turns out bad
@@ -225,23 +222,23 @@ def test_replayed_pointer_and_pin_are_refused_also_after_a_restart(fleet, tmp_pa
         # The old, validly signed pointer to the bad version is written back.
         admin.delete(config.POLICY_POINTER)
         admin.hset(config.POLICY_POINTER, mapping=bad_pointer)
-        wait("replay alert", lambda: alerted(slot, "fleet pointer is a replay"))
+        wait_until("replay alert", lambda: alerted(slot, "fleet pointer is a replay"))
         assert slot.target.version == v1 and slot.pending_version is None
         slot.stop()
 
         slot = start()  # a restarted robot remembers (the state file), so it refuses it too
-        wait("replay alert after restart", lambda: alerted(slot, "fleet pointer is a replay"))
+        wait_until("replay alert after restart", lambda: alerted(slot, "fleet pointer is a replay"))
         assert slot.target.version == v1 and slot.pending_version != v2
 
         # Pins: an old signed pin written back after an unpin is a replay as well.
         dashboard.pin_robot("robot-1", v2, by="alice")
         old_pin = admin.get(ROBOT_PIN_PREFIX + "robot-1")
-        wait("pinned", lambda: slot.target and slot.target.source == "robot_pin")
+        wait_until("pinned", lambda: slot.target and slot.target.source == "robot_pin")
         dashboard.promote(v1, by="alice")  # and a fresh pointer, so the fleet layer is valid again
         dashboard.unpin_robot("robot-1", by="alice")
-        wait("unpinned", lambda: slot.target and slot.target.source == "fleet" and slot.target.version == v1)
+        wait_until("unpinned", lambda: slot.target and slot.target.source == "fleet" and slot.target.version == v1)
         admin.set(ROBOT_PIN_PREFIX + "robot-1", old_pin)
-        wait("pin replay alert", lambda: alerted(slot, "robot pin of robot-1 is a replay"))
+        wait_until("pin replay alert", lambda: alerted(slot, "robot pin of robot-1 is a replay"))
         assert slot.target.version == v1 and slot.target.source == "fleet"
     finally:
         slot.stop()
@@ -251,10 +248,7 @@ def test_replayed_pointer_and_pin_are_refused_also_after_a_restart(fleet, tmp_pa
 
 def test_deleting_a_pin_or_canary_needs_a_signed_tombstone(fleet, tmp_path):
     connect, signer, trusted = fleet
-    store = LocalStore(tmp_path / "store")
-    learner = service_registry(store, connect("learner"), signer)
-    dashboard = service_registry(store, connect("dashboard"), signer)
-    admin = connect("fleetloop-admin")
+    store, learner, dashboard, admin = services(fleet, tmp_path)
     v1, v2 = publish(learner, 1), publish(learner, 2)
     robot = robot_registry(store, connect("robot-robot-1"), trusted)
 
@@ -284,10 +278,7 @@ def test_deleting_a_pin_or_canary_needs_a_signed_tombstone(fleet, tmp_path):
 @pytest.mark.parametrize("bad", ["garbage", "unsigned", "foreign"])
 def test_an_invalid_pin_or_canary_never_blocks_signed_moves(fleet, tmp_path, bad):
     connect, signer, trusted = fleet
-    store = LocalStore(tmp_path / "store")
-    learner = service_registry(store, connect("learner"), signer)
-    dashboard = service_registry(store, connect("dashboard"), signer)
-    admin = connect("fleetloop-admin")
+    store, learner, dashboard, admin = services(fleet, tmp_path)
     v1 = publish(learner, 1)
     if bad == "garbage":
         pin, canary = "{not json", {"version": v1, "robots": "[[[", "fraction": "lots"}
@@ -325,9 +316,7 @@ def test_an_invalid_pin_or_canary_never_blocks_signed_moves(fleet, tmp_path, bad
 
 def test_a_robot_reads_only_its_own_pin(fleet, tmp_path):
     connect, signer, trusted = fleet
-    store = LocalStore(tmp_path / "store")
-    learner = service_registry(store, connect("learner"), signer)
-    dashboard = service_registry(store, connect("dashboard"), signer)
+    store, learner, dashboard, _ = services(fleet, tmp_path)
     v1, v2 = publish(learner, 1), publish(learner, 2)
     dashboard.pin_robot("robot-1", v1, by="alice")
     dashboard.pin_robot("robot-2", v1, by="alice")
