@@ -145,20 +145,29 @@ def _check_host(host: str | None, what: str) -> None:
         raise ValueError(f"{what} has an invalid host name {host!r}")
 
 
+def _split(value: str, shown: str, noun: str, accepted: str):
+    """urlsplit, or the error every URL checker below gives for a string that is no URL at all."""
+    try:
+        return urlsplit(value)
+    except ValueError as e:
+        raise ValueError(f"{shown} is not a {noun} ({e}); {accepted}") from None
+
+
+def _check_no_query(parts, value: str, accepted: str) -> None:
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r} has a query or fragment; {accepted}")
+
+
 def check_store_uri(value: str) -> str:
     accepted = "use s3://bucket/optional/prefix or file:///absolute/path"
-    try:
-        parts = urlsplit(value)
-    except ValueError as e:
-        raise ValueError(f"{value!r} is not a URI ({e}); {accepted}") from None
+    parts = _split(value, repr(value), "URI", accepted)
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ValueError(f"{value!r} has no bucket; {accepted}")
         if not BUCKET_RE.fullmatch(parts.netloc) or ".." in parts.netloc:
             raise ValueError(f"{value!r}: bucket {parts.netloc!r} is not a valid S3 bucket name (3-63 lowercase "
                              f"letters, digits, '.' or '-', starting and ending with a letter or digit); {accepted}")
-        if parts.query or parts.fragment:
-            raise ValueError(f"{value!r} has a query or fragment; {accepted}")
+        _check_no_query(parts, value, accepted)
         return value.rstrip("/")
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
@@ -172,26 +181,19 @@ def check_store_uri(value: str) -> str:
 
 def check_http_url(value: str) -> str:
     accepted = "use http://host[:port] or https://host[:port]"
-    try:
-        parts = urlsplit(value)
-    except ValueError as e:
-        raise ValueError(f"{value!r} is not a URL ({e}); {accepted}") from None
+    parts = _split(value, repr(value), "URL", accepted)
     if parts.scheme not in ("http", "https"):
         raise ValueError(f"{value!r} is not an http(s) URL; {accepted}")
     _check_host(parts.hostname, repr(value))
     _check_port(parts, repr(value))
-    if parts.query or parts.fragment:
-        raise ValueError(f"{value!r} has a query or fragment; {accepted}")
+    _check_no_query(parts, value, accepted)
     return value.rstrip("/")
 
 
 def check_redis_url(value: str) -> str:
     accepted = ("use redis://[:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/redis.sock")
-    try:
-        parts = urlsplit(value)
-    except ValueError as e:
-        raise ValueError(f"{redact_url(value)!r} is not a URL ({e}); {accepted}") from None
     shown = repr(redact_url(value))
+    parts = _split(value, shown, "URL", accepted)
     if parts.scheme in ("redis", "rediss"):
         _check_host(parts.hostname, shown)
         _check_port(parts, shown)

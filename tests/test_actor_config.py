@@ -233,6 +233,8 @@ def test_robot_id_of_wrong_type(tmp_path):
     ("file://relative/path", r"names a host"),
     ("/var/store", r"not a supported store URI"),
     ("file:relative", r"no absolute path"),
+    ("s3://[fleetloop/fleet", r"is not a URI \(Invalid IPv6 URL\)"),
+    ("s3://fleetloop/fleet?region=x", r"has a query or fragment"),
 ])
 def test_bad_store_uri(tmp_path, uri, why):
     body = valid_toml(tmp_path).replace('store = "s3://fleetloop/fleet"', f'store = "{uri}"')
@@ -246,6 +248,7 @@ def test_bad_store_uri(tmp_path, uri, why):
     ("redis://", r"has no host"),
     ("redis://bad host:6379", r"invalid host name"),
     ("unix://relative.sock", r"no absolute socket path"),
+    ("redis://:pw@[redis.example.com:6379/0", r"'<unparseable>' is not a URL \(Invalid IPv6 URL\)"),
 ])
 def test_bad_redis_url(tmp_path, url, why):
     body = valid_toml(tmp_path).replace('redis_url = "redis://:s3cret@redis.example.com:6379/0"', f'redis_url = "{url}"')
@@ -254,7 +257,9 @@ def test_bad_redis_url(tmp_path, url, why):
 
 
 @pytest.mark.parametrize("url,why", [("minio:9000", r"not an http\(s\) URL"), ("ftp://minio", r"not an http"),
-                                     ("http://:9000", r"has no host"), ("http://minio:port", r"invalid port")])
+                                     ("http://:9000", r"has no host"), ("http://minio:port", r"invalid port"),
+                                     ("http://[minio:9000", r"is not a URL \(Invalid IPv6 URL\)"),
+                                     ("http://minio:9000/#x", r"has a query or fragment")])
 def test_bad_s3_endpoint(tmp_path, url, why):
     body = valid_toml(tmp_path).replace('s3_endpoint = "http://minio.example.com:9000"', f's3_endpoint = "{url}"')
     check_error(tmp_path, body, r"cloud\.s3_endpoint", why)
