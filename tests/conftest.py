@@ -47,3 +47,12 @@ def ray_cluster():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def isolated_bases(tmp_path_factory, monkeypatch):
+    """resolve_base finds only the VLA bases a test provisions: not a developer's
+    ~/.fleetloop/bases, nor FLEETLOOP_BASE_DIRS from the environment. Modules that build hf-vla
+    policies use it for every test: pytestmark = pytest.mark.usefixtures("isolated_bases")."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+    monkeypatch.setenv("FLEETLOOP_BASE_DIRS", "")

@@ -23,11 +23,7 @@ S, A, H, B, IMG = 5, 3, 4, 6, 24
 SMALL = dict(expert_width=32, expert_heads=4, expert_layers=2, max_text_tokens=12, num_steps=5)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_bases(tmp_path_factory, monkeypatch):
-    # resolve_base must only find what a test provisions (not a developer's ~/.fleetloop/bases)
-    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-    monkeypatch.setenv("FLEETLOOP_BASE_DIRS", "")
+pytestmark = pytest.mark.usefixtures("isolated_bases")
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,7 @@ NORM = ([0.1] * S, [2.0] * S, [0.2] * A, [0.5] * A)
 NORM_NAMES = {"state_mean", "state_std", "action_mean", "action_std"}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_bases(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-    monkeypatch.setenv("FLEETLOOP_BASE_DIRS", "")
+pytestmark = pytest.mark.usefixtures("isolated_bases")
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,7 @@ BIDIRECTIONAL_PREFIX = {"paligemma": True, "idefics3": False, "llava": False, "g
                         "qwen2_vl": False}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_bases(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-    monkeypatch.setenv("FLEETLOOP_BASE_DIRS", "")
+pytestmark = pytest.mark.usefixtures("isolated_bases")
 
 
 @pytest.fixture(scope="module")
