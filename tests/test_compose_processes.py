@@ -60,7 +60,6 @@ BIN = Path(sys.executable).parent
 
 VOLUME_MOUNT = "/var/lib/fleetloop"   # where learner-home / dashboard-home are mounted
 KEYS_MOUNT = "/etc/fleetloop/keys"      # the signing-keys volume (keys-init, learner, dashboard)
-INGEST_CONTAINER_PORT = 8090          # hard-coded in the ingest gate's compose command
 MARK = "FLEETLOOP_COMPOSE_TEST_ID"
 
 pytestmark = pytest.mark.timeout(240)
@@ -119,17 +118,6 @@ SECRETS_DIR = "deploy/secrets"   # where the documented `fleetloop credentials i
 def free_port() -> int:
     from fleetloop.services import free_port as fp
     return fp()
-
-
-def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
-    with socket.socket() as s:
-        # as uvicorn binds (SO_REUSEADDR): a previous run's TIME_WAIT connections do not count
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
 
 
 def marked_pids(mark: str) -> list[int]:
@@ -232,8 +220,6 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
     for tool in ("ray", "fleetloop"):
         if not (BIN / tool).exists() and not shutil.which(tool):
             pytest.skip(f"the `{tool}` command is not installed in this environment")
-    if not port_is_free(INGEST_CONTAINER_PORT):
-        pytest.skip(f"port {INGEST_CONTAINER_PORT} is taken on this host (the ingest gate's compose command)")
     import boto3
 
     from fleetloop.actor.link import RobotLinkClient
@@ -256,8 +242,9 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
     dotenv["FLEETLOOP_VIEWER_TOKENS"] = f"wallboard:{secrets.token_hex(16)}"
     # The ports the services listen on inside their containers, moved to free ones the way
     # .env offers (the processes here share the host's network).
-    ray_head_port, dashboard_port = free_port(), free_port()
+    ray_head_port, dashboard_port, ingest_port = free_port(), free_port(), free_port()
     dotenv["RAY_HEAD_PORT"], dotenv["DASHBOARD_CONTAINER_PORT"] = str(ray_head_port), str(dashboard_port)
+    dotenv["INGEST_CONTAINER_PORT"] = str(ingest_port)
     operator_token = dotenv["FLEETLOOP_OPERATOR_TOKENS"].split(",")[0].partition(":")[2]
     viewer_token = dotenv["FLEETLOOP_VIEWER_TOKENS"].partition(":")[2]
     services = compose_services(dotenv)
@@ -320,7 +307,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         def localize(value: str, home: Path) -> str:
             """The compose network's names -> loopback; the volume mount point -> this service's dir."""
             return (value.replace("http://minio:9000", s3.endpoint)
-                    .replace("http://ingest:8090", f"http://127.0.0.1:{INGEST_CONTAINER_PORT}")
+                    .replace("http://ingest:8090", f"http://127.0.0.1:{ingest_port}")
                     .replace("@redis:6379/", f"@127.0.0.1:{redis_port}/")
                     .replace(f"ray-head:{ray_head_port}", f"127.0.0.1:{ray_head_port}")
                     .replace(KEYS_MOUNT, str(scratch / "keys"))
