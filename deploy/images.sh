@@ -140,4 +140,7 @@ stage_context "${stage}/fleetloop" pyproject.toml setup.py README.md fleetloop a
 build "${FLEETLOOP_IMAGE}" deploy/Dockerfile.cpu "${stage}/fleetloop" \
   --build-arg "PYTHON_IMAGE=${LOCAL_BASE_IMAGE}" --build-arg PIP_NO_INDEX=1 \
   --build-arg "TORCH_VERSION=${TORCH_VERSION}" --build-arg "RAY_VERSION=${RAY_VERSION}"
+# Each rebuild after a code change leaves the previous images untagged (a few GB each, the venv
+# layer): drop them so a machine that rebuilds on every CI run does not fill its disk.
+docker image prune -f >/dev/null || log "could not prune untagged images"
 log "images ready: ${LOCAL_BASE_IMAGE} ${REDIS_IMAGE} ${S3_IMAGE} ${FLEETLOOP_IMAGE}"
