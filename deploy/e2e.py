@@ -32,6 +32,7 @@ run are written to --logs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -48,6 +49,11 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from fleetloop.services import free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preflight import read_env  # noqa: E402 -- deploy/ is not a package; the same .env reader
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD_SERVICES = ("redis", "minio", "ray-head", "dashboard", "ingest")   # those with a health check
@@ -77,12 +83,6 @@ def run(argv: list[str], *, env: dict | None = None, timeout: float = 600, check
         tail = (p.stdout + p.stderr).strip().splitlines()[-15:]
         raise E2EFailure(f"`{' '.join(argv[:6])}` exited {p.returncode}: " + " | ".join(tail))
     return p
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, fn, timeout: float, interval: float = 1.0):
@@ -178,11 +178,7 @@ class Project:
         os.chmod(root / ".env", 0o600)
 
     def _dotenv(self) -> dict[str, str]:
-        values: dict[str, str] = {}
-        for line in (REPO / ".env.example").read_text().splitlines():
-            if line.strip() and not line.lstrip().startswith("#"):
-                k, _, v = line.partition("=")
-                values[k.strip()] = v.strip()
+        values = read_env(REPO / ".env.example")
         for k, v in values.items():   # what an operator does first: every change-me replaced
             if "change-me" in v:
                 name, sep, _ = v.partition(":")
@@ -349,18 +345,15 @@ class Check:
         self.result: dict = {"ok": False}
         self.rng = np.random.default_rng(0)
 
+    @contextlib.contextmanager
     def phase(self, name: str):
-        check = self
-
-        class _Timer:
-            def __enter__(self):
-                log(f"phase {name}")
-                self.t0 = time.monotonic()
-
-            def __exit__(self, *exc):
-                check.phases[name] = round(time.monotonic() - self.t0, 1)
-                log(f"phase {name}: {check.phases[name]} s")
-        return _Timer()
+        log(f"phase {name}")
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(time.monotonic() - t0, 1)
+            log(f"phase {name}: {self.phases[name]} s")
 
     # -- reading the cloud side from the host, as an operator would --------------------------
 
@@ -393,9 +386,7 @@ class Check:
     def store_manifests(self) -> Counter:
         """Committed episodes per robot in the store (manifests under episodes/<robot>/)."""
         import boto3
-        admin = dict(line.split("=", 1) for line in
-                     (self.p.dir / "deploy/secrets/env/fleetloop-admin.env").read_text().splitlines()
-                     if "=" in line and not line.startswith("#"))
+        admin = read_env(self.p.dir / "deploy/secrets/env/fleetloop-admin.env")
         s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.p.dotenv['MINIO_PORT']}", region_name="us-east-1",
                           aws_access_key_id=admin["AWS_ACCESS_KEY_ID"], aws_secret_access_key=admin["AWS_SECRET_ACCESS_KEY"])
         prefix = f"{self.p.dotenv['S3_PREFIX']}/episodes/"
