@@ -156,9 +156,8 @@ def versions_published(before: str | None, latest: str | None) -> int:
     """How many versions were published after `before` up to `latest` (version numbers are
     contiguous: fleetloop.release.registry). Counting the registry's list instead would count what
     retention left of them."""
-    def seq(v):
-        return int(v[1:]) if v else 0
-    return max(0, seq(latest) - seq(before))
+    from fleetloop.release.registry import _seq
+    return max(0, _seq(latest) - _seq(before))
 
 
 def heartbeat_guidance(client, robot_ids) -> dict:

@@ -189,8 +189,8 @@ def test_smolvlm_256m_preset_has_the_real_shapes():
     """The preset's architecture (random weights) is SmolVLM-256M's: ~256M parameters, 64 image tokens."""
     from transformers import Idefics3ForConditionalGeneration
 
-    from fleetloop.policy.hf_vla.tiny import _tokenizer, preset_config
-    cfg = preset_config("smolvlm-256m", _tokenizer())
+    from fleetloop.policy.hf_vla.tiny import family_tokenizer, preset_config
+    cfg = preset_config("smolvlm-256m", family_tokenizer("idefics3"))
     t, v = cfg.text_config, cfg.vision_config
     assert (v.image_size // v.patch_size) ** 2 // cfg.scale_factor ** 2 == 64  # image tokens (pixel shuffle)
     assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,

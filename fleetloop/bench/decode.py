@@ -38,13 +38,6 @@ class _StatelessPolicy:
         return np.zeros((4, 4), np.float32)
 
 
-def _rss_kib() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def _png_zeros(size: int) -> bytes:
     from PIL import Image as PILImage
     buf = io.BytesIO()
@@ -56,6 +49,7 @@ def run(args) -> int:
     from fleetloop.actor.daemon import ActorDaemon, FixedPolicySource
     from fleetloop.actor.link import RobotLinkClient
     from fleetloop.actor.spool import Spool
+    from fleetloop.bench.fleet import _rss_mb
     from fleetloop.buffer.store import LocalStore
     from fleetloop.proto.v1 import episode_pb2 as pb
     from fleetloop.proto.v1 import robot_link_pb2 as rl
@@ -76,12 +70,12 @@ def run(args) -> int:
             eid = link.start_episode("reach", "reach")
             req = rl.ActRequest(episode_id=eid, observation=obs)
             time.sleep(0.5)
-            before = _rss_kib()
+            before = _rss_mb()
             peak, stop = [before], threading.Event()
 
             def sample():
                 while not stop.is_set():
-                    peak[0] = max(peak[0], _rss_kib())
+                    peak[0] = max(peak[0], _rss_mb())
                     time.sleep(0.005)
 
             def call(_):
@@ -101,7 +95,7 @@ def run(args) -> int:
             wall = time.perf_counter() - t0
             stop.set()
             sampler.join()
-            peak[0] = max(peak[0], _rss_kib())
+            peak[0] = max(peak[0], _rss_mb())
             link.end_episode(pb.OUTCOME_UNKNOWN)
         finally:
             d.stop()
@@ -109,6 +103,6 @@ def run(args) -> int:
     print(json.dumps({"benchmark": "decode", "cameras": args.cameras, "size": args.size,
                       "request_bytes": req.ByteSize(), "decoded_bytes_per_call": args.cameras * args.size ** 2 * 4,
                       "concurrency": args.concurrency, "calls": args.concurrency * args.rounds,
-                      "answers": dict(codes), "rss_before_mb": round(before / 1024, 1),
-                      "rss_peak_mb": round(peak[0] / 1024, 1), "wall_s": round(wall, 2)}))
+                      "answers": dict(codes), "rss_before_mb": round(before, 1),
+                      "rss_peak_mb": round(peak[0], 1), "wall_s": round(wall, 2)}))
     return 0

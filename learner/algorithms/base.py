@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fleetloop.buffer.sampler import INDICATOR_UNSET, UniformRules  # noqa: F401 (re-exported)
+from fleetloop.release.guidance import Guidance
 
 INDICATOR_NEGATIVE, INDICATOR_POSITIVE = 1, 2  # fleetloop.policy.model's codes
 
@@ -69,11 +70,9 @@ class Algorithm(UniformRules):
 
     # ---- publishing, state, stats ----------------------------------------------------------
 
-    def inference_settings(self):
-        """How robots should run the policies this algorithm trains: a
-        fleetloop.release.guidance.Guidance (indicator, guidance beta), published in every
-        version's signed manifest. Default: the plain policy."""
-        from fleetloop.release.guidance import Guidance
+    def inference_settings(self) -> Guidance:
+        """How robots should run the policies this algorithm trains (indicator, guidance beta),
+        published in every version's signed manifest. Default: the plain policy."""
         return Guidance()
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:

@@ -25,7 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from fleetloop.buffer.sampler import OFFLINE
-from fleetloop.learner.algorithms.base import INDICATOR_POSITIVE, INDICATOR_UNSET, Algorithm, register
+from fleetloop.learner.algorithms.base import (INDICATOR_POSITIVE, INDICATOR_UNSET, Algorithm, Guidance,
+                                              register)
 
 AUTONOMOUS, INTERVENTION = 0, 1  # frame classes
 
@@ -68,8 +69,7 @@ class HGDagger(Algorithm):
         code = INDICATOR_POSITIVE if self.indicator == "positive" else INDICATOR_UNSET
         return np.full(entry.num_steps, code, np.int64)
 
-    def inference_settings(self):
-        from fleetloop.release.guidance import Guidance
+    def inference_settings(self) -> Guidance:
         return Guidance(indicator=True if self.indicator == "positive" else None, beta=1.0)
 
     def options(self) -> dict:

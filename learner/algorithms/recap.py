@@ -31,7 +31,7 @@ import numpy as np
 
 from fleetloop.buffer.sampler import OFFLINE, ONLINE, SOURCES
 from fleetloop.learner.algorithms.base import (INDICATOR_NEGATIVE, INDICATOR_POSITIVE, INDICATOR_UNSET,
-                                               Algorithm, register)
+                                               Algorithm, Guidance, register)
 from fleetloop.learner.algorithms.value import (ValueConfig, ValueFunction, n_step_advantage, returns_to_go,
                                                 step_rewards)
 
@@ -217,8 +217,7 @@ class Recap(Algorithm):
 
     # ---- publishing, state, stats ------------------------------------------------------------
 
-    def inference_settings(self):
-        from fleetloop.release.guidance import Guidance
+    def inference_settings(self) -> Guidance:
         return Guidance(indicator=True, beta=self.beta)  # "advantage positive", guided
 
     def options(self) -> dict:

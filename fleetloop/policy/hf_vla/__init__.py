@@ -103,6 +103,23 @@ def read_baked_expert(base_dir) -> tuple[dict, dict[str, torch.Tensor]] | None:
     return meta, tensors
 
 
+def base_config(base_dir, family_module: str = ""):
+    """(Hugging Face config, family adapter) of the base at base_dir, family_module imported first
+    where one is named; a one-line CheckpointError when transformers cannot read the config or no
+    adapter serves its model_type."""
+    from transformers import AutoConfig
+    try:
+        hf_cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"base {base_dir} is not a Hugging Face model transformers can load ({first})") from None
+    try:
+        load_family_module(str(family_module))
+        return hf_cfg, family_for(hf_cfg.model_type)
+    except UnsupportedFamily as e:
+        raise CheckpointError(f"base {base_dir}: {e}") from None
+
+
 def _check_settings(s: dict) -> None:
     if s["backbone_mode"] not in ("lora", "full", "frozen"):
         raise ValueError(f"backbone_mode must be lora|full|frozen, got {s['backbone_mode']!r}")
@@ -123,7 +140,7 @@ class HFVLAPolicy(PolicyModel):
     def __init__(self, base_dir, base_sha256: str, state_dim: int, action_dim: int, horizon: int,
                  cameras, image_size: int, **settings):
         super().__init__()
-        from transformers import AutoConfig, AutoModelForImageTextToText
+        from transformers import AutoModelForImageTextToText
         unknown = set(settings) - set(DEFAULTS)
         if unknown:
             raise ValueError(f"unknown hf-vla settings {sorted(unknown)}: known {sorted(DEFAULTS)}")
@@ -139,16 +156,7 @@ class HFVLAPolicy(PolicyModel):
         self._spec = ObservationSpec(int(state_dim), int(action_dim), int(horizon), tuple(cameras), int(image_size))
 
         # -- backbone, strictly from the local (verified) directory --
-        try:
-            hf_cfg = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            raise CheckpointError(f"base {base_dir} is not a Hugging Face model transformers can load ({first})") from None
-        try:
-            load_family_module(str(s["family_module"]))
-            self.adapter = family_for(hf_cfg.model_type)
-        except UnsupportedFamily as e:
-            raise CheckpointError(f"base {base_dir}: {e}") from None
+        hf_cfg, self.adapter = base_config(base_dir, s["family_module"])
         self.family = hf_cfg.model_type
         full = AutoModelForImageTextToText.from_pretrained(str(base_dir), local_files_only=True,
                                                            dtype=DTYPES[s["dtype"]])
@@ -585,5 +593,5 @@ class HFVLAPolicy(PolicyModel):
         return float(vis_f + dec_f + 6 * (n_e - n_kv) * (1 + sp.horizon) + 6 * n_kv * t_p)
 
 
-__all__ = ["FAMILIES", "DEFAULTS", "EXPERT_FILE", "HFVLAPolicy", "base_digest", "provision_base",
+__all__ = ["FAMILIES", "DEFAULTS", "EXPERT_FILE", "HFVLAPolicy", "base_config", "base_digest", "provision_base",
            "read_baked_expert", "resolve_base"]

@@ -23,10 +23,10 @@ def default_bases_root() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from fleetloop.policy.hf_vla.tiny import FAMILIES  # (this package's import has loaded torch already)
     sub = parser.add_subparsers(dest="vla_command", metavar="ACTION", required=True)
     p = sub.add_parser("make-tiny", help="write a tiny random VLM base (save_pretrained) to --out")
-    p.add_argument("--family", choices=("idefics3", "paligemma", "llava", "gemma3", "qwen2_5_vl", "qwen2_vl"),
-                   required=True)
+    p.add_argument("--family", choices=FAMILIES, required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=None,
@@ -50,26 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("dir")
 
 
-def check_base(src) -> str:
+def check_base(src, family_module: str = "") -> str:
     """What from_pretrained needs, checked before anything is copied: a directory with a config.json
-    transformers reads, of a family with an adapter. Returns the family; CheckpointError otherwise."""
+    transformers reads, of a family with an adapter (family_module imported first). Returns the
+    family; CheckpointError otherwise."""
     from fleetloop.policy.backend import CheckpointError
-    from fleetloop.policy.hf_vla.families import UnsupportedFamily, family_for
+    from fleetloop.policy.hf_vla import base_config
     src = Path(src)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} is not a Hugging Face model directory (no config.json)")
     if not any(src.glob("*.safetensors")):
         raise CheckpointError(f"{src} holds no .safetensors weights (only safetensors are loaded)")
-    try:
-        from transformers import AutoConfig
-        model_type = AutoConfig.from_pretrained(str(src), local_files_only=True).model_type
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{src}/config.json does not load: {str(e).splitlines()[0][:200]}") from None
-    try:
-        family_for(model_type)
-    except UnsupportedFamily as e:
-        raise CheckpointError(str(e)) from None
-    return model_type
+    return base_config(src, family_module)[0].model_type
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,12 +88,7 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(bake_checkpoint(args.checkpoint, args.base_out, args.checkpoint_out,
                                          overrides=_settings(args.set), verify=not args.no_verify)))
     elif args.vla_command == "provision":
-        from fleetloop.policy.hf_vla.families import UnsupportedFamily, load_family_module
-        try:
-            load_family_module(args.family_module)
-        except UnsupportedFamily as e:
-            raise CheckpointError(str(e)) from None
-        check_base(args.src)
+        check_base(args.src, args.family_module)
         root = Path(args.bases) if args.bases else default_bases_root()
         path = provision_base(args.src, root)
         print(json.dumps({"path": str(path), "sha256": base_digest(path)}))

@@ -220,9 +220,5 @@ class Qwen2VLAdapter(FamilyAdapter):
     def position_ids(self, mask):
         return None  # M-RoPE: the model's get_rope_index, from input_ids, grid_thw and the mask
 
-    def vision_patches(self, hf_cfg, input_hw):
-        p = int(hf_cfg.vision_config.patch_size)
-        return (input_hw[0] // p) * (input_hw[1] // p)
-
 
 __all__ = ["FAMILIES", "FamilyAdapter", "UnsupportedFamily", "family_for", "load_family_module", "register_family"]

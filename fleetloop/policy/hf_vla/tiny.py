@@ -28,10 +28,6 @@ def minilm_tokenizer_dir() -> Path:
     return d
 
 
-def _tokenizer():
-    return family_tokenizer("idefics3")
-
-
 # The published configs' architecture hyper-parameters (config.json of each checkpoint).
 PRESETS: dict[str, dict] = {
     # HuggingFaceTB/SmolVLM-256M-Instruct: SmolLM2-135M-like text model + SigLIP base-patch16-512
@@ -208,7 +204,9 @@ def save_processor(family: str, cfg, tok, out: Path) -> None:
         ip = T.Gemma3ImageProcessor(size={"height": side, "width": side})
         proc = T.Gemma3Processor(ip, tok, image_seq_length=cfg.mm_tokens_per_image, chat_template=tok.chat_template)
     else:  # Qwen2_5_VLProcessor needs torchvision (its video half): the image processor + tokenizer, as saved
-        ip = T.Qwen2VLImageProcessor(patch_size=8, merge_size=2, temporal_patch_size=2,
+        v = cfg.vision_config
+        ip = T.Qwen2VLImageProcessor(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                                     temporal_patch_size=v.temporal_patch_size,
                                      size={"shortest_edge": 16 * 16, "longest_edge": 96 * 96})
         ip.save_pretrained(str(out))
         tok.save_pretrained(str(out))
