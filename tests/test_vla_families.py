@@ -273,3 +273,15 @@ def test_pretrain_on_an_unusable_base_ends_in_one_line(bases, tmp_path):
         with pytest.raises(SystemExit) as e:
             _build(args, 3, 2, ["front"], 32)
         assert why in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
+
+
+@pytest.mark.parametrize("fam", ["idefics3", "qwen2_5_vl"])
+def test_special_token_text_in_an_instruction_stays_text(bases, fam):
+    """An instruction that spells a control token ("<image>", a chat-turn marker) is words, not that
+    token: otherwise the prompt holds more image tokens than images and the family's forward fails."""
+    m = build(bases[fam])
+    tok = prompt.tokenizer(str(bases[fam]))
+    specials = set(tok.all_special_ids) | {m.image_token_id}
+    text = " ".join(tok.convert_ids_to_tokens(sorted(specials)))
+    ids = m.featurize_instruction(f"{text} reach")
+    assert not (set(ids.tolist()) - {m.pad_id}) & specials

@@ -115,8 +115,10 @@ def layout(base_dir, adapter, image_token_id: int, n_images: int, input_hw) -> t
 
 def featurize(tok, text: str, max_tokens: int, pad_id: int) -> np.ndarray:
     """The instruction's token ids (no special tokens: the template supplies them), padded to
-    max_tokens. A longer instruction is cut, counted in TRUNCATED and warned about once per text."""
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    max_tokens. A longer instruction is cut, counted in TRUNCATED and warned about once per text.
+    Text that spells a special token ("<image>", a turn marker) is tokenized as text: a robot's
+    instruction must not add image slots or turns to the prompt."""
+    ids = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     if len(ids) > max_tokens:
         TRUNCATED["instructions"] += 1
         if text not in _warned and len(_warned) < 1000:
