@@ -15,7 +15,7 @@ import math
 import re
 import struct
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -218,11 +218,6 @@ def decode_png(img, where: str) -> None:
         raise Rejected(f"{where}: the PNG does not decode ({type(e).__name__})") from None
 
 
-@contextmanager
-def _nothing():
-    yield
-
-
 # ---- steps ------------------------------------------------------------------------------------
 
 @dataclass
@@ -301,7 +296,7 @@ class StepChecker:
         if n > lim.max_decoded_bytes_per_call:
             raise Rejected(f"{where}: the images decode to {n} bytes (height x width x channels, summed), "
                            f"the limit per call is {lim.max_decoded_bytes_per_call}")
-        with (self.budget.hold(n, timeout_s) if self.budget is not None and n else _nothing()):
+        with (self.budget.hold(n, timeout_s) if self.budget is not None and n else nullcontext()):
             for i, img in enumerate(obs.images):
                 decode_png(img, f"{where}.images[{i}] ({img.camera})")
             yield sizes

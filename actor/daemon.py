@@ -36,8 +36,9 @@ from fleetloop.actor.recorder import EpisodeRecorder
 from fleetloop.actor.spool import Spool
 from fleetloop.actor.uploader import Uploader, recover_unsealed
 from fleetloop.buffer.store import ObjectStore
-from fleetloop.release.guidance import Guidance
+from fleetloop.ingest import LocalWrites, robot_writes
 from fleetloop.ingest import Refused as WriteRefused
+from fleetloop.release.guidance import INDICATOR_SETTINGS, Guidance
 from fleetloop.policy.interface import Policy
 from fleetloop.proto.v1 import episode_pb2 as pb
 from fleetloop.proto.v1 import policy_pb2
@@ -59,7 +60,7 @@ class FixedPolicySource:
         return self.policy, str(self.policy.version)
 
     def next_policy(self):
-        return self.policy, str(self.policy.version)
+        return self.begin_episode()  # a fixed policy: the next episode's is this one
 
     @property
     def current_policy(self) -> Policy:
@@ -116,15 +117,14 @@ class RobotLinkService(rl_grpc.RobotLinkServicer):
         self.d = daemon
 
     def _episode(self, episode_id: str, context) -> OpenEpisode:
-        lim = self.d.limits
-        try:
-            check_text("episode_id", episode_id, lim.max_id_bytes, required=True)
-        except Rejected as e:
-            _abort(context, e)
         ep = self.d.open_episode
-        if ep is not None and ep.episode_id == episode_id:
+        if ep is not None and ep.episode_id == episode_id:  # the hot path: the open episode's id is valid
             ep.last_call = time.monotonic()
             return ep
+        try:
+            check_text("episode_id", episode_id, self.d.limits.max_id_bytes, required=True)
+        except Rejected as e:
+            _abort(context, e)
         if episode_id in self.d.ended_episodes:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           f"episode {episode_id} has ended" + (f"; the open episode is {ep.episode_id}" if ep else ""))
@@ -311,7 +311,6 @@ class ActorDaemon:
         self.heartbeat_interval_s = heartbeat_interval_s
         recover_unsealed(spool)  # before any recording: close what a crash left open
         self.recorder = EpisodeRecorder(spool, robot_id, chunk_steps=chunk_steps, chunk_bytes=chunk_bytes)
-        from fleetloop.ingest import LocalWrites
         self.writes = writes or LocalWrites(redis_client, self.robot_id)
         self.uploader = Uploader(spool, store, redis_client, writes=self.writes)
         self.inference = InferenceScheduler(InferenceSettings(
@@ -516,7 +515,6 @@ class ActorDaemon:
 # -- CLI: `fleetloop actor` ---------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    from fleetloop.release.guidance import INDICATOR_SETTINGS
     p.add_argument("--config", help="actor config file (TOML); environment variables override it")
     p.add_argument("--policy", help="initial policy checkpoint dir (otherwise the fleet's current version)")
     p.add_argument("--indicator", choices=INDICATOR_SETTINGS, default=None,
@@ -590,7 +588,6 @@ def build_daemon_from_config(cfg, initial_policy_dir: Optional[str] = None, indi
     slot = PolicySlot(PolicyRegistry(store, client), cfg.robot_id, load_fn=loader,
                       initial_policy=initial, poll_interval_s=cfg.policy_poll_interval_s,
                       steering_state=Path(cfg.spool_dir) / STEERING_STATE_FILE)
-    from fleetloop.ingest import robot_writes
     return ActorDaemon(cfg.robot_id, store, client, spool, slot, grpc_address=cfg.grpc_address,
                        chunk_steps=cfg.chunk_steps, chunk_bytes=cfg.chunk_bytes, inference=cfg.inference,
                        link_security=cfg.link_security(),

@@ -119,6 +119,7 @@ class _Episode:
     policy: Policy
     instruction: str
     indicator: Optional[bool]
+    cameras: Optional[tuple] = None        # what the policy decodes (_cameras_read; None: all)
     step: int = 0                          # steps reported: the robot's current step
     current: Optional[Chunk] = None
     ready: Optional[Chunk] = None          # finished in the background, not served yet
@@ -136,6 +137,7 @@ class _Job:
     indicator: Optional[bool]
     obs_proto: object
     t0: int
+    cameras: Optional[tuple] = None
 
 
 def _pct(values, q) -> Optional[float]:
@@ -197,10 +199,11 @@ class InferenceScheduler:
 
     # -- episodes ----------------------------------------------------------------------------
     def begin_episode(self, episode_id: str, policy: Policy, instruction: str, indicator: Optional[bool]) -> None:
+        cameras = _cameras_read(policy)  # once per episode, not on every policy call
         with self._cv:
             self._drop_episode()
             self._gen += 1
-            self._ep = _Episode(self._gen, episode_id, policy, instruction, indicator)
+            self._ep = _Episode(self._gen, episode_id, policy, instruction, indicator, cameras)
 
     def end_episode(self, episode_id: str) -> None:
         with self._cv:
@@ -282,9 +285,9 @@ class InferenceScheduler:
                     served = self._serve(ep, t, "stall")
                     self._maybe_launch(ep)
                     return served
-            gen, policy, instruction, indicator = ep.gen, ep.policy, ep.instruction, ep.indicator
+            gen, policy, instruction, indicator, cameras = ep.gen, ep.policy, ep.instruction, ep.indicator, ep.cameras
             ep.last_launched_step = max(ep.last_launched_step, t)  # computed here: not again in the background
-        chunk = self._compute(policy, instruction, indicator, obs_proto)  # raises to the caller
+        chunk = self._compute(policy, instruction, indicator, obs_proto, cameras)  # raises to the caller
         with self._cv:
             self.counters.sync_computes += 1
             if self._ep is None or self._ep.gen != gen:
@@ -358,14 +361,15 @@ class InferenceScheduler:
             return
         ep.inflight_t0 = obs_step
         ep.last_launched_step = obs_step
-        self._job = _Job(ep.gen, ep.policy, ep.instruction, ep.indicator, obs_proto, obs_step)
+        self._job = _Job(ep.gen, ep.policy, ep.instruction, ep.indicator, obs_proto, obs_step, ep.cameras)
         self._cv.notify_all()
 
-    def _compute(self, policy: Policy, instruction: str, indicator, obs_proto) -> np.ndarray:
-        """Decode and run the policy (no self._cv held). One policy call at a time."""
+    def _compute(self, policy: Policy, instruction: str, indicator, obs_proto, cameras=None) -> np.ndarray:
+        """Decode (only `cameras`, None: all) and run the policy (no self._cv held). One policy
+        call at a time."""
         with self._policy_lock:
             t0 = time.perf_counter()
-            obs = observation_from_proto(obs_proto, _cameras_read(policy))
+            obs = observation_from_proto(obs_proto, cameras)
             chunk = np.asarray(policy.act(obs, instruction, indicator), dtype=np.float32)
             dt = time.perf_counter() - t0
         if chunk.ndim != 2 or chunk.shape[0] < 1:
@@ -386,7 +390,7 @@ class InferenceScheduler:
                 continue
             chunk, err = None, None
             try:
-                chunk = self._compute(job.policy, job.instruction, job.indicator, job.obs_proto)
+                chunk = self._compute(job.policy, job.instruction, job.indicator, job.obs_proto, job.cameras)
             except Exception as e:  # noqa: BLE001 -- reported; the next Act computes synchronously
                 err = e
             with self._cv:

@@ -11,13 +11,12 @@ later ingest of the same episode id must match it: a rewritten episode is refuse
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Optional
 
 import redis
 
-from fleetloop.buffer.codec import EpisodeRejected
+from fleetloop.buffer.codec import EpisodeRejected, sha256_hex
 from fleetloop.proto.v1 import episode_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -28,7 +27,7 @@ LEDGER_KEY = "fleetloop:episodes:ingested"   # hash: episode_id -> manifest dige
 def manifest_digest(manifest: pb.EpisodeManifest) -> str:
     """sha256 of the manifest's deterministic protobuf encoding (the same whether it was parsed
     from the event's copy or from the store), first 32 hex digits."""
-    return hashlib.sha256(manifest.SerializeToString(deterministic=True)).hexdigest()[:32]
+    return sha256_hex(manifest.SerializeToString(deterministic=True))[:32]
 
 
 class IngestLedger:

@@ -138,6 +138,7 @@ class S3Store:
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
         self._local = threading.local()  # boto3 clients are thread-safe, sessions are not
+        self._warned_unconditional = False  # put_new on a server without conditional writes: said once
         self._boto3 = boto3
         self._config = Config(retries={"max_attempts": 2, "mode": "standard"},
                               connect_timeout=5, read_timeout=30, max_pool_connections=64,
@@ -200,7 +201,7 @@ class S3Store:
             if code in ("PreconditionFailed", "412"):
                 return False
             if code in ("NotImplemented", "501"):  # an older S3-compatible server: plain PUT, said once
-                if not getattr(self, "_warned_unconditional", False):
+                if not self._warned_unconditional:
                     self._warned_unconditional = True
                     import logging
                     logging.getLogger(__name__).warning(

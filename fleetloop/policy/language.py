@@ -176,6 +176,11 @@ class LanguageEncoder:
 
     def encode(self, instruction: str) -> np.ndarray:
         """float32 [384], read-only (shared with the cache)."""
+        with self._lock:  # the usual case, once per policy call: a cached instruction
+            e = self.cache.get(instruction)
+            if e is not None:
+                self.cache.move_to_end(instruction)
+                return e
         return self._lookup([instruction])[0]
 
     def encode_many(self, instructions: list[str]) -> np.ndarray:

@@ -22,10 +22,15 @@ INDICATORS: dict[str, Optional[bool]] = {"unset": None, "negative": False, "posi
 PUBLISHED = "published"   # actor setting: take what the version's manifest says
 INDICATOR_SETTINGS = (PUBLISHED, *INDICATORS)
 MAX_BETA = 10.0           # RECAP runs 1.5-2.5; far beyond that the guided action is noise
+_NAMES = {v: k for k, v in INDICATORS.items()}
+# Policy.act's indicator <-> the manifest's ImprovementIndicator
+_CODES = {None: ppb.IMPROVEMENT_INDICATOR_UNSET, False: ppb.IMPROVEMENT_INDICATOR_NEGATIVE,
+          True: ppb.IMPROVEMENT_INDICATOR_POSITIVE}
+_BY_CODE = {v: k for k, v in _CODES.items()}
 
 
 def indicator_name(indicator: Optional[bool]) -> str:
-    return {None: "unset", False: "negative", True: "positive"}[indicator]
+    return _NAMES[indicator]
 
 
 def check_beta(beta: float, what: str = "guidance beta") -> float:
@@ -55,9 +60,7 @@ class Guidance:
     # ---- the signed manifest ---------------------------------------------------------------
 
     def to_proto(self) -> ppb.InferenceSettings:
-        code = {None: ppb.IMPROVEMENT_INDICATOR_UNSET, False: ppb.IMPROVEMENT_INDICATOR_NEGATIVE,
-                True: ppb.IMPROVEMENT_INDICATOR_POSITIVE}[self.indicator]
-        return ppb.InferenceSettings(indicator=code, guidance_beta=self.beta)
+        return ppb.InferenceSettings(indicator=_CODES[self.indicator], guidance_beta=self.beta)
 
     @classmethod
     def from_manifest(cls, manifest: ppb.PolicyManifest) -> "Guidance":
@@ -66,12 +69,10 @@ class Guidance:
         if not manifest.HasField("inference"):
             return cls()
         s = manifest.inference
-        by_code = {ppb.IMPROVEMENT_INDICATOR_UNSET: None, ppb.IMPROVEMENT_INDICATOR_NEGATIVE: False,
-                   ppb.IMPROVEMENT_INDICATOR_POSITIVE: True}
-        if s.indicator not in by_code:
+        if s.indicator not in _BY_CODE:
             raise ValueError(f"policy {manifest.version}: unknown improvement indicator {s.indicator}")
         beta = s.guidance_beta if s.HasField("guidance_beta") else 1.0
-        return cls(by_code[s.indicator], check_beta(beta, f"policy {manifest.version}: guidance beta"))
+        return cls(_BY_CODE[s.indicator], check_beta(beta, f"policy {manifest.version}: guidance beta"))
 
     # ---- a robot's settings ------------------------------------------------------------------
 

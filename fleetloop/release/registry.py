@@ -46,6 +46,7 @@ import redis
 from google.protobuf import json_format
 
 from fleetloop import config
+from fleetloop.buffer.codec import sha256_hex  # hashlib drops the GIL on large buffers
 from fleetloop.buffer.store import ObjectNotFound, ObjectStore
 from fleetloop.release import steering
 from fleetloop.release.delta import apply_delta, make_delta
@@ -86,10 +87,6 @@ class WeightsIntegrityError(Exception):
 
 class RegistryError(Exception):
     """A steering request that cannot be applied (e.g. nothing to roll back to)."""
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()  # hashlib drops the GIL on large buffers
 
 
 def weights_key(version: str) -> str:
