@@ -21,6 +21,7 @@ from fleetloop.proto.v1 import episode_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+EPISODE_STREAM_CAP = 1_000_000  # approximate MAXLEN of the episode stream (never a robot's choice)
 MAX_EVENT_BYTES = 1 << 20  # what a consumer decodes at most (the write gate admits 64 KiB)
 EVENT_FIELDS = ("episode_id", "manifest_key", "robot_id", "task_id", "ended_ns", "schema_version")
 
@@ -53,7 +54,7 @@ class EpisodeAnnouncer:
     """Actor side: one XADD per committed episode. The stream is capped (approximately) so a
     fleet cannot grow Redis without bound; consumers keep up long before the cap matters."""
 
-    def __init__(self, client: redis.Redis, stream: str = config.EPISODE_STREAM, maxlen: int = 1_000_000):
+    def __init__(self, client: redis.Redis, stream: str = config.EPISODE_STREAM, maxlen: int = EPISODE_STREAM_CAP):
         self.client, self.stream, self.maxlen = client, stream, maxlen
 
     def announce(self, event: pb.EpisodeEvent) -> str:

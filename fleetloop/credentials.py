@@ -51,7 +51,6 @@ from typing import Iterable
 
 from fleetloop import config
 
-RESERVED_ROBOT_IDS = {"all", "acks"}  # names the Redis key scheme uses next to robot ids
 SERVICE_USERS = ("learner", "dashboard", "ingest", "fleetloop-admin")
 S3_SERVICES = ("learner", "dashboard", "fleetloop-admin")
 HEALTHCHECK_USER = "healthcheck"   # PING only, any password: what a container health check uses
@@ -72,10 +71,10 @@ def _pw_hash(password: str) -> str:
 
 def robot_acl(robot_id: str, password: str) -> str:
     """One ACL line (Redis >= 7: selectors give each command its own keys)."""
+    from fleetloop.release.registry import CANARY_KEY, ROBOT_PIN_PREFIX
     r = check_robot_id(robot_id)
-    ns = config.POLICY_POINTER.rsplit(":", 1)[0]
-    reads = " ".join(f"%R~{k}" for k in (config.POLICY_POINTER, f"{ns}:canary"))
-    own_pin = f"%R~{ns}:robot_pin:{r}"  # its own pin only (registry.ROBOT_PIN_PREFIX), not the listing of all
+    reads = " ".join(f"%R~{k}" for k in (config.POLICY_POINTER, CANARY_KEY))
+    own_pin = f"%R~{ROBOT_PIN_PREFIX}{r}"  # its own pin only, not the listing of all (ROBOT_PINS_KEY)
     return " ".join([
         f"user {redis_user(r)} on {_pw_hash(password)} resetkeys resetchannels nocommands",
         "+ping +echo +hello +client|setname +client|id +multi +exec +discard",

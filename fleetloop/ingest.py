@@ -47,18 +47,16 @@ import redis
 
 from fleetloop import config
 from fleetloop.buffer.codec import check_id
-from fleetloop.buffer.queue import EVENT_FIELDS
+from fleetloop.buffer.queue import EPISODE_STREAM_CAP, EVENT_FIELDS
+from fleetloop.dashboard.heartbeat import MAX_ROBOTS, ROBOTS_SET  # ids the robot set may hold: as many as are listed
 
 log = logging.getLogger(__name__)
 
 MAX_EVENT_BYTES = 64 * 1024        # an event with its manifest copy; a long episode's manifest is ~30 KB
 MAX_HEARTBEAT_BYTES = 16 * 1024    # a daemon's status is ~2 KB
 MAX_ACK_TEXT = 256
-MAX_ROBOTS = 10_000                # ids the robot set may hold (fleetloop.dashboard.heartbeat lists as many)
-EPISODE_STREAM_CAP = 1_000_000     # approximate MAXLEN the gate applies (never a robot's choice)
-ACK_STREAM_CAP = 10_000
+ACK_STREAM_CAP = 10_000            # approximate MAXLEN of the ack stream (the episode stream's: EPISODE_STREAM_CAP)
 ACK_STREAM = config.CONTROL_CHANNEL_PREFIX + "acks"
-ROBOTS_SET = config.HEARTBEAT_PREFIX + "all"
 EPISODE_FIELDS = set(EVENT_FIELDS) | {"manifest_json"}
 # per robot and kind: (sustained per second, burst). An episode lasts seconds; a spool draining
 # after an outage uploads a few per second (each needs its chunks put first); a heartbeat every 2 s
@@ -213,7 +211,9 @@ class RobotGate:
         if type(ns) is not int or not 0 < ns < 2 ** 63:
             raise Refused(422, "last_seen_ns must be a positive integer (nanoseconds)")
         self.buckets.take(robot_id, "heartbeat")
-        if not self.client.sismember(ROBOTS_SET, robot_id) and self.client.scard(ROBOTS_SET) >= MAX_ROBOTS:
+        pipe = self.client.pipeline(transaction=False)  # one round trip for both
+        known, size = pipe.sismember(ROBOTS_SET, robot_id).scard(ROBOTS_SET).execute()
+        if not known and size >= MAX_ROBOTS:
             raise Refused(507, f"the robot set already holds {MAX_ROBOTS} robots")
         pipe = self.client.pipeline()
         pipe.hset(config.HEARTBEAT_PREFIX + robot_id, mapping={"status": text})
@@ -242,7 +242,7 @@ class LocalWrites:
         return self.gate.episode(self.robot_id or fields.get("robot_id", ""), fit_event(fields))
 
     def heartbeat(self, status: dict) -> None:
-        self.gate.heartbeat(self.robot_id, json.dumps(jsonable(status), default=str))
+        self.gate.heartbeat(self.robot_id, jsonable(status))  # the gate serializes it (once)
 
     def ack(self, command_id: str, result: str) -> str:
         return self.gate.ack(self.robot_id, command_id, result)

@@ -34,6 +34,7 @@ import redis
 
 from fleetloop import config
 from fleetloop.buffer.store import ObjectNotFound, ObjectStore
+from fleetloop.dashboard import heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +55,29 @@ def _s(v) -> str:
 
 
 def running_versions(client: redis.Redis) -> set[str]:
-    """Versions robots report running or loading (their heartbeats)."""
-    ids = {_s(r) for r in client.smembers(config.HEARTBEAT_PREFIX + "all")}
+    """Versions robots report running or loading (their heartbeats: robot-written, so keys are
+    kept as bytes -- a member that is not UTF-8 is still looked at -- and each heartbeat is read
+    through fleetloop.dashboard.heartbeat)."""
+    prefix = config.HEARTBEAT_PREFIX.encode()
+    keys = {prefix + _b(r) for r in client.smembers(heartbeat.ROBOTS_SET)}
     for key in client.scan_iter(match=config.HEARTBEAT_PREFIX + "*", count=1000):
-        k = _s(key)[len(config.HEARTBEAT_PREFIX):]
-        if k != "all" and ":" not in k:
-            ids.add(k)
+        k = _b(key)[len(prefix):]
+        if k != b"all" and b":" not in k:
+            keys.add(_b(key))
+    pipe = client.pipeline(transaction=False)
+    for key in keys:
+        pipe.hget(key, "status")
     out: set[str] = set()
-    from fleetloop.dashboard.heartbeat import parse  # robot-written: validated, bounded
-    for rid in ids:
-        hb = parse(client.hget(config.HEARTBEAT_PREFIX + rid, "status")) or {}
+    for raw in pipe.execute(raise_on_error=False) if keys else []:  # a key that is not a hash: skipped
+        hb = heartbeat.parse(raw) or {}
         for f in ("policy_version", "pending_version"):
             if hb.get(f):
                 out.add(hb[f])
     return out
+
+
+def _b(v) -> bytes:
+    return v if isinstance(v, bytes) else str(v).encode()
 
 
 def plan(registry, policy: RetentionPolicy = RetentionPolicy()) -> dict:

@@ -62,3 +62,18 @@ def test_checkpoint_gc(tmp_path):
     gone = collect_checkpoints(store, "learner/old-run", keep=2)
     assert len(gone) == 5 and len(cs.checkpoints()) == 2
     assert CheckpointStore(store, "learner/old-run").load_latest().step == 700
+
+
+def test_running_versions_survive_robot_set_junk(redis_client):
+    """The robot set and heartbeats are robot-written: a member that is not UTF-8, a heartbeat that
+    is not a hash or not JSON do not stop the collection; the versions robots run are still kept."""
+    from fleetloop.retention import running_versions
+    redis_client.hset(config.HEARTBEAT_PREFIX + "robot-3", "status", json.dumps({"policy_version": "v000002"}))
+    redis_client.hset(config.HEARTBEAT_PREFIX + "robot-4", "status",
+                      json.dumps({"policy_version": "v000005", "last_seen_ns": "soon"}))
+    redis_client.hset(config.HEARTBEAT_PREFIX + "robot-5", "status", "{")
+    redis_client.set(config.HEARTBEAT_PREFIX + "not-a-hash", "x")
+    junk = "bad id \ud800".encode("utf-8", "surrogatepass")
+    redis_client.sadd(config.HEARTBEAT_PREFIX + "all", "robot-3", "robot-5", junk)
+    redis_client.hset(config.HEARTBEAT_PREFIX.encode() + junk, "status", json.dumps({"pending_version": "v000007"}))
+    assert running_versions(redis_client) == {"v000002", "v000005", "v000007"}

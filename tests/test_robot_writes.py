@@ -233,6 +233,19 @@ def test_untrusted_heartbeats_never_break_a_reader(fleet, dashboard):
         assert [(x["robot_id"], x["online"]) for x in robots] == [("arm-1", what in fresh)], what
 
 
+def test_robot_detail_shows_the_guidance_its_heartbeat_reports(fleet, dashboard):
+    """The heartbeat's `guidance` (what the robot's policy runs with) survives the validated reader:
+    the robot's detail shows it; one that is not an object shows as null."""
+    connect, _pw, _url = fleet
+    arm = gateway(fleet, "arm-1")
+    guidance = {"indicator": "positive", "beta": 1.5}
+    arm.heartbeat(status("arm-1", guidance=guidance))
+    r = httpx.get(dashboard + "/api/robots/arm-1", headers=VIEW, timeout=30)
+    assert r.status_code == 200 and r.json()["guidance"] == guidance, r.text[:300]
+    arm.heartbeat(status("arm-1", guidance="fast"))
+    assert httpx.get(dashboard + "/api/robots/arm-1", headers=VIEW, timeout=30).json()["guidance"] is None
+
+
 def test_junk_robot_set_keeps_readers_fast(fleet, dashboard):
     """Item 4: 50,000 junk members in the robot set (the robot itself can no longer SADD them:
     test_robot_user_has_no_write_command) cost the readers little: invalid ids are ignored, only

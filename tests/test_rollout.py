@@ -205,6 +205,22 @@ def test_gate_expires_an_inconclusive_candidate_and_respects_operator_moves(regi
     assert registry.pointer()["pinned"] and registry.pointer()["version"] == v5
 
 
+def test_online_robots_survive_robot_written_garbage(registry, redis_client):
+    """Heartbeats are robot-written: a last_seen_ns of "soon", a list, not JSON, a stale one or a
+    junk member of the robot set make those robots offline; they never crash the canary choice."""
+    now = time.time_ns()
+    beats = {"fresh": json.dumps({"robot_id": "fresh", "last_seen_ns": now}),
+             "soon": json.dumps({"robot_id": "soon", "last_seen_ns": "soon"}),
+             "a-list": "[1, 2]", "not-json": "{", "huge": json.dumps({"last_seen_ns": 1e400}),
+             "stale": json.dumps({"robot_id": "stale", "last_seen_ns": now - 60 * 10 ** 9})}
+    for rid, raw in beats.items():
+        redis_client.hset(config.HEARTBEAT_PREFIX + rid, "status", raw)
+    redis_client.sadd(config.HEARTBEAT_PREFIX + "all", *beats, "no heartbeat", "bad id \u00e9")
+    gate = RolloutGate(registry, RolloutSettings())
+    assert gate.online_robots() == ["fresh"]
+    assert gate.choose_canaries() == (["fresh"], 0.0)
+
+
 # ---- the dashboard ------------------------------------------------------------------------------
 
 def tokens() -> TokenTable:

@@ -48,6 +48,7 @@ def run(args) -> int:
     from fleetloop.credentials import issue
     from fleetloop.dashboard.app import DashboardServer, build_app
     from fleetloop.dashboard.auth import VIEWER, TokenTable
+    from fleetloop.dashboard.heartbeat import ROBOTS_SET
     from fleetloop.ingest import (MAX_EVENT_BYTES, RATES, GatewayWrites, RedisAuth, Refused, RobotGate, Throttled,
                                   _size, make_app)
     from fleetloop.services import _wait_port, free_port, redis_server_binary
@@ -72,7 +73,7 @@ def run(args) -> int:
             for what, fn in {"xadd_max_id": lambda: robot.xadd(config.EPISODE_STREAM, {"a": "b"},
                                                                id="18446744073709551615-18446744073709551615"),
                              "xadd_maxlen_0": lambda: robot.xadd(config.EPISODE_STREAM, {"a": "b"}, maxlen=0),
-                             "sadd_robot_set": lambda: robot.sadd(config.HEARTBEAT_PREFIX + "all", "fake")}.items():
+                             "sadd_robot_set": lambda: robot.sadd(ROBOTS_SET, "fake")}.items():
                 try:
                     fn()
                     raw[what] = "allowed"
@@ -152,7 +153,7 @@ def run(args) -> int:
                 arm.heartbeat({"robot_id": "arm-1", "last_seen_ns": time.time_ns()})
                 junk = [f"fake-{i:06d}" for i in range(args.junk)]
                 for i in range(0, len(junk), 5000):
-                    admin.sadd(config.HEARTBEAT_PREFIX + "all", *junk[i:i + 5000])
+                    admin.sadd(ROBOTS_SET, *junk[i:i + 5000])
                 tokens = TokenTable()
                 tokens.add("wall", "wall-viewer-token-0001", VIEWER)
                 dapp, _dash = build_app(connect("dashboard"), LocalStore(tmp / "store"), tokens)

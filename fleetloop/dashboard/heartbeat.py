@@ -25,7 +25,7 @@ from fleetloop.buffer.codec import check_id
 
 log = logging.getLogger(__name__)
 
-ROBOTS_SET = config.HEARTBEAT_PREFIX + "all"
+ROBOTS_SET = config.HEARTBEAT_PREFIX + "all"  # the robot set's key (written by fleetloop.ingest only)
 MAX_HEARTBEAT_BYTES = 64 * 1024   # a daemon's status is ~2 KB; anything larger is not parsed
 MAX_ROBOTS = 10_000               # robots listed at most (a fleet larger than this needs paging)
 MAX_TEXT = 256                    # characters kept of any string field
@@ -95,6 +95,8 @@ def parse(raw) -> Optional[dict]:
     for f in ("counters", "last_command", "inference"):
         v = clean(hb.get(f))
         out[f] = v if isinstance(v, dict) else {}
+    guidance = clean(hb.get("guidance"))  # the indicator / guidance beta its policy runs with, or None
+    out["guidance"] = guidance if isinstance(guidance, dict) else None
     # swap: {phase: {stat: number}} only (the /metrics gauges read numbers from it)
     swap = hb.get("swap") if isinstance(hb.get("swap"), dict) else {}
     out["swap"] = {text(str(phase), 64): {text(str(k), 64): x for k, x in list(stats.items())[:MAX_ITEMS]

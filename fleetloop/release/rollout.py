@@ -30,12 +30,12 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
-from typing import Iterable, Optional
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import redis
 
-from fleetloop import config
+from fleetloop.dashboard import heartbeat
 from fleetloop.release.evidence import EvidenceBook, EvidenceFollower, reference_rate, sprt
 from fleetloop.release.registry import PolicyRegistry, RegistryError, UnknownVersion, _seq
 
@@ -50,7 +50,6 @@ COUNTERS_KEY = NS + ":counters"      # hash: "<decision>|<by kind>" -> count (Pr
 EVIDENCE_KEY = NS + ":evidence"      # string: JSON evidence snapshot the gate writes each tick
 SETTINGS_KEY = NS + ":settings"      # string: JSON of the running gate's settings
 LOCK_KEY = NS + ":lock"
-ROBOTS_SET = config.HEARTBEAT_PREFIX + "all"
 DECISIONS_MAX = 5000
 GATE = "rollout-gate"                # the `by` of the gate's own registry moves
 
@@ -212,21 +211,12 @@ class RolloutGate:
 
     # -- canaries --------------------------------------------------------------------------
     def online_robots(self) -> list[str]:
-        ids = sorted(_s(r) for r in self.redis.smembers(ROBOTS_SET))
-        if not ids:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for rid in ids:
-            pipe.hget(config.HEARTBEAT_PREFIX + rid, "status")
-        now, out = time.time_ns(), []
-        for rid, raw in zip(ids, pipe.execute(raise_on_error=False)):
-            try:
-                hb = json.loads(raw) if isinstance(raw, (bytes, str)) and raw else None
-            except ValueError:
-                hb = None
-            if hb and (now - int(hb.get("last_seen_ns") or 0)) / 1e9 <= self.settings.online_after_s:
-                out.append(rid)
-        return out
+        """Robots whose heartbeat is younger than online_after_s, sorted. Heartbeats are robot-written:
+        read through fleetloop.dashboard.heartbeat (an unreadable one, or a last_seen_ns that is
+        not a count, is offline)."""
+        hbs, now = heartbeat.read_all(self.redis), time.time_ns()
+        return [rid for rid, hb in hbs.items()
+                if hb and (now - hb["last_seen_ns"]) / 1e9 <= self.settings.online_after_s]
 
     def choose_canaries(self) -> tuple[list[str], float]:
         """(robot_ids, fraction) for set_canary: named robots if configured; else ceil(f*N) of the

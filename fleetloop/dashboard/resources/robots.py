@@ -17,11 +17,10 @@ from fleetloop.buffer.index import ONLINE
 from fleetloop.dashboard import heartbeat
 from fleetloop.dashboard.resources.common import BadRequest, NotDelivered, NotFound, _s
 from fleetloop.dashboard.resources.episodes import Aggregates, Tally
+from fleetloop.ingest import ACK_STREAM
 from fleetloop.proto.v1 import policy_pb2
 from fleetloop.release.registry import canary_member
 
-ROBOTS_SET = config.HEARTBEAT_PREFIX + "all"
-ACK_STREAM = config.CONTROL_CHANNEL_PREFIX + "acks"
 CONTROL_ACTIONS = {
     "takeover": policy_pb2.CONTROL_ACTION_TAKEOVER,
     "release": policy_pb2.CONTROL_ACTION_RELEASE,
@@ -42,7 +41,8 @@ class RobotResource:
             check_id("robot id", robot_id)
         except ValueError as err:
             raise NotFound("robot", robot_id, str(err).split(": ")[-1]) from None
-        if not (self.redis.sismember(ROBOTS_SET, robot_id) or self.redis.exists(config.HEARTBEAT_PREFIX + robot_id)):
+        if not (self.redis.sismember(heartbeat.ROBOTS_SET, robot_id)
+                or self.redis.exists(config.HEARTBEAT_PREFIX + robot_id)):
             raise NotFound("robot", robot_id)
 
     def _steering(self) -> dict:
@@ -64,8 +64,8 @@ class RobotResource:
 
     def _robot_summary(self, robot_id: str, hb: Optional[dict], agg: Aggregates, steering: dict,
                        now_ns: int) -> dict:
-        hb = hb or {}
-        last = int(hb.get("last_seen_ns") or 0)
+        hb = hb or {}  # parsed by fleetloop.dashboard.heartbeat: counts are ints; {} when unreadable
+        last = hb.get("last_seen_ns") or 0
         age = max(0.0, (now_ns - last) / 1e9) if last else None
         tally: Tally = agg.by_robot.get(robot_id) or Tally()
         spool = hb.get("spool") or {}
@@ -77,9 +77,9 @@ class RobotResource:
             "policy_version": hb.get("policy_version") or "", "pending_version": hb.get("pending_version") or "",
             "target_version": target, "target_source": source,
             "takeover_requested": bool(hb.get("takeover_requested")), "paused": bool(hb.get("paused")),
-            "spool": {"episodes": int(spool.get("episodes") or 0), "bytes": int(spool.get("bytes") or 0),
-                      "max_bytes": spool.get("max_bytes"), "dropped_episodes": int(spool.get("dropped_episodes") or 0),
-                      "damaged_episodes": int(spool.get("damaged_episodes") or 0)},
+            "spool": {"episodes": spool.get("episodes", 0), "bytes": spool.get("bytes", 0),
+                      "max_bytes": spool.get("max_bytes"), "dropped_episodes": spool.get("dropped_episodes", 0),
+                      "damaged_episodes": spool.get("damaged_episodes", 0)},
             "upload_error": hb.get("upload_error") or "",
             **tally.as_dict(),
         }
