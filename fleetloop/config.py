@@ -48,6 +48,7 @@ POLICY_CHANNEL = "fleetloop:policy"          # PUBLISH on new version
 POLICY_POINTER = "fleetloop:policy:current"  # durable "current version" pointer (a Redis hash)
 CONTROL_CHANNEL_PREFIX = "fleetloop:control:"  # + robot_id
 HEARTBEAT_PREFIX = "fleetloop:robot:"          # + robot_id (hash, with a TTL)
+ROBOTS_SET = HEARTBEAT_PREFIX + "all"  # set: every robot with a heartbeat (written by fleetloop.ingest only)
 LEARNER_STATS_KEY = "fleetloop:learner:stats"  # hash: field -> JSON value, written by the learner
 LABEL_STREAM = "fleetloop:labels"              # operator outcome (re)labels: episode_id, outcome, by
 AUDIT_STREAM = "fleetloop:audit"               # every operator action: who, what, when, result

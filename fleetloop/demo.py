@@ -162,11 +162,10 @@ def versions_published(before: str | None, latest: str | None) -> int:
 
 def heartbeat_guidance(client, robot_ids) -> dict:
     """robot -> {"policy_version", "guidance"} as its last heartbeat in Redis says (what runs there)."""
-    from fleetloop import config
+    from fleetloop.dashboard.heartbeat import read_one
     out = {}
     for rid in robot_ids:
-        raw = client.hget(config.HEARTBEAT_PREFIX + rid, "status")
-        beat = json.loads(raw) if raw else {}
+        beat = read_one(client, rid) or {}
         out[rid] = {"policy_version": beat.get("policy_version"), "guidance": beat.get("guidance")}
     return out
 

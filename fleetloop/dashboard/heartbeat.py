@@ -25,7 +25,7 @@ from fleetloop.buffer.codec import check_id
 
 log = logging.getLogger(__name__)
 
-ROBOTS_SET = config.HEARTBEAT_PREFIX + "all"  # the robot set's key (written by fleetloop.ingest only)
+ROBOTS_SET = config.ROBOTS_SET
 MAX_HEARTBEAT_BYTES = 64 * 1024   # a daemon's status is ~2 KB; anything larger is not parsed
 MAX_ROBOTS = 10_000               # robots listed at most (a fleet larger than this needs paging)
 MAX_TEXT = 256                    # characters kept of any string field
