@@ -6,7 +6,8 @@
 
 `issue` writes (secrets 0600; re-running keeps existing passwords, adds new robots):
 
-  redis/users.acl            Redis >= 7 ACL file (redis-server --aclfile): `default` off, one user
+  redis/users.acl            Redis >= 7 ACL file (redis-server --aclfile): `default` unusable (a
+                             random password no one is given; see acl_file), one user
                              per robot, `learner`, `dashboard`, `fleetloop-admin`, `healthcheck`
                              (PING only). Mode 0644 so the Redis container's user can read a bind
                              mount of it: it holds only SHA-256 hashes of 256-bit random passwords.
@@ -95,7 +96,12 @@ def service_acl(name: str, password: str) -> str:
 
 
 def acl_file(passwords: dict[str, str], robots: Iterable[str]) -> str:
-    lines = ["user default off resetkeys resetchannels nocommands",  # ACL files take no comments
+    # `default`: on, with every permission, but behind a random password that is never stored or
+    # given to anyone -- so no client can be it (an unauthenticated connection may only AUTH). Not
+    # `off`: Redis 7.0 checks the commands of a MULTI/EXEC replayed from the append-only file
+    # against `default`, and with it off every transaction holding an XADD * or an EXPIRE (pointer
+    # moves, heartbeats, announcements) is dropped on restart (tests/test_credentials.py).
+    lines = [f"user default on {_pw_hash(secrets.token_urlsafe(32))} ~* &* +@all",  # ACL files take no comments
              f"user {HEALTHCHECK_USER} on nopass resetkeys resetchannels nocommands +ping"]
     lines += [service_acl(n, passwords[n]) for n in SERVICE_USERS]
     lines += [robot_acl(r, passwords[redis_user(r)]) for r in robots]

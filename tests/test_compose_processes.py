@@ -290,7 +290,7 @@ def test_compose_services_run_an_episode_end_to_end(tmp_path):
         wait_for("the redis compose healthcheck", lambda: subprocess.run(["sh", "-c", redis_health],
                                                                           timeout=10).returncode == 0,
                  30, procs, alive=("redis",))
-        with pytest.raises(redis.AuthenticationError):  # the default user is off
+        with pytest.raises(redis.AuthenticationError):  # no client can be the default user
             redis.Redis(port=redis_port).get("x")
         rds = redis.Redis(port=redis_port, username="fleetloop-admin", password=passwords["fleetloop-admin"])
         rds.ping()

@@ -63,7 +63,7 @@ def acl_redis(tmp_path):
 def test_robot_credentials_cannot_move_the_fleet(acl_redis, tmp_path):
     connect, secrets_dir = acl_redis
     learner, robot, other = connect("learner"), connect("robot-robot-1"), connect("robot-robot-2")
-    with pytest.raises(redis.AuthenticationError):  # the default user is off
+    with pytest.raises(redis.AuthenticationError):  # no client can be the default user
         redis.Redis(port=robot.connection_pool.connection_kwargs["port"]).ping()
 
     # The learner publishes a (signed) version: pointer, index, notice.
@@ -167,3 +167,41 @@ def test_consumer_dead_letters_an_episode_another_robot_claims(tmp_path, redis_c
     assert consumer.stats.dead_reasons == {"robot-mismatch": 2}
     dead = redis_client.xrange(config.DEAD_LETTER_STREAM)
     assert [f[b"dead_reason"] for _id, f in dead] == [b"robot-mismatch"] * 2
+
+
+def test_transactions_survive_a_redis_restart_with_the_issued_acl_file(tmp_path):
+    """Redis with the issued ACL file and its append-only file (as compose runs it) restarts with
+    every transaction: on Redis 7.0 a MULTI/EXEC holding XADD * or EXPIRE was dropped at replay
+    while the `default` user was off, which lost the fleet's policy pointer on `compose restart`."""
+    secrets_dir = tmp_path / "secrets"
+    passwords = issue(secrets_dir, ["robot-1"], redis_host="127.0.0.1:0")
+    port = free_port()
+    argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+            "--aclfile", str(secrets_dir / "redis" / "users.acl"), "--dir", str(tmp_path)]
+
+    def start():
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(port, proc, "redis-server")
+        return proc, redis.Redis(port=port, username="learner", password=passwords["learner"], socket_timeout=5)
+
+    proc, learner = start()
+    try:
+        with learner.pipeline(transaction=True) as tx:
+            tx.xadd(config.EPISODE_STREAM, {"episode_id": "e1"})
+            tx.hset(config.HEARTBEAT_PREFIX + "robot-1", "status", "{}")
+            tx.expire(config.HEARTBEAT_PREFIX + "robot-1", 600)
+            tx.set("fleetloop:test:pointer", "v000002")
+            tx.execute()
+        with pytest.raises(redis.AuthenticationError):  # no client can be `default`
+            redis.Redis(port=port).get("x")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    proc, learner = start()
+    try:
+        assert learner.get("fleetloop:test:pointer") == b"v000002"
+        assert learner.xlen(config.EPISODE_STREAM) == 1
+        assert learner.ttl(config.HEARTBEAT_PREFIX + "robot-1") > 0
+    finally:
+        proc.terminate()
+        proc.wait(10)
