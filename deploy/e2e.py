@@ -292,6 +292,9 @@ class Robot:
     def up(self) -> None:
         self.dc("up", "-d", "--no-build")
         self.connect()
+        # a (re)started daemon has a policy once it fetched the pointer's version: Act waits for it
+        wait_for(f"{self.id} to fetch a policy", lambda: (lambda st: st.policy_version or st.pending_version)(
+            self.link.status()), 120)
 
     def connect(self) -> None:
         from fleetloop.actor.link import RobotLinkClient
